@@ -1,0 +1,139 @@
+"""The one table from domain errors to HTTP statuses, and the handlers that apply it.
+
+Every error response is `{"error": {"code": <snake_case>, "message": <text>}}`; a 422 also
+carries FastAPI's per-field list under `error.detail`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.schemas import ErrorBody, ErrorPublic
+from service.errors import (
+    ContextNotFoundError,
+    ContextNotReadyError,
+    CorruptContextError,
+    DocumentTooLongError,
+    EngineUnavailableError,
+    IncompatibleContextError,
+    InvalidInputError,
+    QueueFullError,
+    ServiceError,
+)
+
+__all__ = ["ERROR_STATUS", "error_code", "install_error_handlers", "limit_exceeded"]
+
+logger = logging.getLogger(__name__)
+
+ERROR_STATUS: Mapping[type[ServiceError], int] = {
+    InvalidInputError: 400,
+    DocumentTooLongError: 413,
+    ContextNotFoundError: 404,
+    ContextNotReadyError: 409,
+    IncompatibleContextError: 409,
+    CorruptContextError: 500,
+    QueueFullError: 503,
+    EngineUnavailableError: 503,
+}
+"""Status of each domain error; a ServiceError subclass not listed here is a 500."""
+
+
+def error_code(error_type: type[Exception]) -> str:
+    """`ContextNotFoundError` -> `context_not_found`."""
+    name = error_type.__name__.removesuffix("Error")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def status_of(error: ServiceError) -> int:
+    for cls in type(error).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    detail: list[dict[str, Any]] | None = None,
+) -> JSONResponse:
+    body = ErrorPublic(error=ErrorBody(code=code, message=message, detail=detail))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def limit_exceeded(field: str, limit: int, given: int) -> RequestValidationError:
+    """A 422 for a bound known only at run time ("max_new_tokens must be <= 1024. Given: 5000")."""
+    return RequestValidationError(
+        [
+            {
+                "type": "less_than_equal",
+                "loc": ("body", field),
+                "msg": f"{field} must be <= {limit}. Given: {given}",
+                "input": given,
+                "ctx": {"le": limit},
+            }
+        ]
+    )
+
+
+async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    status = status_of(exc)
+    headers = None
+    if isinstance(exc, QueueFullError):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if status >= 500 and status != 503:
+        logger.error("%s %s failed: %r", request.method, request.url.path, exc)
+    return error_response(status, error_code(type(exc)), str(exc), headers=headers)
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """`{"loc": ("body", "compression", "ratio"), "msg": ...}` -> `compression.ratio: ...`."""
+    loc: Sequence[Any] = error.get("loc", ())
+    field = ".".join(str(part) for part in loc[1:]) or ".".join(str(part) for part in loc)
+    msg = str(error.get("msg", "invalid"))
+    if error.get("type") == "json_invalid":
+        reason = error.get("ctx", {}).get("error", msg)
+        return f"request body is not valid JSON: {reason} (at character {field})"
+    return msg if not field or msg.startswith(field) else f"{field}: {msg}"
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    message = "; ".join(_describe(error) for error in errors) or "invalid request"
+    return error_response(422, "invalid_request", message, detail=jsonable_encoder(errors))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers: every ServiceError, 422s, HTTP errors, and the rest (500)."""
+    service_errors: list[type[ServiceError]] = [ServiceError, *ERROR_STATUS]
+    for error_type in service_errors:
+        app.add_exception_handler(error_type, handle_service_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(Exception, handle_unexpected_error)

@@ -1,0 +1,69 @@
+"""The FastAPI application factory. Importing this module loads nothing heavy.
+
+`uvicorn --factory app.main:create_app` (or `python -m app`) builds the app from the
+environment; the model is loaded by the lifespan, not at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.errors import install_error_handlers
+from app.routes import contexts, health
+from app.settings import Settings
+from service.facade import ContextService
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None, service: ContextService | None = None) -> FastAPI:
+    """The HTTP app over `service`, or over an embedded service built from `settings`.
+
+    The lifespan owns the service either way: it awaits `start()` before serving and
+    `close()` on shutdown. Until `start()` returns, routes answer 503.
+    """
+    settings = settings if settings is not None else Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        running = service if service is not None else build_default_service(settings)
+        try:
+            await running.start()
+        except BaseException:
+            await running.close()
+            raise
+        app.state.service = running
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await running.close()
+
+    app = FastAPI(
+        title="KVzip context service",
+        summary="Register a document once; answer many questions from its compressed KV cache.",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(contexts.router)
+    return app
+
+
+def build_default_service(settings: Settings) -> ContextService:
+    """The embedded service (model in this process), built only when the app starts.
+
+    `service.embedded` imports torch, so it is imported here and by name: neither importing
+    nor type-checking app/ reaches the engine; the facade Protocol is the contract.
+    """
+    embedded = importlib.import_module("service.embedded")
+    service: ContextService = embedded.build_embedded_service(settings.to_service_config())
+    return service

@@ -1,0 +1,153 @@
+"""Service settings, read from the environment (prefix `KVZIP_`) in this one place.
+
+`Settings` refuses to start on nonsense (a zero queue, a ratio above 1, an unknown dtype);
+`Settings.to_service_config()` turns it into the frozen dataclasses service/ consumes.
+Defaults come from those dataclasses, so the two never drift apart.
+
+The table below is `settings_table_markdown()`; tests/app/test_settings.py checks that it is
+current and that README.md names every variable.
+
+| Setting | Environment variable | Default | Description |
+|---|---|---|---|
+| `model` | `KVZIP_MODEL` | `SmolLM2-135M-Instruct` | HF causal LM id or local path |
+| `gguf_file` | `KVZIP_GGUF_FILE` | unset | GGUF file inside the model path |
+| `device` | `KVZIP_DEVICE` | `auto` | auto, cpu, cuda, cuda:N or mps |
+| `dtype` | `KVZIP_DTYPE` | `auto` | auto, float32, float16 or bfloat16 |
+| `attention_backend` | `KVZIP_ATTENTION_BACKEND` | `auto` | Attention kernel; auto picks |
+| `prefill_chunk_tokens` | `KVZIP_PREFILL_CHUNK_TOKENS` | `4096` | Tokens per prefill forward |
+| `question_reserve_tokens` | `KVZIP_QUESTION_RESERVE_TOKENS` | `384` | Window kept for Q and A |
+| `data_dir` | `KVZIP_DATA_DIR` | `data` | Disk tier directory |
+| `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
+| `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
+| `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
+| `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method: kvzip, none |
+| `default_ratio` | `KVZIP_DEFAULT_RATIO` | `0.3` | Kept fraction of KV pairs |
+| `chunk_size` | `KVZIP_CHUNK_SIZE` | `2000` | KVzip scoring chunk, in tokens |
+| `host` | `KVZIP_HOST` | `127.0.0.1` | HTTP bind address |
+| `port` | `KVZIP_PORT` | `8000` | HTTP port |
+| `log_level` | `KVZIP_LOG_LEVEL` | `info` | Uvicorn log level |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ByteSize, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.config import CompressionConfig, EngineConfig, ServiceConfig
+
+__all__ = ["ENV_PREFIX", "Settings", "settings_table_markdown"]
+
+ENV_PREFIX = "KVZIP_"
+
+_ENGINE = EngineConfig()
+_SERVICE = ServiceConfig()
+_COMPRESSION = CompressionConfig()
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, one environment variable each (`KVZIP_<NAME>`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # `KVZIP_GGUF_FILE=` in a compose file means "the default"
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # engine
+    model: str = Field(
+        default=_ENGINE.model, min_length=1, description="HF causal LM id or local path"
+    )
+    gguf_file: str | None = Field(
+        default=_ENGINE.gguf_file, min_length=1, description="GGUF file inside the model path"
+    )
+    device: str = Field(
+        default=_ENGINE.device,
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="auto, cpu, cuda, cuda:N or mps",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto, float32, float16 or bfloat16"
+    )
+    attention_backend: str = Field(
+        default=_ENGINE.attention_backend,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Attention kernel; auto picks",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=_ENGINE.prefill_chunk_tokens, ge=16, description="Tokens per prefill forward"
+    )
+    question_reserve_tokens: int = Field(
+        default=_ENGINE.question_reserve_tokens, ge=1, description="Window kept for Q and A"
+    )
+    # service
+    data_dir: Path = Field(default=_SERVICE.data_dir, description="Disk tier directory")
+    memory_cache_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
+        default=ByteSize(_SERVICE.memory_cache_bytes), description="Memory tier size (or 2GiB)"
+    )
+    queue_size: int = Field(
+        default=_SERVICE.queue_size,
+        ge=1,
+        le=1_000_000,
+        description="Max jobs waiting for the engine",
+    )
+    max_new_tokens_limit: int = Field(
+        default=_SERVICE.max_new_tokens_limit, ge=1, description="Upper bound on max_new_tokens"
+    )
+    # default compression
+    default_method: Literal["kvzip", "none"] = Field(
+        default="kvzip", description="Compression method: kvzip, none"
+    )
+    default_ratio: float = Field(
+        default=_COMPRESSION.ratio, gt=0.0, le=1.0, description="Kept fraction of KV pairs"
+    )
+    chunk_size: int = Field(
+        default=_COMPRESSION.chunk_size, ge=16, description="KVzip scoring chunk, in tokens"
+    )
+    # HTTP server
+    host: str = Field(default="127.0.0.1", min_length=1, description="HTTP bind address")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        default="info", description="Uvicorn log level"
+    )
+
+    def to_service_config(self) -> ServiceConfig:
+        """The frozen configuration service/ is built from."""
+        engine = EngineConfig(
+            model=self.model,
+            gguf_file=self.gguf_file,
+            device=self.device,
+            dtype=self.dtype,
+            attention_backend=self.attention_backend,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            question_reserve_tokens=self.question_reserve_tokens,
+        )
+        return ServiceConfig(
+            engine=engine,
+            data_dir=self.data_dir,
+            memory_cache_bytes=int(self.memory_cache_bytes),
+            queue_size=self.queue_size,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            default_compression=self.default_compression(),
+        )
+
+    def default_compression(self) -> CompressionConfig:
+        """Compression used when a request does not say."""
+        return CompressionConfig(self.default_method, self.default_ratio, self.chunk_size)
+
+
+def settings_table_markdown() -> str:
+    """The configuration table (setting | env var | default | description) as Markdown."""
+    lines = [
+        "| Setting | Environment variable | Default | Description |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else f"`{field.default}`"
+        env = f"{ENV_PREFIX}{name.upper()}"
+        lines.append(f"| `{name}` | `{env}` | {default} | {field.description} |")
+    return "\n".join(lines)

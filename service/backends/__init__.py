@@ -1,0 +1,67 @@
+"""Attention backends behind one function each (DESIGN.md, "Engine").
+
+`ragged_attention` attends a query block to the ragged compressed context;
+`causal_attention` to the dense per-request tail; `merge_partials` combines the two
+partial results exactly by their log-sum-exp. `set_backend` picks the implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from service.backends import reference
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+_BACKENDS: dict[str, tuple[AttentionFn, AttentionFn]] = {
+    "reference": (reference.ragged_attention, reference.causal_attention),
+}
+_active = "reference"
+
+
+def available_backends() -> list[str]:
+    """Names usable on this machine."""
+    return sorted(_BACKENDS)
+
+
+def set_backend(name: str, device: torch.device | None = None) -> str:
+    """Select a backend by name; `auto` picks the best one for `device`. Returns the choice."""
+    global _active
+    if name == "auto":
+        name = "reference"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
+    _active = name
+    return name
+
+
+def active_backend() -> str:
+    return _active
+
+
+def ragged_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_lens: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (Hq, T, d) over keys/values (N, d), cu_lens (H+1,) -> out (Hq, T, d), lse (Hq, T)."""
+    return _BACKENDS[_active][0](q, keys, values, cu_lens, scale)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (Hq, T, d) over k/v (H, S, d), bottom-right causal -> out (Hq, T, d), lse (Hq, T)."""
+    return _BACKENDS[_active][1](q, k, v, scale)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Exact softmax over the union of two key sets from their partial outputs.
+
+    out_*: (Hq, T, d); lse_*: (Hq, T) fp32. Returns (Hq, T, d) in out_a's dtype.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    w_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    return (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype)

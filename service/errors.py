@@ -1,0 +1,68 @@
+"""Domain errors of the engine and the context use cases.
+
+The tree (app/errors.py maps each leaf to one HTTP status)::
+
+    ServiceError                      root of everything service/ raises on purpose
+    ├── InvalidInputError             a request that can never succeed (empty text, bad ratio)
+    ├── DocumentTooLongError          document + room for a question exceeds the model window
+    ├── ContextNotFoundError          unknown, expired, deleted or another tenant's context id
+    ├── ContextNotReadyError          the context exists but is still processing or failed
+    ├── IncompatibleContextError      a stored object made by another model/tokenizer/format
+    ├── CorruptContextError           a stored object that does not parse
+    ├── QueueFullError                the bounded work queue is full (retry later)
+    └── EngineUnavailableError        no model loaded / no live worker
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Root of every error raised on purpose by service/."""
+
+
+class InvalidInputError(ServiceError):
+    """The request can never succeed as given (empty document, ratio out of range...)."""
+
+
+class DocumentTooLongError(ServiceError):
+    """The document does not fit the model window with room left for a question."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(
+            f"document is {tokens} tokens; this model accepts at most {limit} context tokens "
+            f"(its window minus room reserved for the question and answer)"
+        )
+        self.tokens = tokens
+        self.limit = limit
+
+
+class ContextNotFoundError(ServiceError):
+    """No context with this id is visible to the caller."""
+
+    def __init__(self, context_id: str) -> None:
+        super().__init__(f"context {context_id!r} not found")
+        self.context_id = context_id
+
+
+class ContextNotReadyError(ServiceError):
+    """The context exists but cannot answer yet (PROCESSING) or ever (FAILED)."""
+
+
+class IncompatibleContextError(ServiceError):
+    """A stored compressed context was made by another model, tokenizer or format version."""
+
+
+class CorruptContextError(ServiceError):
+    """A stored compressed context does not parse."""
+
+
+class QueueFullError(ServiceError):
+    """The bounded work queue is full; the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float = 1.0) -> None:
+        super().__init__("the work queue is full, retry later")
+        self.retry_after = retry_after
+
+
+class EngineUnavailableError(ServiceError):
+    """No engine can take the work (model not loaded, no live worker, storage down)."""

@@ -1,0 +1,86 @@
+"""Forward passes and sampling: prefill, decode_one_token, generate (token ids only)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from service.kvcache import KVzipCache
+from service.types import SamplingParams
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers >= 5.24 calls the cache argument `cache`; older 5.x `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def forward(
+    model: PreTrainedModel, ids: Sequence[int], start: int, cache: KVzipCache
+) -> torch.Tensor:
+    """Run `ids` at positions start, start+1, ... through the model; returns last logits (V,)."""
+    device = model.device
+    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+    kwargs = {_cache_kwarg(model): cache}
+    out = model(
+        input_ids=input_ids,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        kvzip_cache=cache,
+        **kwargs,
+    )
+    return out.logits[0, -1].float()
+
+
+def prefill(
+    model: PreTrainedModel, ids: Sequence[int], cache: KVzipCache, piece: int
+) -> torch.Tensor:
+    """Prefill `ids` into the cache tail in pieces of at most `piece` tokens."""
+    start = cache.get_seq_length()
+    logits = torch.empty(0)
+    for offset in range(0, len(ids), piece):
+        logits = forward(model, ids[offset : offset + piece], start + offset, cache)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """Greedy at temperature 0; else temperature + nucleus (top_p) sampling. logits (V,)."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p > params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def generate(
+    model: PreTrainedModel,
+    cache: KVzipCache,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    eos_ids: set[int],
+) -> Iterator[int]:
+    """Yield answer token ids after `prompt_ids`, stopping at EOS or max_new_tokens."""
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    position = cache.get_seq_length()
+    logits = forward(model, prompt_ids, position, cache)
+    position += len(prompt_ids)
+    for _ in range(params.max_new_tokens):
+        token = sample(logits, params, generator)
+        if token in eos_ids:
+            return
+        yield token
+        logits = forward(model, [token], position, cache)
+        position += 1

@@ -1,0 +1,80 @@
+"""Plain dataclasses exchanged between app/ and service/ (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from service.config import CompressionConfig
+
+
+@dataclass(frozen=True)
+class CompressionStats:
+    """What compression achieved for one context (context pairs only; prefix excluded)."""
+
+    method: str
+    ratio: float
+    kept_kv_pairs: int
+    total_kv_pairs: int
+    bytes: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept_kv_pairs / self.total_kv_pairs if self.total_kv_pairs else 1.0
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """The public view of one registered context."""
+
+    id: str
+    display_name: str | None
+    model: str
+    state: str  # "PROCESSING" | "READY" | "FAILED"
+    create_time: datetime
+    context_tokens: int
+    compression: CompressionStats
+
+
+@dataclass(frozen=True)
+class CreateContextRequest:
+    text: str
+    display_name: str | None = None
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    tenant: str = ""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    question: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str = ""
+
+
+@dataclass(frozen=True)
+class QueryTimings:
+    load_s: float
+    ttft_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    timings: QueryTimings
+    finish_reason: str = "stop"  # "stop" | "length"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,30 @@
+"""Bytes by key: memory LRU, Redis (chunked), disk (atomic files), and a tiered store over them.
+
+Knows nothing of models or tensors. See `storage.base` for the contract and the error tree.
+"""
+
+from storage.base import (
+    InvalidKeyError,
+    StorageError,
+    Tier,
+    TierUnavailableError,
+    validate_key,
+)
+from storage.disk_tier import DiskTier
+from storage.memory_tier import MemoryTier
+from storage.redis_tier import Manifest, RedisTier, redis_client
+from storage.tiered import TieredStore
+
+__all__ = [
+    "DiskTier",
+    "InvalidKeyError",
+    "Manifest",
+    "MemoryTier",
+    "RedisTier",
+    "StorageError",
+    "Tier",
+    "TierUnavailableError",
+    "TieredStore",
+    "redis_client",
+    "validate_key",
+]

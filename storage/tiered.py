@@ -1,0 +1,140 @@
+"""A store over several tiers, fastest first (memory -> redis -> disk).
+
+Reads go through the tiers in order; the first hit is promoted (put) into every faster tier.
+Writes go to the durable tier first (the first name in `write_order`; by default the last,
+slowest tier, i.e. disk), then to the others, so an object is never only in a volatile tier.
+
+Degrading: a `TierUnavailableError` (a Redis that is down) is logged and skipped, except where
+it would hide a failure of record: on `get` from the last tier, and on any operation of the
+durable tier, it propagates.
+
+TTL: `put` passes `ttl_s` to every tier. A promoted copy cannot know the remaining lifetime of
+the copy it came from, so it gets `promote_ttl_s` (None: no expiry; the context record owns
+expiry and deletes through this store).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from storage._ttl import check_ttl
+from storage.base import Tier, TierUnavailableError, validate_key
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TieredStore:
+    """Read-through, write-durable-first store over `tiers` (ordered fastest first)."""
+
+    name = "tiered"
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        write_order: Sequence[str] | None = None,
+        *,
+        promote_ttl_s: float | None = None,
+    ) -> None:
+        names = [t.name for t in tiers]
+        if not tiers or len(set(names)) != len(names):
+            raise ValueError(f"tiers must be non-empty with unique names, got {names}")
+        order = list(reversed(names)) if write_order is None else list(write_order)
+        if sorted(order) != sorted(names):
+            raise ValueError(f"write_order {order} must name each tier of {names} exactly once")
+        self._tiers = list(tiers)
+        self._by_name = {t.name: t for t in tiers}
+        self._write_order = [self._by_name[n] for n in order]
+        self.promote_ttl_s = check_ttl(promote_ttl_s)
+
+    @property
+    def tiers(self) -> list[Tier]:
+        """The tiers, fastest first."""
+        return list(self._tiers)
+
+    @property
+    def durable(self) -> Tier:
+        """The tier written first, whose failures always propagate."""
+        return self._write_order[0]
+
+    def tier(self, name: str) -> Tier:
+        """The tier called `name` (KeyError when there is none)."""
+        return self._by_name[name]
+
+    async def get(self, key: str) -> bytes | None:
+        """The first tier's hit, promoted into every faster tier; None when all miss."""
+        validate_key(key)
+        last = len(self._tiers) - 1
+        for index, tier in enumerate(self._tiers):
+            try:
+                data = await tier.get(key)
+            except TierUnavailableError as exc:
+                if index == last:
+                    raise
+                self._log_skip(tier, "get", key, exc)
+                continue
+            if data is not None:
+                await self._promote(key, data, self._tiers[:index])
+                return data
+        return None
+
+    async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
+        """Write the durable tier first, then the others in `write_order`."""
+        validate_key(key)
+        check_ttl(ttl_s)
+        for tier in self._write_order:
+            await self._call(tier, "put", key, lambda t: t.put(key, data, ttl_s), None)
+
+    async def delete(self, key: str) -> bool:
+        """Remove `key` from every tier; True when any tier had it."""
+        validate_key(key)
+        removed = False
+        for tier in self._write_order:
+            removed |= await self._call(tier, "delete", key, lambda t: t.delete(key), False)
+        return removed
+
+    async def exists(self, key: str) -> bool:
+        """True when any tier holds `key` (fastest first, stopping at the first yes)."""
+        validate_key(key)
+        for tier in self._tiers:
+            if await self._call(tier, "exists", key, lambda t: t.exists(key), False):
+                return True
+        return False
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        """The union of every tier's keys starting with `prefix`, sorted."""
+        found: set[str] = set()
+        for tier in self._tiers:
+            found.update(await self._call(tier, "keys", prefix, lambda t: t.keys(prefix), []))
+        return sorted(found)
+
+    async def _promote(self, key: str, data: bytes, faster: Sequence[Tier]) -> None:
+        for tier in faster:
+            try:
+                await tier.put(key, data, self.promote_ttl_s)
+            except TierUnavailableError as exc:
+                self._log_skip(tier, "promote", key, exc)
+
+    async def _call(
+        self,
+        tier: Tier,
+        op: str,
+        key: str,
+        call: Callable[[Tier], Awaitable[T]],
+        fallback: T,
+    ) -> T:
+        """`call(tier)`; an unavailable non-durable tier is logged and gives `fallback`."""
+        try:
+            return await call(tier)
+        except TierUnavailableError as exc:
+            if tier is self.durable:
+                raise
+            self._log_skip(tier, op, key, exc)
+            return fallback
+
+    @staticmethod
+    def _log_skip(tier: Tier, op: str, key: str, exc: TierUnavailableError) -> None:
+        logger.warning("storage tier %r skipped on %s(%r): %s", tier.name, op, key, exc)

@@ -1,0 +1,147 @@
+"""A test double of service.facade.ContextService, plugged into the HTTP layer.
+
+It exercises app/ only (status mapping, schemas, validation); the real engine is covered by
+the end-to-end tests. Tokens are whitespace-separated words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import ENV_PREFIX, Settings
+from service.errors import ContextNotFoundError, DocumentTooLongError, ServiceError
+from service.types import (
+    CompressionStats,
+    ContextInfo,
+    CreateContextRequest,
+    QueryRequest,
+    QueryResult,
+    QueryTimings,
+)
+
+MAX_CONTEXT_TOKENS = 50
+MAX_NEW_TOKENS_LIMIT = 256
+CREATE_TIME = datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
+
+
+@dataclass
+class FakeContextService:
+    """In-memory ContextService. `fail_with` is raised by the next use-case call."""
+
+    model_name: str = "fake-model"
+    ready: bool = True
+    started: bool = False
+    closed: bool = False
+    fail_with: ServiceError | None = None
+    fail_start: ServiceError | None = None
+    calls: list[str] = field(default_factory=list)
+    contexts: dict[str, ContextInfo] = field(default_factory=dict)
+    created_requests: list[CreateContextRequest] = field(default_factory=list)
+    queries: list[tuple[str, QueryRequest]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        self.started = True
+        if self.fail_start is not None:
+            raise self.fail_start
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def _enter(self, name: str) -> None:
+        self.calls.append(name)
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+
+    async def create_context(self, request: CreateContextRequest) -> tuple[ContextInfo, bool]:
+        self._enter("create_context")
+        self.created_requests.append(request)
+        tokens = len(request.text.split())
+        if tokens > MAX_CONTEXT_TOKENS:
+            raise DocumentTooLongError(tokens, MAX_CONTEXT_TOKENS)
+        compression = request.compression.normalized()
+        key = f"{compression.method}|{compression.ratio}|{request.text}"
+        context_id = "ctx_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        if context_id in self.contexts:
+            return self.contexts[context_id], False
+        kept = round(tokens * 4 * compression.ratio)
+        info = ContextInfo(
+            id=context_id,
+            display_name=request.display_name,
+            model=self.model_name,
+            state="READY",
+            create_time=CREATE_TIME,
+            context_tokens=tokens,
+            compression=CompressionStats(
+                method=compression.method,
+                ratio=compression.ratio,
+                kept_kv_pairs=kept,
+                total_kv_pairs=tokens * 4,
+                bytes=kept * 256,
+            ),
+        )
+        self.contexts[context_id] = info
+        return info, True
+
+    def _find(self, context_id: str) -> ContextInfo:
+        if context_id not in self.contexts:
+            raise ContextNotFoundError(context_id)
+        return self.contexts[context_id]
+
+    async def get_context(self, context_id: str, tenant: str = "") -> ContextInfo:
+        self._enter("get_context")
+        return self._find(context_id)
+
+    async def delete_context(self, context_id: str, tenant: str = "") -> None:
+        self._enter("delete_context")
+        self._find(context_id)
+        del self.contexts[context_id]
+
+    async def query(self, context_id: str, request: QueryRequest) -> QueryResult:
+        self._enter("query")
+        info = self._find(context_id)
+        self.queries.append((context_id, request))
+        question_tokens = len(request.question.split())
+        return QueryResult(
+            answer="48213",
+            prompt_tokens=info.context_tokens + question_tokens,
+            completion_tokens=3,
+            cached_tokens=info.context_tokens,
+            timings=QueryTimings(load_s=0.01, ttft_s=0.02, decode_s=0.03),
+            finish_reason="stop",
+        )
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No KVZIP_* variable of the machine running the tests leaks into Settings."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT)
+
+
+@pytest.fixture
+def fake() -> FakeContextService:
+    return FakeContextService()
+
+
+@pytest.fixture
+def client(settings: Settings, fake: FakeContextService) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, fake)) as test_client:
+        yield test_client

