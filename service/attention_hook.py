@@ -37,13 +37,16 @@ def kvzip_attention(
     outs = []
     for b in range(query.shape[0]):
         out, lse = backends.causal_attention(query[b], key[b], value[b], scale)
+        lse_c = None
         if context is not None:
             out_c, lse_c = backends.ragged_attention(
                 query[b], context.keys, context.values, context.cu_lens, scale
             )
             out = backends.merge_partials(out_c, lse_c, out, lse)
         if kvzip_cache is not None and kvzip_cache.scorer is not None:
-            kvzip_cache.scorer.observe(layer_idx, query[b], context, key[b], scale)  # type: ignore[attr-defined]
+            kvzip_cache.scorer.observe(  # type: ignore[attr-defined]
+                layer_idx, query[b], context, key[b], scale, lse_c, lse
+            )
         outs.append(out)
     return torch.stack(outs).transpose(1, 2).contiguous(), None
 

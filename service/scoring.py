@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from service import backends
 from service.kvcache import RaggedLayer
 
 QUERY_BLOCK = 256
@@ -21,28 +22,58 @@ def local_scores(
     chunk_k: torch.Tensor,
     tail_k: torch.Tensor,
     scale: float,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Max local-softmax probability of every chunk key.
 
     q: (Hq, T, d) queries of x_k; prefix_k: (H, s, d); chunk_k: (H, m, d); tail_k: (H, T, d)
-    keys of x_k itself. Returns (H, m) fp32. Works in query blocks, so the transient block
-    is (H, G, QUERY_BLOCK, s + m + T).
+    keys of x_k itself; lse (Hq, T), when the caller already has the local log-normaliser.
+    Returns (H, m) fp32.
+
+    The local log-normaliser lse (Hq, T) comes from fused attention calls (see
+    `_local_lse`); since exp is monotonic,
+    max_{g,t} p = exp(max_{g,t} (q.k * scale - lse)), so only the (G, T, m) chunk logits
+    are formed, in query blocks of QUERY_BLOCK rows; no softmax matrix is materialised.
     """
     h, m = chunk_k.shape[0], chunk_k.shape[1]
-    s, t = prefix_k.shape[1], tail_k.shape[1]
-    hq, _, d = q.shape
-    qg = q.float().view(h, hq // h, t, d)
-    keys = torch.cat([prefix_k, chunk_k, tail_k], dim=1).float()  # (H, s+m+T, d)
-    cols = torch.arange(t, device=q.device)
-    best = torch.zeros(h, m, dtype=torch.float32, device=q.device)
+    hq, t, d = q.shape
+    if lse is None:
+        lse = _local_lse(q, torch.cat([prefix_k, chunk_k], dim=1), tail_k, scale)
+    qg = q.view(h, hq // h, t, d)
+    lse = lse.view(h, hq // h, t)
+    best = torch.full((h, m), float("-inf"), dtype=torch.float32, device=q.device)
     for r0 in range(0, t, QUERY_BLOCK):
-        rows = torch.arange(r0, min(r0 + QUERY_BLOCK, t), device=q.device)
-        logits = torch.einsum("hgtd,hkd->hgtk", qg[:, :, rows], keys) * scale
-        future = (cols.unsqueeze(0) > rows.unsqueeze(1))  # (b, T): tail key after the query
-        logits[..., s + m :] = logits[..., s + m :].masked_fill(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        best = torch.maximum(best, probs[..., s : s + m].amax(dim=(1, 2)))
-    return best
+        rows = slice(r0, min(r0 + QUERY_BLOCK, t))
+        logits = torch.einsum("hgtd,hkd->hgtk", qg[:, :, rows], chunk_k).float() * scale
+        logits -= lse[:, :, rows].unsqueeze(-1)
+        best = torch.maximum(best, logits.amax(dim=(1, 2)))
+    return torch.exp(best)
+
+
+def _local_lse(
+    q: torch.Tensor, context_k: torch.Tensor, tail_k: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """log-sum-exp over [context_k (H, c, d), all visible] + [tail_k (H, T, d), causal].
+
+    Two unmasked/causal kernel calls merged in log space: (Hq, T) fp32.
+    """
+    h, c, d = context_k.shape
+    flat = context_k.reshape(h * c, d)
+    cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
+    _, lse_ctx = backends.ragged_attention(q, flat, flat, cu, scale)
+    _, lse_tail = backends.causal_attention(q, tail_k, tail_k, scale)
+    return torch.logaddexp(lse_ctx, lse_tail)
+
+
+def _prefix_chunk_lse(
+    q: torch.Tensor, keys: torch.Tensor, prefix_len: int, start: int, end: int, scale: float
+) -> torch.Tensor:
+    """lse (Hq, T) of q over [keys[:, :prefix_len], keys[:, start:end]] (all visible)."""
+    part = torch.cat([keys[:, :prefix_len], keys[:, start:end]], dim=1)
+    h, c, d = part.shape
+    flat = part.reshape(h * c, d)
+    cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
+    return backends.ragged_attention(q, flat, flat, cu, scale)[1]
 
 
 class ChunkScorer:
@@ -63,11 +94,25 @@ class ChunkScorer:
         context: RaggedLayer | None,
         tail_k: torch.Tensor,
         scale: float,
+        lse_context: torch.Tensor | None = None,
+        lse_tail: torch.Tensor | None = None,
     ) -> None:
-        """q (Hq, T, d); context: the uncompressed (uniform) layer; tail_k (H, T, d)."""
+        """q (Hq, T, d); context: the uncompressed (uniform) layer; tail_k (H, T, d).
+
+        lse_context / lse_tail (Hq, T): the model's own attention normalisers over the whole
+        context and over x_k, reused so the local softmax costs no extra kernel call for
+        the tail (and none at all when the chunk is the whole context).
+        """
         if context is None:
             raise ValueError("scoring needs the full context attached to the cache")
         keys, _ = context.dense()
+        lse = None
+        if lse_tail is not None:
+            whole = self.start == self.prefix_len and self.end == keys.shape[1]
+            ctx_lse = lse_context if whole and lse_context is not None else _prefix_chunk_lse(
+                q, keys, self.prefix_len, self.start, self.end, scale
+            )
+            lse = torch.logaddexp(ctx_lse, lse_tail)
         prefix = keys[:, : self.prefix_len]
         chunk = keys[:, self.start : self.end]
-        self.scores[layer_idx] = local_scores(q, prefix, chunk, tail_k, scale)
+        self.scores[layer_idx] = local_scores(q, prefix, chunk, tail_k, scale, lse)

@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from service.backends import reference
+from service.backends import reference, sdpa
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _BACKENDS: dict[str, tuple[AttentionFn, AttentionFn]] = {
     "reference": (reference.ragged_attention, reference.causal_attention),
+    "sdpa": (sdpa.ragged_attention, sdpa.causal_attention),
 }
 _active = "reference"
 
@@ -29,7 +30,7 @@ def set_backend(name: str, device: torch.device | None = None) -> str:
     """Select a backend by name; `auto` picks the best one for `device`. Returns the choice."""
     global _active
     if name == "auto":
-        name = "reference"
+        name = "sdpa"
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
     _active = name
