@@ -30,7 +30,7 @@ def kvzip_attention(
 ) -> tuple[torch.Tensor, None]:
     """query (B, Hq, T, d), key/value (B, H, S, d) -> output (B, T, Hq, d)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    layer_idx = int(module.layer_idx)
+    layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
     context = None
     if kvzip_cache is not None and kvzip_cache.context is not None:
         context = kvzip_cache.context.layers[layer_idx]

@@ -77,7 +77,9 @@ def check_compatible(meta: dict[str, str], identity: ModelIdentity) -> None:
 
 
 def decode(
-    data: bytes, identity: ModelIdentity, device: torch.device | str = "cpu",
+    data: bytes,
+    identity: ModelIdentity,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> CompressedContext:
     """safetensors bytes -> CompressedContext on `device` (keys/values cast to `dtype`)."""
@@ -85,9 +87,7 @@ def decode(
     check_compatible(meta, identity)
     try:
         tensors = load(data)
-        layers = tuple(
-            _layer(tensors, i, device, dtype) for i in range(int(meta["n_layers"]))
-        )
+        layers = tuple(_layer(tensors, i, device, dtype) for i in range(int(meta["n_layers"])))
         return CompressedContext(
             layers=layers,
             context_ids=tensors["context_ids"].to(device),

@@ -45,10 +45,12 @@ class EmbeddedContextService:
         self.engine = engine
         self.model_name = config.engine.model
         self.worker = EngineWorker(config.queue_size)
-        self.store = TieredStore([
-            MemoryTier(config.memory_cache_bytes),
-            DiskTier(config.data_dir / "contexts"),
-        ])
+        self.store = TieredStore(
+            [
+                MemoryTier(config.memory_cache_bytes),
+                DiskTier(config.data_dir / "contexts"),
+            ]
+        )
         self.resident = ResidentContexts(config.memory_cache_bytes)
         self._inflight: dict[str, asyncio.Future[ContextInfo]] = {}
 
@@ -103,17 +105,31 @@ class EmbeddedContextService:
         ctx = await self.worker.run(engine.ingest, doc, compression)
         blob = await asyncio.to_thread(codec.encode, ctx, engine.identity)
         record = ContextRecord(
-            id=cid, tenant=request.tenant, display_name=request.display_name,
-            model=engine.identity.name, state="READY", create_time=now_iso(),
-            context_tokens=ctx.context_len, prefix_tokens=ctx.prefix_len,
-            method=ctx.method, ratio=ctx.ratio, chunk_size=ctx.chunk_size,
-            kept_kv_pairs=ctx.kept_pairs, total_kv_pairs=ctx.total_pairs, bytes=len(blob),
+            id=cid,
+            tenant=request.tenant,
+            display_name=request.display_name,
+            model=engine.identity.name,
+            state="READY",
+            create_time=now_iso(),
+            context_tokens=ctx.context_len,
+            prefix_tokens=ctx.prefix_len,
+            method=ctx.method,
+            ratio=ctx.ratio,
+            chunk_size=ctx.chunk_size,
+            kept_kv_pairs=ctx.kept_pairs,
+            total_kv_pairs=ctx.total_pairs,
+            bytes=len(blob),
         )
         await self.store.put(blob_key(cid), blob)
         await self.store.put(record_key(cid), record.to_json())  # the commit point
         self.resident.put(cid, ctx)
-        log.info("context %s ready: %d tokens, kept %.3f, %d bytes", cid, ctx.context_len,
-                 ctx.kept_pairs / max(ctx.total_pairs, 1), len(blob))
+        log.info(
+            "context %s ready: %d tokens, kept %.3f, %d bytes",
+            cid,
+            ctx.context_len,
+            ctx.kept_pairs / max(ctx.total_pairs, 1),
+            len(blob),
+        )
         return record.info()
 
     async def _record(self, cid: str, tenant: str) -> ContextRecord | None:

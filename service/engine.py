@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import backends
 from service.attention_hook import register
@@ -55,11 +55,19 @@ class IngestTimings:
 class KVzipEngine:
     """Prefill, KVzip scoring, selection and decoding for one causal LM."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer, name: str, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        config: EngineConfig,
+    ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model.set_attn_implementation(register())
         backends.set_backend(config.attention_backend, model.device)
-        self.identity = ModelIdentity(name, model_fingerprint(model), tokenizer_fingerprint(tokenizer))
+        self.identity = ModelIdentity(
+            name, model_fingerprint(model), tokenizer_fingerprint(tokenizer)
+        )
         self.n_layers = model.config.num_hidden_layers
         self.max_positions = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
@@ -134,8 +142,9 @@ class KVzipEngine:
         """Fill every context pair's KVzip score, chunk by chunk (KVZIP.md steps 2-6)."""
         s, n, m = full.prefix_len, full.context_len, full.chunk_size
         ids = full.context_ids.tolist()
-        per_layer = [torch.full((layer.n_heads, n), 0.0, device=layer.keys.device)
-                     for layer in full.layers]
+        per_layer = [
+            torch.full((layer.n_heads, n), 0.0, device=layer.keys.device) for layer in full.layers
+        ]
         layout = build_layout(self.tokenizer)
         for a in range(0, n, m):
             b = min(a + m, n)
@@ -151,9 +160,12 @@ class KVzipEngine:
                 layer_scores[:, a:b] = chunk_scores
             if progress:
                 progress(b / n)
-        return full.with_layers(tuple(
-            _with_context_scores(layer, sc, s) for layer, sc in zip(full.layers, per_layer, strict=True)
-        ))
+        return full.with_layers(
+            tuple(
+                _with_context_scores(layer, sc, s)
+                for layer, sc in zip(full.layers, per_layer, strict=True)
+            )
+        )
 
     def reselect(self, context: CompressedContext, ratio: float) -> CompressedContext:
         """Query-time ratio: re-select a stored context at ratio <= its own (no model run)."""

@@ -34,7 +34,8 @@ def forward(
         kvzip_cache=cache,
         **kwargs,
     )
-    return out.logits[0, -1].float()
+    logits: torch.Tensor = out.logits[0, -1].float()
+    return logits
 
 
 def prefill(
@@ -48,9 +49,7 @@ def prefill(
     return logits
 
 
-def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0; else temperature + nucleus (top_p) sampling. logits (V,)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))

@@ -10,14 +10,21 @@ import json
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.config import CompressionConfig
 
 FORMAT_VERSION = "1"
 _SAMPLE = 4096
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_model_name_or_path", "transformers_version", "dtype",
-                         "torch_dtype", "quantization_config", "_attn_implementation"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "_attn_implementation",
+}
 
 
 @dataclass(frozen=True)
@@ -51,26 +58,36 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return _sha({"config": config, "weights": weights})
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Vocabulary, special tokens and chat template."""
     vocab = sorted(tokenizer.get_vocab().items())
-    return _sha({
-        "vocab": vocab,
-        "special": tokenizer.special_tokens_map,
-        "template": tokenizer.chat_template,
-    })
+    return _sha(
+        {
+            "vocab": vocab,
+            "special": tokenizer.special_tokens_map,
+            "template": tokenizer.chat_template,
+        }
+    )
 
 
 def context_id(
     identity: ModelIdentity, compression: CompressionConfig, token_ids: list[int], tenant: str = ""
 ) -> str:
     """`ctx_` + 32 hex chars of sha256 over everything that determines the stored object."""
-    digest = _sha({
-        "format": FORMAT_VERSION,
-        "model": identity.model_fingerprint,
-        "tokenizer": identity.tokenizer_fingerprint,
-        "compression": [compression.method, round(compression.ratio, 6), compression.chunk_size],
-        "tenant": tenant,
-        "tokens": hashlib.sha256(torch.tensor(token_ids, dtype=torch.int32).numpy().tobytes()).hexdigest(),
-    })
+    digest = _sha(
+        {
+            "format": FORMAT_VERSION,
+            "model": identity.model_fingerprint,
+            "tokenizer": identity.tokenizer_fingerprint,
+            "compression": [
+                compression.method,
+                round(compression.ratio, 6),
+                compression.chunk_size,
+            ],
+            "tenant": tenant,
+            "tokens": hashlib.sha256(
+                torch.tensor(token_ids, dtype=torch.int32).numpy().tobytes()
+            ).hexdigest(),
+        }
+    )
     return "ctx_" + digest[:32]

@@ -48,7 +48,9 @@ class RaggedLayer:
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, T, d) views of keys and values; only valid when every head keeps T pairs."""
         h = self.n_heads
-        return self.keys.view(h, -1, self.keys.shape[-1]), self.values.view(h, -1, self.values.shape[-1])
+        return self.keys.view(h, -1, self.keys.shape[-1]), self.values.view(
+            h, -1, self.values.shape[-1]
+        )
 
     @staticmethod
     def from_dense(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> RaggedLayer:
@@ -121,8 +123,11 @@ class CompressedContext:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
-    def with_layers(self, layers: tuple[RaggedLayer, ...], **changes: object) -> CompressedContext:
-        return replace(self, layers=layers, **changes)
+    def with_layers(
+        self, layers: tuple[RaggedLayer, ...], ratio: float | None = None
+    ) -> CompressedContext:
+        """The same context with other layers (and, after a selection, its new ratio)."""
+        return replace(self, layers=layers, ratio=self.ratio if ratio is None else ratio)
 
 
 class KVzipCache(Cache):
@@ -139,7 +144,14 @@ class KVzipCache(Cache):
         self.tail_values: list[torch.Tensor | None] = [None] * n_layers
         self.scorer: object | None = None
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[override]
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         old_k, old_v = self.tail_keys[layer_idx], self.tail_values[layer_idx]
         if old_k is not None and old_v is not None:
             key_states = torch.cat([old_k, key_states], dim=2)
@@ -151,10 +163,10 @@ class KVzipCache(Cache):
         k = self.tail_keys[layer_idx]
         return 0 if k is None else int(k.shape[2])
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # type: ignore[override]
+    def get_seq_length(self, layer_idx: int = 0) -> int:
         base = self.context.seq_len if self.context is not None else 0
         return base + self.tail_len(layer_idx)
 
     @property
-    def is_compileable(self) -> bool:  # type: ignore[override]
+    def is_compileable(self) -> bool:
         return False

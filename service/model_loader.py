@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from service.config import DEFAULT_MODEL, EngineConfig
 from service.errors import EngineUnavailableError
@@ -61,18 +66,19 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The tokenizer of `source` (a fast tokenizer with a chat template)."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    return tokenizer
 
 
-def load_model(
-    source: ModelSource, device: torch.device, dtype: torch.dtype
-) -> PreTrainedModel:
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """The model in eval mode on `device`, weights in `dtype`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     log.info("loading model %s (%s) on %s as %s", source.name, source.path, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
-    return model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()  # type: ignore[no-untyped-call]
+    return model

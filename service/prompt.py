@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 INSTRUCTION = (
     "Given the context, answer to the following question or request without explanation.\n\n"
 )
@@ -43,17 +45,17 @@ class PromptLayout:
         return len(self.reconstruction_ids([], previous))
 
 
-def _encode(tokenizer, text: str) -> tuple[int, ...]:
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
-def build_layout(tokenizer, system: str | None = None) -> PromptLayout:
+def build_layout(tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> PromptLayout:
     """Split the chat template around a sentinel user message into prefix and postfix."""
     messages = [{"role": "user", "content": _SENTINEL}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    before, sep, after = rendered.partition(_SENTINEL)
+    before, sep, after = str(rendered).partition(_SENTINEL)
     if not sep:
         raise ValueError("the chat template dropped the user message content")
     return PromptLayout(
@@ -65,6 +67,8 @@ def build_layout(tokenizer, system: str | None = None) -> PromptLayout:
     )
 
 
-def question_ids(layout: PromptLayout, tokenizer, question: str) -> list[int]:
-    """"\\n\\n" + question + postfix, as token ids."""
+def question_ids(
+    layout: PromptLayout, tokenizer: PreTrainedTokenizerBase, question: str
+) -> list[int]:
+    """ "\\n\\n" + question + postfix, as token ids."""
     return list(_encode(tokenizer, "\n\n" + question)) + list(layout.postfix_ids)

@@ -6,6 +6,7 @@ always points at a complete object. (No torch here.)
 
 from __future__ import annotations
 
+import builtins
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -28,13 +29,13 @@ class ContextRecord:
     chunk_size: int
     kept_kv_pairs: int
     total_kv_pairs: int
-    bytes: int
+    bytes: int  # noqa: A003 (the public field name)
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @staticmethod
-    def from_json(data: bytes) -> ContextRecord:
+    def from_json(data: builtins.bytes) -> ContextRecord:
         return ContextRecord(**json.loads(data))
 
     def info(self) -> ContextInfo:

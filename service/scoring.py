@@ -109,8 +109,10 @@ class ChunkScorer:
         lse = None
         if lse_tail is not None:
             whole = self.start == self.prefix_len and self.end == keys.shape[1]
-            ctx_lse = lse_context if whole and lse_context is not None else _prefix_chunk_lse(
-                q, keys, self.prefix_len, self.start, self.end, scale
+            ctx_lse = (
+                lse_context
+                if whole and lse_context is not None
+                else _prefix_chunk_lse(q, keys, self.prefix_len, self.start, self.end, scale)
             )
             lse = torch.logaddexp(ctx_lse, lse_tail)
         prefix = keys[:, : self.prefix_len]

@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 TINY = dict(
-    hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=10000.0,
+    hidden_size=96,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
 )
 
 
@@ -24,7 +30,9 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def build_tiny_model_dir(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides: object) -> Path:
+def build_tiny_model_dir(
+    folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides: object
+) -> Path:
     """Save a random tiny LlamaForCausalLM + the tokenizer into `folder`."""
     import shutil
 
@@ -32,8 +40,9 @@ def build_tiny_model_dir(folder: Path, tokenizer_dir: Path, seed: int = 0, **ove
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         **{**TINY, **overrides})
+    config = LlamaConfig(
+        vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2, **{**TINY, **overrides}
+    )
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     for item in tokenizer_dir.iterdir():
         shutil.copy(item, folder / item.name)

@@ -14,7 +14,11 @@ _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v (Hq, T|S, d) with equal head counts -> out (Hq, T, d), lse (Hq, T) fp32."""
@@ -39,7 +43,9 @@ def causal_attention(
     bias = None
     if 1 < t < s:
         allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill(
+            ~allowed, float("-inf")
+        )
         bias = bias[None, None]
     return _flash(q, _expand(k, group), _expand(v, group), scale, bias, causal=t == s and t > 1)
 

@@ -21,9 +21,7 @@ TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at 
 
 
 def _service(tiny_engine, data_dir: Path, **overrides) -> EmbeddedContextService:
-    config = ServiceConfig(
-        engine=EngineConfig(model="tiny"), data_dir=data_dir, **overrides
-    )
+    config = ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=data_dir, **overrides)
     return EmbeddedContextService(config, engine=tiny_engine)
 
 
@@ -38,7 +36,10 @@ async def test_register_is_idempotent_and_survives_restart(tiny_engine, tmp_path
     assert abs(info.compression.kept_fraction - 0.3) < 0.01
     question = QueryRequest("When does the museum open?", SamplingParams(max_new_tokens=8))
     first = await svc.query(info.id, question)
-    assert first.cached_tokens == info.context_tokens + tiny_engine.encode_document("").prefix_ids.__len__()
+    assert (
+        first.cached_tokens
+        == info.context_tokens + tiny_engine.encode_document("").prefix_ids.__len__()
+    )
     assert first.completion_tokens <= 8
     await svc.close()
 
@@ -54,9 +55,15 @@ async def test_register_is_idempotent_and_survives_restart(tiny_engine, tmp_path
 async def test_different_settings_or_tenant_give_different_ids(tiny_engine, tmp_path):
     svc = _service(tiny_engine, tmp_path)
     await svc.start()
-    a, _ = await svc.create_context(CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.3, 64)))
-    b, _ = await svc.create_context(CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.5, 64)))
-    c, _ = await svc.create_context(CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.3, 64), tenant="t2"))
+    a, _ = await svc.create_context(
+        CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.3, 64))
+    )
+    b, _ = await svc.create_context(
+        CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.5, 64))
+    )
+    c, _ = await svc.create_context(
+        CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.3, 64), tenant="t2")
+    )
     assert len({a.id, b.id, c.id}) == 3
     with pytest.raises(ContextNotFoundError):
         await svc.get_context(c.id, tenant="")
@@ -66,12 +73,17 @@ async def test_different_settings_or_tenant_give_different_ids(tiny_engine, tmp_
 async def test_delete_removes_every_tier(tiny_engine, tmp_path):
     svc = _service(tiny_engine, tmp_path)
     await svc.start()
-    info, _ = await svc.create_context(CreateContextRequest(TEXT, compression=CompressionConfig("none", 1.0)))
+    info, _ = await svc.create_context(
+        CreateContextRequest(TEXT, compression=CompressionConfig("none", 1.0))
+    )
     assert info.compression.kept_fraction == 1.0 and info.compression.method == "none"
     await svc.delete_context(info.id)
     assert not list((tmp_path / "contexts").glob(f"{info.id}*"))
-    for call in (svc.get_context(info.id), svc.delete_context(info.id),
-                 svc.query(info.id, QueryRequest("x"))):
+    for call in (
+        svc.get_context(info.id),
+        svc.delete_context(info.id),
+        svc.query(info.id, QueryRequest("x")),
+    ):
         with pytest.raises(ContextNotFoundError):
             await call
     await svc.close()
@@ -83,10 +95,14 @@ async def test_bad_input_is_refused_before_the_engine(tiny_engine, tmp_path):
     with pytest.raises(InvalidInputError):
         await svc.create_context(CreateContextRequest("  \n\t "))
     with pytest.raises(InvalidInputError, match="ratio"):
-        await svc.create_context(CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 1.5)))
+        await svc.create_context(
+            CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 1.5))
+        )
     with pytest.raises(DocumentTooLongError, match=str(tiny_engine.max_context_tokens)):
         await svc.create_context(CreateContextRequest("word " * 5000))
-    info, _ = await svc.create_context(CreateContextRequest(TEXT, compression=CompressionConfig("none", 1.0)))
+    info, _ = await svc.create_context(
+        CreateContextRequest(TEXT, compression=CompressionConfig("none", 1.0))
+    )
     with pytest.raises(InvalidInputError, match="max_new_tokens must be <= 16. Given: 17"):
         await svc.query(info.id, QueryRequest("q", SamplingParams(max_new_tokens=17)))
     assert not list((tmp_path / "contexts").glob("*.tmp*"))
@@ -97,7 +113,9 @@ async def test_concurrent_identical_registrations_ingest_once(tiny_engine, tmp_p
     svc = _service(tiny_engine, tmp_path)
     await svc.start()
     before = tiny_engine.reconstruction_passes
-    request = CreateContextRequest(TEXT + " once", compression=CompressionConfig("kvzip", 0.3, 2000))
+    request = CreateContextRequest(
+        TEXT + " once", compression=CompressionConfig("kvzip", 0.3, 2000)
+    )
     results = await asyncio.gather(*(svc.create_context(request) for _ in range(4)))
     assert len({info.id for info, _ in results}) == 1
     assert sum(created for _, created in results) == 1

@@ -15,7 +15,10 @@ def _reference_greedy(model_dir, ids, steps, eos):
     """transformers' own sdpa attention + DynamicCache, greedy, same stop rule."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=sorted(eos),
+        torch.tensor([ids]),
+        max_new_tokens=steps,
+        do_sample=False,
+        eos_token_id=sorted(eos),
         pad_token_id=sorted(eos)[0],
     )[0, len(ids) :].tolist()
     return [t for t in out if t not in eos]

@@ -22,8 +22,11 @@ def _record_qk(model_dir):
         store[module.layer_idx] = (q[0].clone(), k[0].clone())
         group = q.shape[1] // k.shape[1]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-            is_causal=True, scale=scaling,
+            q,
+            k.repeat_interleave(group, 1),
+            v.repeat_interleave(group, 1),
+            is_causal=True,
+            scale=scaling,
         )
         return out.transpose(1, 2), None
 

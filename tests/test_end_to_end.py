@@ -1,0 +1,60 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct GGUF), through HTTP.
+
+A ~1,500-token haystack of SQuAD paragraphs with a pass key, compressed at ratio 0.3,
+must still answer the pass key; re-registering is idempotent; a restarted service answers
+from the disk tier without re-ingesting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "squad_train_sample.jsonl"
+QUESTION = "What is the pass key? Answer with the number only."
+
+
+def _haystack(words: int = 1000) -> str:
+    article = json.loads(DATA.open().readline())
+    paragraphs, total = [], 0
+    for p in article["paragraphs"]:
+        paragraphs.append(p["context"])
+        total += len(p["context"].split())
+        if total >= words:
+            break
+    paragraphs.insert(len(paragraphs) // 2, "The pass key is 48213. Remember it.")
+    return "\n\n".join(paragraphs)
+
+
+def test_pass_key_survives_compression_and_restart(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    body = {"text": _haystack(), "compression": {"method": "kvzip", "ratio": 0.3}}
+    with TestClient(create_app(settings)) as client:
+        created = client.post("/contexts", json=body)
+        assert created.status_code == 201, created.text
+        ctx = created.json()
+        assert 1300 <= ctx["usage"]["context_tokens"] <= 2200
+        assert abs(ctx["compression"]["kept_fraction"] - 0.3) <= 0.01
+        answer = client.post(f"/contexts/{ctx['id']}/query", json={"question": QUESTION})
+        assert answer.status_code == 200
+        assert "48213" in answer.json()["answer"]
+        again = client.post("/contexts", json=body)
+        assert again.status_code == 200 and again.json()["id"] == ctx["id"]
+        engine = client.app.state.service.engine
+
+    from service.embedded import EmbeddedContextService
+
+    restarted = EmbeddedContextService(settings.to_service_config(), engine=engine)
+    passes = engine.reconstruction_passes
+    with TestClient(create_app(settings, service=restarted)) as client:
+        answer = client.post(f"/contexts/{ctx['id']}/query", json={"question": QUESTION})
+        assert answer.status_code == 200 and "48213" in answer.json()["answer"]
+    assert engine.reconstruction_passes == passes  # served from disk, not re-ingested
+    assert restarted.resident.misses == 1
