@@ -33,6 +33,9 @@ def _haystack(words: int = 1000) -> str:
     return "\n\n".join(paragraphs)
 
 
+_ENGINE: dict[str, object] = {}
+
+
 def test_pass_key_survives_compression_and_restart(tmp_path):
     settings = Settings(data_dir=tmp_path)
     body = {"text": _haystack(), "compression": {"method": "kvzip", "ratio": 0.3}}
@@ -48,6 +51,7 @@ def test_pass_key_survives_compression_and_restart(tmp_path):
         again = client.post("/contexts", json=body)
         assert again.status_code == 200 and again.json()["id"] == ctx["id"]
         engine = client.app.state.service.engine
+        _ENGINE["default"] = engine
 
     from service.embedded import EmbeddedContextService
 
@@ -58,3 +62,31 @@ def test_pass_key_survives_compression_and_restart(tmp_path):
         assert answer.status_code == 200 and "48213" in answer.json()["answer"]
     assert engine.reconstruction_passes == passes  # served from disk, not re-ingested
     assert restarted.resident.misses == 1
+
+
+def _readme_document() -> str:
+    """The document of the README's curl session."""
+    lines = [f"Line {i}: the orchard keeps apples, pears and plums in rows." for i in range(90)]
+    return (
+        "\n".join(lines[:45])
+        + "\n\nThe pass key is 48213. Remember it.\n\n"
+        + "\n".join(lines[45:])
+    )
+
+
+def test_readme_session_answers_the_short_question(tmp_path):
+    from service.embedded import EmbeddedContextService
+    from service.engine import KVzipEngine
+
+    settings = Settings(data_dir=tmp_path)
+    engine = _ENGINE.get("default") or KVzipEngine.load(settings.to_service_config().engine)
+    service = EmbeddedContextService(settings.to_service_config(), engine=engine)  # type: ignore[arg-type]
+    body = {"text": _readme_document(), "compression": {"method": "kvzip", "ratio": 0.3}}
+    with TestClient(create_app(settings, service=service)) as client:
+        ctx = client.post("/contexts", json=body).json()
+        assert ctx["usage"]["context_tokens"] == 1626
+        assert ctx["compression"]["kept_kv_pairs"] == 43902  # floor(0.3 * 30 * 3 * 1626)
+        answer = client.post(
+            f"/contexts/{ctx['id']}/query", json={"question": "What is the pass key?"}
+        )
+        assert "48213" in answer.json()["answer"]
