@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from service.types import ContextInfo, CreateContextRequest, QueryRequest, QueryResult
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from service.types import (
+    ContextInfo,
+    ContextPage,
+    CreateContextRequest,
+    QueryEvent,
+    QueryRequest,
+    QueryResult,
+)
 
 
 class ContextService(Protocol):
@@ -32,3 +42,19 @@ class ContextService(Protocol):
 
     async def query(self, context_id: str, request: QueryRequest) -> QueryResult:
         """Answer one question from the compressed context."""
+
+    async def list_contexts(
+        self, tenant: str = "", page_size: int = 50, page_token: str | None = None
+    ) -> ContextPage:
+        """The caller's contexts, oldest first, one page at a time."""
+
+    async def update_context(
+        self, context_id: str, expire_time: datetime, tenant: str = ""
+    ) -> ContextInfo:
+        """Change only the expiry of a context."""
+
+    def stream_query(self, context_id: str, request: QueryRequest) -> AsyncIterator[QueryEvent]:
+        """Answer one question as text deltas, then one event carrying the QueryResult.
+
+        Closing the iterator early (client gone) cancels the generation.
+        """

@@ -30,6 +30,9 @@ class ContextRecord:
     kept_kv_pairs: int
     total_kv_pairs: int
     bytes: int  # noqa: A003 (the public field name)
+    expire_time: str | None = None  # ISO 8601, UTC; None = never
+    progress: float = 1.0
+    error: str | None = None
 
     def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -50,6 +53,9 @@ class ContextRecord:
             create_time=datetime.fromisoformat(self.create_time),
             context_tokens=self.context_tokens,
             compression=stats,
+            expire_time=datetime.fromisoformat(self.expire_time) if self.expire_time else None,
+            progress=self.progress,
+            error=self.error,
         )
 
 

@@ -34,6 +34,9 @@ class ContextInfo:
     create_time: datetime
     context_tokens: int
     compression: CompressionStats
+    expire_time: datetime | None = None
+    progress: float = 1.0  # fraction of context tokens scored (1.0 once READY)
+    error: str | None = None  # why, when state == "FAILED"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class CreateContextRequest:
     display_name: str | None = None
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     tenant: str = ""
+    system: str | None = None  # extra system instruction, part of the protected prefix
+    ttl_seconds: float | None = None  # None = the service default
+    wait: bool = True  # False: return at once with state PROCESSING
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class QueryRequest:
     question: str
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = ""
+    ratio: float | None = None  # query-time ratio <= the stored one (pure re-selection)
 
 
 @dataclass(frozen=True)
@@ -78,3 +86,19 @@ class QueryResult:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class QueryEvent:
+    """One item of a streamed answer: a text delta, or the final event with the result."""
+
+    delta: str = ""
+    result: QueryResult | None = None  # set on the last event only
+
+
+@dataclass(frozen=True)
+class ContextPage:
+    """One page of a context listing."""
+
+    contexts: list[ContextInfo]
+    next_page_token: str | None = None
