@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 
@@ -12,9 +13,15 @@ from service.kvcache import KVzipCache
 from service.types import SamplingParams
 
 
+@functools.cache
+def _cache_kwarg_for(model_type: type) -> str:
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _cache_kwarg(model: PreTrainedModel) -> str:
     """transformers >= 5.24 calls the cache argument `cache`; older 5.x `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_kwarg_for(type(model))
 
 
 @torch.inference_mode()
@@ -35,6 +42,23 @@ def forward(
         **kwargs,
     )
     logits: torch.Tensor = out.logits[0, -1].float()
+    return logits
+
+
+@torch.inference_mode()
+def step_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVzipCache
+) -> torch.Tensor:
+    """input_ids, positions (B, T) -> last-position logits (B, V) fp32. No host sync."""
+    out = model(
+        input_ids=input_ids,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        kvzip_cache=cache,
+        **{_cache_kwarg(model): cache},
+    )
+    logits: torch.Tensor = out.logits[:, -1].float()
     return logits
 
 

@@ -137,11 +137,15 @@ class KVzipCache(Cache):
     tail; the registered `kvzip` attention function reads the context from here.
     """
 
-    def __init__(self, context: CompressedContext | None, n_layers: int) -> None:
+    def __init__(
+        self, context: CompressedContext | None, n_layers: int, capacity: int | None = None
+    ) -> None:
         super().__init__(layers=[])
         self.context = context
+        self.capacity = capacity  # preallocate the tail (prefill: no O(n^2) re-copying)
         self.tail_keys: list[torch.Tensor | None] = [None] * n_layers
         self.tail_values: list[torch.Tensor | None] = [None] * n_layers
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.scorer: object | None = None
 
     def update(
@@ -152,12 +156,32 @@ class KVzipCache(Cache):
         *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.capacity is not None:
+            return self._write(key_states, value_states, layer_idx)
         old_k, old_v = self.tail_keys[layer_idx], self.tail_values[layer_idx]
         if old_k is not None and old_v is not None:
             key_states = torch.cat([old_k, key_states], dim=2)
             value_states = torch.cat([old_v, value_states], dim=2)
         self.tail_keys[layer_idx], self.tail_values[layer_idx] = key_states, value_states
         return key_states, value_states
+
+    def _write(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append into the preallocated (B, H, capacity, d) buffers; return the filled views."""
+        assert self.capacity is not None
+        if self._buffers[layer_idx] is None:
+            b, h, _, d = key_states.shape
+            shape = (b, h, self.capacity, d)
+            self._buffers[layer_idx] = (key_states.new_empty(shape), value_states.new_empty(shape))
+        keys, values = self._buffers[layer_idx]  # type: ignore[misc]
+        start, end = self.tail_len(layer_idx), self.tail_len(layer_idx) + key_states.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"tail capacity {self.capacity} exceeded ({end} tokens)")
+        keys[:, :, start:end] = key_states
+        values[:, :, start:end] = value_states
+        self.tail_keys[layer_idx], self.tail_values[layer_idx] = keys[:, :, :end], values[:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def tail_len(self, layer_idx: int = 0) -> int:
         k = self.tail_keys[layer_idx]

@@ -21,6 +21,20 @@ _BACKENDS: dict[str, tuple[AttentionFn, AttentionFn]] = {
 _active = "reference"
 
 
+def _register_cuda() -> None:
+    """Add the CUDA backend when a GPU and Triton are present."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        from service.backends import cuda
+    except ImportError:  # no triton
+        return
+    _BACKENDS["cuda"] = (cuda.ragged_attention, cuda.causal_attention)
+
+
+_register_cuda()
+
+
 def available_backends() -> list[str]:
     """Names usable on this machine."""
     return sorted(_BACKENDS)
@@ -30,7 +44,8 @@ def set_backend(name: str, device: torch.device | None = None) -> str:
     """Select a backend by name; `auto` picks the best one for `device`. Returns the choice."""
     global _active
     if name == "auto":
-        name = "sdpa"
+        on_cuda = device is not None and device.type == "cuda"
+        name = "cuda" if on_cuda and "cuda" in _BACKENDS else "sdpa" if not on_cuda else "reference"
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
     _active = name
