@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("kvzip", "none")
+METHODS = ("kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", "none")
+"""Every `compression.method`: the scorers of service.scorers, and `none` (keep all)."""
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 

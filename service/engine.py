@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,7 +27,7 @@ from service.identity import ModelIdentity, model_fingerprint, tokenizer_fingerp
 from service.kvcache import CompressedContext, KVzipCache, RaggedLayer
 from service.model_loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve_source
 from service.prompt import build_layout, question_ids
-from service.scoring import ChunkScorer
+from service.scorers import Scorer, build_scorer
 from service.selection import select
 from service.types import SamplingParams
 
@@ -74,6 +75,7 @@ class KVzipEngine:
         self.last_timings = IngestTimings()
         self.reconstruction_passes = 0
 
+        self.head_scores_dir = Path("data") / "head_scores"  # kvzip_head calibration store
     @classmethod
     def load(cls, config: EngineConfig) -> KVzipEngine:
         """Load the configured model and tokenizer (no download)."""
@@ -108,13 +110,14 @@ class KVzipEngine:
     def ingest(
         self, doc: Document, compression: CompressionConfig, progress: Progress | None = None
     ) -> CompressedContext:
-        """Prefill, score (method kvzip) and select: the immutable compressed context."""
+        """Prefill, score (by `compression.method`) and select: the compressed context."""
         compression = compression.normalized()
         t0 = time.perf_counter()
+        scorer = None if compression.method == "none" else build_scorer(compression.method)
         full = self.prefill_context(doc, compression)
         t1 = time.perf_counter()
-        if compression.method == "kvzip":
-            full = self.score(full, progress)
+        if scorer is not None:
+            full = self.score(full, progress, scorer)
         t2 = time.perf_counter()
         compressed = select(full, compression.ratio)
         self.last_timings = IngestTimings(t1 - t0, t2 - t1, time.perf_counter() - t2)
@@ -138,31 +141,21 @@ class KVzipEngine:
             tuple(layers), ids, s, compression.method, 1.0, compression.chunk_size, time.time()
         )
 
-    def score(self, full: CompressedContext, progress: Progress | None = None) -> CompressedContext:
-        """Fill every context pair's KVzip score, chunk by chunk (KVZIP.md steps 2-6)."""
-        s, n, m = full.prefix_len, full.context_len, full.chunk_size
-        ids = full.context_ids.tolist()
-        per_layer = [
-            torch.full((layer.n_heads, n), 0.0, device=layer.keys.device) for layer in full.layers
-        ]
-        layout = build_layout(self.tokenizer)
-        for a in range(0, n, m):
-            b = min(a + m, n)
-            previous = ids[s + a - m : s + a] if a > 0 else None
-            x = layout.reconstruction_ids(ids[s + a : s + b], previous)
-            scorer = ChunkScorer(s, s + a, s + b, self.n_layers)
-            cache = KVzipCache(full, self.n_layers)
-            cache.scorer = scorer
-            prefill(self.model, x, cache, piece=len(x))
-            self.reconstruction_passes += 1
-            for layer_scores, chunk_scores in zip(per_layer, scorer.scores, strict=True):
-                assert chunk_scores is not None
-                layer_scores[:, a:b] = chunk_scores
-            if progress:
-                progress(b / n)
+    def score(
+        self,
+        full: CompressedContext,
+        progress: Progress | None = None,
+        method: str | Scorer = "kvzip",
+    ) -> CompressedContext:
+        """Fill every context pair's score by `method` (default: KVzip, KVZIP.md steps 2-6).
+
+        full: the all-kept context from `prefill_context`; its prefix keeps score +inf.
+        """
+        scorer = build_scorer(method) if isinstance(method, str) else method
+        per_layer = scorer.score(self, full, progress)
         return full.with_layers(
             tuple(
-                _with_context_scores(layer, sc, s)
+                _with_context_scores(layer, sc, full.prefix_len)
                 for layer, sc in zip(full.layers, per_layer, strict=True)
             )
         )

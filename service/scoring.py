@@ -106,15 +106,30 @@ class ChunkScorer:
         if context is None:
             raise ValueError("scoring needs the full context attached to the cache")
         keys, _ = context.dense()
-        lse = None
-        if lse_tail is not None:
-            whole = self.start == self.prefix_len and self.end == keys.shape[1]
-            ctx_lse = (
-                lse_context
-                if whole and lse_context is not None
-                else _prefix_chunk_lse(q, keys, self.prefix_len, self.start, self.end, scale)
-            )
-            lse = torch.logaddexp(ctx_lse, lse_tail)
+        lse = self.local_lse(q, keys, scale, lse_context, lse_tail)
         prefix = keys[:, : self.prefix_len]
         chunk = keys[:, self.start : self.end]
         self.scores[layer_idx] = local_scores(q, prefix, chunk, tail_k, scale, lse)
+
+    def local_lse(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        scale: float,
+        lse_context: torch.Tensor | None,
+        lse_tail: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The local log-normaliser (Hq, T) from the model's own normalisers, when given.
+
+        keys: the dense context keys (H, s + n, d). None when `lse_tail` is missing (the
+        caller then computes it from scratch).
+        """
+        if lse_tail is None:
+            return None
+        whole = self.start == self.prefix_len and self.end == keys.shape[1]
+        ctx_lse = (
+            lse_context
+            if whole and lse_context is not None
+            else _prefix_chunk_lse(q, keys, self.prefix_len, self.start, self.end, scale)
+        )
+        return torch.logaddexp(ctx_lse, lse_tail)

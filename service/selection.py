@@ -2,8 +2,11 @@
 
 `ratio` is the KEPT fraction of context pairs. All L*H*n context scores compete for
 floor(ratio * L*H*n) slots, so layers and heads get different budgets. The protected
-prefix (score +inf) is always kept and never counted. Ties are broken by torch.topk, and
-exactly the budget is kept.
+prefix (score +inf) is always kept and never counted. Exactly the budget is kept; ties
+are broken by pair order (layer, then KV head, then position: the earlier pair wins), which
+a compressed context preserves. So re-selecting a stored context at a smaller ratio gives
+exactly the direct selection, whatever the ties (methods like `streaming` or `kvzip_head`
+give many pairs the same score).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def select(context: CompressedContext, ratio: float) -> CompressedContext:
     candidates = flat.masked_fill(is_prefix, float("-inf"))
     keep = is_prefix.clone()
     if k > 0:
-        keep[torch.topk(candidates, k, sorted=False).indices] = True
+        order = torch.sort(candidates, descending=True, stable=True).indices
+        keep[order[:k]] = True
     layers, offset = [], 0
     for layer in context.layers:
         n = layer.scores.numel()

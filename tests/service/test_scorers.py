@@ -1,0 +1,275 @@
+"""Every scoring method against an independent dense reference on the tiny model.
+
+The reference is a second copy of the model whose attention records post-RoPE queries,
+keys, values and the attention input of every layer during ONE plain forward over
+prefix + context (+ x_k); softmaxes are then formed explicitly over index sets in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+from service.config import METHODS, CompressionConfig
+from service.errors import InvalidInputError
+from service.prompt import build_layout
+from service.scorers import SCORERS, build_scorer
+from service.scorers.kvzip_head import (
+    calibrate,
+    head_scores_path,
+    load_head_scores,
+    save_head_scores,
+)
+from service.selection import select
+
+TEXT = (
+    "The harbour master counted the boats at dawn. Seven fishing boats left before the "
+    "storm, and two ferries stayed at the pier until noon. "
+) * 3
+CALIBRATION = "A quiet village sat by the river; its mill ground wheat for three towns. " * 5
+
+
+class Recorder:
+    """A fresh copy of the tiny model that records q, k, v (B=1 squeezed) and ||x_t||."""
+
+    def __init__(self, model_dir) -> None:
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
+
+        def attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
+            self.store.setdefault(module.layer_idx, {}).update(q=q[0], k=k[0], v=v[0])
+            group = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(
+                q,
+                k.repeat_interleave(group, 1),
+                v.repeat_interleave(group, 1),
+                is_causal=True,
+                scale=scaling,
+            )
+            return out.transpose(1, 2), None
+
+        AttentionInterface.register("test_scorers_record", attention)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="test_scorers_record"
+        ).eval()
+        for layer in self.model.model.layers:
+            attn = layer.self_attn
+            attn.register_forward_pre_hook(self._hook(attn.layer_idx), with_kwargs=True)
+
+    def _hook(self, idx):
+        def record(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            self.store.setdefault(idx, {})["xnorm"] = x[0].double().norm(dim=-1)
+
+        return record
+
+    def run(self, ids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            self.model(torch.tensor([ids]))
+        return {i: {k: t.clone() for k, t in d.items()} for i, d in self.store.items()}
+
+
+@pytest.fixture(scope="module")
+def recorder(tiny_model_dir):
+    return Recorder(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def doc(tiny_engine):
+    return tiny_engine.encode_document(TEXT)
+
+
+def _full(engine, doc, m=2000):
+    return engine.prefill_context(doc, CompressionConfig("kvzip", 1.0, m))
+
+
+def _ours(engine, doc, method, m=2000):
+    scored = engine.score(_full(engine, doc, m), method=method)
+    s = scored.prefix_len
+    return [layer.scores.view(layer.n_heads, -1)[:, s:].double() for layer in scored.layers]
+
+
+def _probs(q, k, rows, keys, scale):
+    """Explicit causal softmax restricted to `keys`: q (Hq, N, d), k (H, N, d) -> (Hq, R, K)."""
+    hq, h = q.shape[0], k.shape[0]
+    kk = k.double().repeat_interleave(hq // h, 0)[:, keys]
+    logits = torch.einsum("jtd,jkd->jtk", q.double()[:, rows], kk) * scale
+    visible = torch.tensor(keys).unsqueeze(0) <= torch.tensor(rows).unsqueeze(1)
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+# --- one test matrix over every method ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_scores_ready(tiny_engine, tmp_path_factory):
+    tiny_engine.head_scores_dir = tmp_path_factory.mktemp("heads")
+    save_head_scores(
+        tiny_engine.head_scores_dir,
+        tiny_engine.identity,
+        calibrate(tiny_engine, [CALIBRATION], chunk_size=64),
+    )
+    return tiny_engine.head_scores_dir
+
+
+def test_every_method_has_a_scorer():
+    assert set(METHODS) == set(SCORERS) | {"none"}
+
+
+@pytest.mark.parametrize("method", sorted(SCORERS))
+def test_method_matrix(tiny_engine, doc, head_scores_ready, method):
+    """Exact budget, protected prefix, shape, and query-time re-selection == direct."""
+    scored = tiny_engine.score(_full(tiny_engine, doc, 64), method=method)
+    s, n = scored.prefix_len, scored.context_len
+    for layer in scored.layers:
+        sc = layer.scores.view(layer.n_heads, -1)
+        assert sc.shape[1] == s + n and torch.isinf(sc[:, :s]).all()
+        assert torch.isfinite(sc[:, s:]).all() and (sc[:, s:] >= 0).all()
+    for ratio in (0.1, 0.3):
+        out = select(scored, ratio)
+        assert out.kept_pairs == math.floor(ratio * scored.total_pairs + 1e-9)
+    direct, via = select(scored, 0.2), select(select(scored, 0.3), 0.2)
+    for a, b in zip(direct.layers, via.layers, strict=True):
+        assert torch.equal(a.cu_lens, b.cu_lens) and torch.equal(a.positions, b.positions)
+
+
+@pytest.mark.parametrize("method", sorted(SCORERS))
+def test_ingest_dispatches_by_method(tiny_engine, doc, head_scores_ready, method):
+    passes = tiny_engine.reconstruction_passes
+    ctx = tiny_engine.ingest(doc, CompressionConfig(method, 0.3, 64))
+    assert ctx.method == method and ctx.ratio == 0.3
+    assert ctx.kept_pairs == math.floor(0.3 * ctx.total_pairs + 1e-9)
+    uses_reconstruction = method in ("kvzip", "kvzip_plus")
+    assert (tiny_engine.reconstruction_passes > passes) == uses_reconstruction
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(InvalidInputError, match="no scorer"):
+        build_scorer("magic")
+
+
+# --- references -----------------------------------------------------------------------------
+
+
+def test_kvzip_plus_matches_dense_reference(tiny_engine, doc, recorder):
+    m = 40
+    ours = _ours(tiny_engine, doc, "kvzip_plus", m)
+    layout = build_layout(tiny_engine.tokenizer)
+    ids, s = doc.all_ids, len(doc.prefix_ids)
+    n = len(doc.context_ids)
+    assert n > 2 * m
+    for a in range(0, n, m):
+        b = min(a + m, n)
+        x = layout.reconstruction_ids(ids[s + a : s + b], ids[s + a - m : s + a] if a else None)
+        rec = recorder.run(ids + x)
+        rows = list(range(s + n, s + n + len(x)))
+        keys = list(range(s)) + list(range(s + a, s + b)) + rows
+        for layer_idx, got in enumerate(ours):
+            r = rec[layer_idx]
+            q, k, v, xnorm = r["q"], r["k"], r["v"], r["xnorm"]
+            hq, h, d = q.shape[0], k.shape[0], q.shape[-1]
+            p = _probs(q, k, rows, keys, d**-0.5)[:, :, s : s + (b - a)]  # (Hq, T, m)
+            w_o = recorder.model.model.layers[layer_idx].self_attn.o_proj.weight.double()
+            vv = v.double().repeat_interleave(hq // h, 0)[:, s + a : s + b]  # (Hq, m, d)
+            won = torch.stack(
+                [(vv[j] @ w_o[:, j * d : (j + 1) * d].T).norm(dim=-1) for j in range(hq)]
+            )  # (Hq, m)
+            weighted = p * won.unsqueeze(1) / xnorm[rows].view(1, -1, 1)
+            weighted[:, xnorm[rows] == 0] = 0.0  # a zero attention input carries no signal
+            oracle = weighted.amax(dim=1).view(h, hq // h, -1).amax(dim=1)
+            torch.testing.assert_close(got[:, a:b], oracle, atol=1e-6, rtol=2e-3)
+
+
+def test_h2o_matches_dense_reference(tiny_engine, doc, recorder):
+    ours = _ours(tiny_engine, doc, "h2o")
+    s, n = len(doc.prefix_ids), len(doc.context_ids)
+    rec = recorder.run(doc.all_ids)
+    rows = list(range(s, s + n))
+    for layer_idx, got in enumerate(ours):
+        q, k = rec[layer_idx]["q"], rec[layer_idx]["k"]
+        h, hq = k.shape[0], q.shape[0]
+        p = _probs(q, k, rows, list(range(s + n)), q.shape[-1] ** -0.5)[:, :, s:]
+        oracle = p.sum(dim=1).view(h, hq // h, n).sum(dim=1)
+        torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
+
+
+def test_snapkv_matches_dense_reference(tiny_engine, doc, recorder):
+    from service.scorers.snapkv import POOL, WINDOW
+
+    ours = _ours(tiny_engine, doc, "snapkv")
+    s, n = len(doc.prefix_ids), len(doc.context_ids)
+    rec = recorder.run(doc.all_ids)
+    rows = list(range(s + n - WINDOW, s + n))
+    for layer_idx, got in enumerate(ours):
+        q, k = rec[layer_idx]["q"], rec[layer_idx]["k"]
+        h, hq = k.shape[0], q.shape[0]
+        p = _probs(q, k, rows, list(range(s + n)), q.shape[-1] ** -0.5)[:, :, s:]
+        mean = p.mean(dim=1).view(h, hq // h, n).mean(dim=1)[:, : n - WINDOW]
+        pooled = torch.stack(
+            [
+                torch.stack(
+                    [row[max(0, i - POOL // 2) : i + POOL // 2 + 1].max() for i in range(len(row))]
+                )
+                for row in mean
+            ]
+        )
+        torch.testing.assert_close(got[:, : n - WINDOW], pooled, atol=1e-7, rtol=1e-4)
+        assert torch.equal(got[:, n - WINDOW :], torch.ones(h, WINDOW, dtype=torch.float64))
+
+
+def test_streaming_keeps_the_same_recent_window_in_every_head(tiny_engine, doc):
+    ctx = tiny_engine.ingest(doc, CompressionConfig("streaming", 0.25))
+    s, n = ctx.prefix_len, ctx.context_len
+    n_heads = sum(layer.n_heads for layer in ctx.layers)
+    window = ctx.kept_pairs // n_heads
+    for layer in ctx.layers:
+        for h in range(layer.n_heads):
+            pos = layer.positions[layer.head(h)].tolist()
+            assert pos[:s] == list(range(s))
+            assert pos[s:][-window:] == list(range(s + n - window, s + n))
+            assert len(pos) - s in (window, window + 1)
+
+
+# --- head level: calibration store and ingest without a scoring pass -----------------------
+
+
+def test_calibration_is_the_max_pair_score_per_head(tiny_engine):
+    heads = calibrate(tiny_engine, [CALIBRATION, TEXT], chunk_size=64)
+    expected = []
+    for text in (CALIBRATION, TEXT):
+        full = _full(tiny_engine, tiny_engine.encode_document(text), 64)
+        scored = tiny_engine.score(full)
+        expected.append(
+            torch.stack(
+                [
+                    layer.scores.view(layer.n_heads, -1)[:, full.prefix_len :].amax(dim=1)
+                    for layer in scored.layers
+                ]
+            )
+        )
+    assert torch.equal(heads, torch.maximum(*expected))
+
+
+def test_head_scores_round_trip_and_missing_store(tiny_engine, tmp_path):
+    with pytest.raises(InvalidInputError, match="kvzip calibrate"):
+        load_head_scores(tmp_path, tiny_engine.identity)
+    heads = torch.rand(tiny_engine.n_layers, 2)
+    path = save_head_scores(tmp_path, tiny_engine.identity, heads)
+    assert path == head_scores_path(tmp_path, tiny_engine.identity) and path.exists()
+    assert torch.equal(load_head_scores(tmp_path, tiny_engine.identity), heads)
+
+
+def test_head_level_keeps_whole_heads_by_calibrated_score(tiny_engine, doc, head_scores_ready):
+    heads = load_head_scores(head_scores_ready, tiny_engine.identity)
+    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip_head", 0.5))
+    s, n = ctx.prefix_len, ctx.context_len
+    kept = torch.stack([layer.lens - s for layer in ctx.layers]).float()  # (L, H)
+    partial = ((kept > 0) & (kept < n)).sum()
+    assert partial <= 1
+    full_heads = heads[kept == n]
+    empty_heads = heads[kept == 0]
+    assert full_heads.numel() and empty_heads.numel()
+    assert full_heads.min() >= empty_heads.max()
