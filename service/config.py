@@ -51,3 +51,7 @@ class ServiceConfig:
     queue_size: int = 64
     max_new_tokens_limit: int = 1024
     default_compression: CompressionConfig = field(default_factory=CompressionConfig)
+    default_ttl_s: float = 3600.0  # a context's lifetime when the request does not say
+    max_ttl_s: float = 30 * 24 * 3600.0  # the longest lifetime a request may ask for
+    max_document_tokens: int | None = None  # None: the model window minus the reserve
+    sweep_interval_s: float = 60.0  # how often expired contexts are purged from every tier

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Protocol
 
 from service.types import (
     ContextInfo,

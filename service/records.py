@@ -6,12 +6,16 @@ always points at a complete object. (No torch here.)
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from service.types import CompressionStats, ContextInfo
+from service.errors import InvalidInputError
+from service.types import ANY_TENANT, CompressionStats, ContextInfo, ContextPage
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class ContextRecord:
     expire_time: str | None = None  # ISO 8601, UTC; None = never
     progress: float = 1.0
     error: str | None = None
+    system: str | None = None  # the system instruction in the prefix; queries reuse its layout
 
     def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -40,6 +45,15 @@ class ContextRecord:
     @staticmethod
     def from_json(data: builtins.bytes) -> ContextRecord:
         return ContextRecord(**json.loads(data))
+
+    def visible_to(self, tenant: str) -> bool:
+        """True for the owning tenant and for admin lookups (ANY_TENANT)."""
+        return tenant in (self.tenant, ANY_TENANT)
+
+    def expired(self, now: datetime | None = None) -> bool:
+        if self.expire_time is None:
+            return False
+        return datetime.fromisoformat(self.expire_time) <= (now or datetime.now(UTC))
 
     def info(self) -> ContextInfo:
         stats = CompressionStats(
@@ -69,3 +83,35 @@ def blob_key(context_id: str) -> str:
 
 def record_key(context_id: str) -> str:
     return f"{context_id}.json"
+
+
+def listing_order(info: ContextInfo) -> tuple[float, str]:
+    """Listing order: oldest first, ties by id."""
+    return info.create_time.timestamp(), info.id
+
+
+def encode_page_token(position: tuple[float, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[float, str]:
+    try:
+        stamp, cid = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(stamp), str(cid)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidInputError("page_token is not a token this service issued") from exc
+
+
+def paginate(
+    contexts: Iterable[ContextInfo], page_size: int, page_token: str | None
+) -> ContextPage:
+    """One page of `contexts` in listing order, after the position `page_token` names."""
+    if page_size < 1:
+        raise InvalidInputError(f"page_size must be >= 1. Given: {page_size}")
+    ordered = sorted(contexts, key=listing_order)
+    if page_token:
+        after = decode_page_token(page_token)
+        ordered = [info for info in ordered if listing_order(info) > after]
+    page = ordered[:page_size]
+    more = len(ordered) > page_size
+    return ContextPage(page, encode_page_token(listing_order(page[-1])) if more else None)

@@ -7,6 +7,9 @@ from datetime import datetime
 
 from service.config import CompressionConfig
 
+ANY_TENANT = "*"
+"""The tenant of admin lookups: matches every tenant's contexts (never used to create one)."""
+
 
 @dataclass(frozen=True)
 class CompressionStats:

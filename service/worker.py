@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from service import telemetry
 from service.errors import QueueFullError
 
 T = TypeVar("T")
@@ -26,6 +28,7 @@ class EngineWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvzip-engine")
         self._limit = queue_size
         self._admitted = 0
+        telemetry.track_worker(self)
 
     @property
     def queued(self) -> int:
@@ -40,8 +43,14 @@ class EngineWorker:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the engine thread and await its result."""
         self._admit()
+        submitted = time.perf_counter()
+
+        def timed() -> T:
+            telemetry.QUEUE_TIME.observe(time.perf_counter() - submitted)
+            return fn(*args)
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
         finally:
             self._admitted -= 1
 
@@ -51,7 +60,13 @@ class EngineWorker:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
-        job = loop.run_in_executor(self._executor, _pump, make, queue, loop, cancelled)
+        submitted = time.perf_counter()
+
+        def timed() -> Iterator[T]:
+            telemetry.QUEUE_TIME.observe(time.perf_counter() - submitted)
+            return make()
+
+        job = loop.run_in_executor(self._executor, _pump, timed, queue, loop, cancelled)
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, BaseException):
