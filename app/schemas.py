@@ -24,12 +24,22 @@ class RequestModel(BaseModel):
 # --- contexts ------------------------------------------------------------------------------
 
 
+MethodName = Literal["kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", "none"]
+"""Every compression method (service.config.METHODS); see docs/quality.md for how they do."""
+
+
 class CompressionSpec(RequestModel):
     """How to compress a new context. A field left out takes the server's default."""
 
-    method: Literal["kvzip", "none"] = Field(
+    method: MethodName = Field(
         default="kvzip",
-        description='"kvzip" scores and evicts KV pairs; "none" keeps the full cache.',
+        description=(
+            '"kvzip" scores KV pairs by context reconstruction and evicts the rest; '
+            '"kvzip_plus" the same with the KVzip+ normalisation; "kvzip_head" keeps whole '
+            "heads by calibrated head scores (needs `kvzip calibrate` once per model); "
+            '"streaming", "snapkv" and "h2o" are the baselines (recency, attention of the '
+            'last 32 context tokens, accumulated attention); "none" keeps the full cache.'
+        ),
         examples=["kvzip"],
     )
     ratio: float = Field(
@@ -128,6 +138,16 @@ class QueryCreate(RequestModel):
     )
     temperature: float = Field(
         default=0.0, ge=0.0, le=2.0, description="0 is greedy decoding.", examples=[0.0]
+    )
+    ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Answer from a smaller cache: re-select the stored scores at this kept fraction "
+            "(no model run over the context). At most the context's stored ratio (else 400)."
+        ),
+        examples=[0.2],
     )
 
 

@@ -20,7 +20,7 @@ current and that README.md names every variable.
 | `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
 | `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
-| `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method: kvzip, none |
+| `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method (see docs/quality.md) |
 | `default_ratio` | `KVZIP_DEFAULT_RATIO` | `0.3` | Kept fraction of KV pairs |
 | `chunk_size` | `KVZIP_CHUNK_SIZE` | `2000` | KVzip scoring chunk, in tokens |
 | `host` | `KVZIP_HOST` | `127.0.0.1` | HTTP bind address |
@@ -99,9 +99,9 @@ class Settings(BaseSettings):
         default=_SERVICE.max_new_tokens_limit, ge=1, description="Upper bound on max_new_tokens"
     )
     # default compression
-    default_method: Literal["kvzip", "none"] = Field(
-        default="kvzip", description="Compression method: kvzip, none"
-    )
+    default_method: Literal[
+        "kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", "none"
+    ] = Field(default="kvzip", description="Compression method (see docs/quality.md)")
     default_ratio: float = Field(
         default=_COMPRESSION.ratio, gt=0.0, le=1.0, description="Kept fraction of KV pairs"
     )

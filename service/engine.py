@@ -28,6 +28,7 @@ from service.kvcache import CompressedContext, KVzipCache, RaggedLayer
 from service.model_loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve_source
 from service.prompt import build_layout, question_ids
 from service.scorers import Scorer, build_scorer
+from service.scorers.kvzip_head import load_head_scores
 from service.selection import select
 from service.types import SamplingParams
 
@@ -74,8 +75,8 @@ class KVzipEngine:
         self.eos_ids = self._eos_ids()
         self.last_timings = IngestTimings()
         self.reconstruction_passes = 0
-
         self.head_scores_dir = Path("data") / "head_scores"  # kvzip_head calibration store
+
     @classmethod
     def load(cls, config: EngineConfig) -> KVzipEngine:
         """Load the configured model and tokenizer (no download)."""
@@ -112,8 +113,8 @@ class KVzipEngine:
     ) -> CompressedContext:
         """Prefill, score (by `compression.method`) and select: the compressed context."""
         compression = compression.normalized()
-        t0 = time.perf_counter()
         scorer = None if compression.method == "none" else build_scorer(compression.method)
+        t0 = time.perf_counter()
         full = self.prefill_context(doc, compression)
         t1 = time.perf_counter()
         if scorer is not None:
@@ -124,6 +125,11 @@ class KVzipEngine:
         if progress:
             progress(1.0)
         return compressed
+
+    def check_method(self, method: str) -> None:
+        """InvalidInputError when `method` cannot run here (kvzip_head not calibrated)."""
+        if method == "kvzip_head":
+            load_head_scores(self.head_scores_dir, self.identity)
 
     def prefill_context(self, doc: Document, compression: CompressionConfig) -> CompressedContext:
         """Dense prefill of prefix + context into an all-kept context (scores 0, prefix +inf)."""

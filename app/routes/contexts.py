@@ -108,6 +108,6 @@ async def query_context(
     _require_content("question", body.question)
     sampling = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature)
     result = await service.query(
-        context_id, QueryRequest(question=body.question, sampling=sampling)
+        context_id, QueryRequest(question=body.question, sampling=sampling, ratio=body.ratio)
     )
     return QueryPublic.from_result(result)

@@ -163,7 +163,9 @@ def test_method_foo_message(client: TestClient) -> None:
     response = client.post("/contexts", json={"text": DOC, "compression": {"method": "foo"}})
 
     error = assert_error(response, 422, "invalid_request", "compression.method: ")
-    assert "'kvzip' or 'none'" in error["message"]
+    assert "'kvzip', 'kvzip_plus', 'kvzip_head', 'streaming', 'snapkv', 'h2o' or 'none'" in (
+        error["message"]
+    )
 
 
 def test_body_that_is_not_json_is_422(client: TestClient) -> None:

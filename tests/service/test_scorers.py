@@ -273,3 +273,23 @@ def test_head_level_keeps_whole_heads_by_calibrated_score(tiny_engine, doc, head
     empty_heads = heads[kept == 0]
     assert full_heads.numel() and empty_heads.numel()
     assert full_heads.min() >= empty_heads.max()
+
+
+def test_http_schema_lists_every_method():
+    from typing import get_args
+
+    from app.schemas import MethodName
+
+    assert get_args(MethodName) == METHODS
+
+
+def test_calibrate_command_writes_the_store(tiny_model_dir, tiny_engine, tmp_path):
+    from service.cli import main
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(CALIBRATION, encoding="utf-8")
+    argv = ["calibrate", "--text", str(text), "--model", str(tiny_model_dir), "--device", "cpu"]
+    argv += ["--dtype", "float32", "--data-dir", str(tmp_path), "--chunk-size", "64"]
+    assert main(argv) == 0
+    stored = load_head_scores(tmp_path / "head_scores", tiny_engine.identity)
+    torch.testing.assert_close(stored, calibrate(tiny_engine, [CALIBRATION], chunk_size=64))
