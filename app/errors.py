@@ -32,7 +32,17 @@ from service.errors import (
     ServiceError,
 )
 
-__all__ = ["ERROR_STATUS", "error_code", "install_error_handlers", "limit_exceeded"]
+__all__ = [
+    "ERROR_DOCS",
+    "ERROR_STATUS",
+    "documented",
+    "error_code",
+    "error_response",
+    "install_error_handlers",
+    "invalid_field",
+    "limit_exceeded",
+    "status_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +84,7 @@ def error_response(
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
-def limit_exceeded(field: str, limit: int, given: int) -> RequestValidationError:
+def limit_exceeded(field: str, limit: float, given: float) -> RequestValidationError:
     """A 422 for a bound known only at run time ("max_new_tokens must be <= 1024. Given: 5000")."""
     return RequestValidationError(
         [
@@ -87,6 +97,37 @@ def limit_exceeded(field: str, limit: int, given: int) -> RequestValidationError
             }
         ]
     )
+
+
+def invalid_field(field: str, message: str, given: Any) -> RequestValidationError:
+    """A 422 for a rule across fields ("give exactly one of ttl_seconds or expire_time")."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": given}]
+    )
+
+
+ERROR_DOCS = {
+    400: "Input that can never succeed (empty text or question, a bad page_token, an expiry "
+    "in the past, a question that does not fit the model window).",
+    401: "No API key, or an unknown one (only when the server has API keys).",
+    404: "No such context for this caller (unknown, expired, deleted, another tenant's, or a "
+    "malformed id), or no such model.",
+    409: "The context is still PROCESSING or FAILED, or was made by another model.",
+    413: "The request body is over the size limit, or the document has too many tokens "
+    "(the message gives both counts).",
+    422: "Malformed body or a value out of range (the message names the field).",
+    429: "Over this key's request rate; retry after Retry-After seconds.",
+    503: "The work queue is full (retry after Retry-After seconds) or no engine is running.",
+}
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses (the envelope and when each happens)."""
+    return {code: {"model": ErrorPublic, "description": ERROR_DOCS[code]} for code in codes}
+
+
+_HTTP_CODES = {413: "request_too_large"}
+"""Codes that read better than the status phrase ("request_entity_too_large")."""
 
 
 async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -120,7 +161,8 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    code = _HTTP_CODES.get(exc.status_code, phrase)
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 

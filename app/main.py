@@ -13,12 +13,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.auth import RateLimiter, log_access_mode
 from app.errors import install_error_handlers
-from app.routes import contexts, health
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.routes import contexts, health, openai
 from app.settings import Settings
 from service.facade import ContextService
 
 __all__ = ["create_app"]
+
+_DESCRIPTION = """
+Gemini-like context resources (`/contexts`), questions as JSON or Server-Sent Events,
+an OpenAI-compatible `/v1/chat/completions`, health and Prometheus metrics.
+Errors are `{"error": {"code", "message"}}`; every response carries `X-Request-Id`.
+When the server has API keys, send `Authorization: Bearer <key>`. See docs/api.md.
+"""
 
 
 def create_app(settings: Settings | None = None, service: ContextService | None = None) -> FastAPI:
@@ -31,6 +40,7 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_access_mode(settings)
         running = service if service is not None else build_default_service(settings)
         try:
             await running.start()
@@ -47,14 +57,19 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
     app = FastAPI(
         title="KVzip context service",
         summary="Register a document once; answer many questions from its compressed KV cache.",
+        description=_DESCRIPTION,
         version=__version__,
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_bytes))
+    app.add_middleware(RequestContextMiddleware)  # outermost: ids and metrics for everything
     app.include_router(health.router)
     app.include_router(contexts.router)
+    app.include_router(openai.router)
     return app
 
 

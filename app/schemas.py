@@ -68,6 +68,64 @@ class ContextCreate(RequestModel):
     compression: CompressionSpec | None = Field(
         default=None, description="Compression settings; the server's defaults when left out."
     )
+    system: str | None = Field(
+        default=None,
+        description=(
+            "A system instruction, placed in the protected prefix (always kept, never "
+            "compressed) and used by every question; part of the context's identity."
+        ),
+        examples=["Answer in one short sentence."],
+    )
+    ttl_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Lifetime in seconds (the server's default, 1 hour, when left out; at most the "
+            "server's max_ttl_seconds). Registering the same document again keeps it alive "
+            "at least this long."
+        ),
+        examples=[3600],
+    )
+    wait: bool = Field(
+        default=True,
+        description=(
+            "false: answer 202 at once with state PROCESSING, and poll GET for `progress`."
+        ),
+        examples=[True],
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "text": "The pass key is 48213. Remember it. ...",
+                    "display_name": "pass key",
+                    "compression": {"method": "kvzip", "ratio": 0.3},
+                    "ttl_seconds": 3600,
+                },
+                {"text": "A long report ...", "system": "Answer briefly.", "wait": False},
+            ]
+        }
+    )
+
+
+class ContextUpdate(RequestModel):
+    """A new expiry: exactly one of `ttl_seconds` (from now) or `expire_time`."""
+
+    ttl_seconds: float | None = Field(
+        default=None, gt=0, description="Seconds from now.", examples=[7200]
+    )
+    expire_time: datetime | None = Field(
+        default=None,
+        description="RFC 3339 instant in the future (UTC when no offset is given).",
+        examples=["2030-01-01T00:00:00Z"],
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"ttl_seconds": 7200}, {"expire_time": "2030-01-01T00:00:00Z"}]
+        }
+    )
 
 
 class ContextUsage(BaseModel):
@@ -103,27 +161,87 @@ class ContextPublic(BaseModel):
     model: str = Field(examples=["SmolLM2-135M-Instruct"])
     state: str = Field(description="PROCESSING, READY or FAILED.", examples=["READY"])
     create_time: datetime = Field(description="RFC 3339, UTC.")
+    expire_time: datetime | None = Field(
+        default=None, description="RFC 3339, UTC; the context answers 404 from then on."
+    )
+    progress: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of the document's tokens scored (1 once READY).",
+        examples=[1.0],
+    )
+    error: str | None = Field(default=None, description="Why the ingest failed (FAILED only).")
     usage: ContextUsage
     compression: CompressionPublic
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": CONTEXT_ID_EXAMPLE,
+                    "name": f"contexts/{CONTEXT_ID_EXAMPLE}",
+                    "display_name": "pass key",
+                    "model": "SmolLM2-135M-Instruct",
+                    "state": "READY",
+                    "create_time": "2025-03-14T15:09:26Z",
+                    "expire_time": "2025-03-14T16:09:26Z",
+                    "progress": 1.0,
+                    "usage": {"context_tokens": 1626},
+                    "compression": {
+                        "method": "kvzip",
+                        "ratio": 0.3,
+                        "kept_kv_pairs": 43902,
+                        "total_kv_pairs": 146340,
+                        "kept_fraction": 0.3,
+                        "bytes": 5621760,
+                    },
+                }
+            ]
+        }
+    )
+
     @classmethod
     def from_info(cls, info: ContextInfo) -> ContextPublic:
-        created = info.create_time
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
         return cls(
             id=info.id,
             name=f"contexts/{info.id}",
             display_name=info.display_name,
             model=info.model,
             state=info.state,
-            create_time=created.astimezone(UTC),
+            create_time=_utc(info.create_time),
+            expire_time=_utc(info.expire_time) if info.expire_time else None,
+            progress=min(max(info.progress, 0.0), 1.0),
+            error=info.error,
             usage=ContextUsage(context_tokens=info.context_tokens),
             compression=CompressionPublic.from_stats(info.compression),
         )
 
 
+class ContextListPublic(BaseModel):
+    """One page of the caller's contexts, oldest first."""
+
+    contexts: list[ContextPublic]
+    next_page_token: str | None = Field(
+        default=None, description="Pass as `page_token` for the next page; absent on the last."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"contexts": [], "next_page_token": None}]}
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive datetimes are UTC; aware ones are converted to it."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
 # --- queries -------------------------------------------------------------------------------
+
+
+StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class QueryCreate(RequestModel):
@@ -149,6 +267,56 @@ class QueryCreate(RequestModel):
         ),
         examples=[0.2],
     )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling mass (used when temperature > 0).",
+        examples=[0.9],
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        description="Makes sampling repeatable.",
+        examples=[1234],
+    )
+    stop: list[StopSequence] | None = Field(
+        default=None,
+        max_length=4,
+        description="Up to 4 strings; the answer ends before the first one generated.",
+        examples=[["\n\n"]],
+    )
+    stream: bool = Field(
+        default=False,
+        description=(
+            "true: Server-Sent Events, one `data: {\"delta\": ...}` per text chunk, then one "
+            "event with the full answer, usage and timings, then `data: [DONE]`."
+        ),
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"question": "What is the pass key?", "max_new_tokens": 16},
+                {
+                    "question": "Summarise the report.",
+                    "max_new_tokens": 200,
+                    "temperature": 0.7,
+                    "top_p": 0.9,
+                    "seed": 7,
+                    "stop": ["\n\n"],
+                    "stream": True,
+                },
+            ]
+        }
+    )
+
+
+class QueryChunkPublic(BaseModel):
+    """One streamed event of an answer: the next piece of its text."""
+
+    delta: str = Field(examples=["The pass"])
 
 
 class PromptTokensDetails(BaseModel):
@@ -174,7 +342,27 @@ class QueryPublic(BaseModel):
     answer: str = Field(examples=["48213"])
     usage: QueryUsage
     timings: QueryTimings
-    finish_reason: str = Field(description='"stop" (EOS) or "length".', examples=["stop"])
+    finish_reason: str = Field(
+        description='"stop" (end of sequence or a stop sequence) or "length".', examples=["stop"]
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "answer": "The pass key is 48213.",
+                    "usage": {
+                        "prompt_tokens": 1660,
+                        "completion_tokens": 9,
+                        "total_tokens": 1669,
+                        "prompt_tokens_details": {"cached_tokens": 1648},
+                    },
+                    "timings": {"load_s": 0.002, "ttft_s": 0.09, "decode_s": 0.21},
+                    "finish_reason": "stop",
+                }
+            ]
+        }
+    )
 
     @classmethod
     def from_result(cls, result: QueryResult) -> QueryPublic:

@@ -26,6 +26,15 @@ current and that README.md names every variable.
 | `host` | `KVZIP_HOST` | `127.0.0.1` | HTTP bind address |
 | `port` | `KVZIP_PORT` | `8000` | HTTP port |
 | `log_level` | `KVZIP_LOG_LEVEL` | `info` | Uvicorn log level |
+| `default_ttl_seconds` | `KVZIP_DEFAULT_TTL_SECONDS` | `3600.0` | Default context lifetime (s) |
+| `max_ttl_seconds` | `KVZIP_MAX_TTL_SECONDS` | `2592000.0` | Longest context lifetime (s) |
+| `max_document_tokens` | `KVZIP_MAX_DOCUMENT_TOKENS` | unset | Document token cap (unset: window) |
+| `max_body_bytes` | `KVZIP_MAX_BODY_BYTES` | `16777216` | Largest request body (or 16MiB) |
+| `api_keys` | `KVZIP_API_KEYS` | unset | JSON `{"<key>": "<tenant>"}`; unset: open |
+| `admin_api_key` | `KVZIP_ADMIN_API_KEY` | unset | Bearer key that sees every tenant |
+| `rate_limit_per_minute` | `KVZIP_RATE_LIMIT_PER_MINUTE` | `0` | Requests/minute per key (0: off) |
+| `rate_limit_burst` | `KVZIP_RATE_LIMIT_BURST` | `10` | Requests a key may send at once |
+| `log_format` | `KVZIP_LOG_FORMAT` | `text` | text, or json (one object per line) |
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ByteSize, Field
+from pydantic import ByteSize, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.config import CompressionConfig, EngineConfig, ServiceConfig
@@ -45,6 +54,11 @@ ENV_PREFIX = "KVZIP_"
 _ENGINE = EngineConfig()
 _SERVICE = ServiceConfig()
 _COMPRESSION = CompressionConfig()
+
+ApiKey = Annotated[str, Field(min_length=8, pattern=r"^[\x21-\x7e]+$")]
+"""A Bearer key: at least 8 printable ASCII characters, no spaces."""
+TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
 
 
 class Settings(BaseSettings):
@@ -114,6 +128,47 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         default="info", description="Uvicorn log level"
     )
+    # HTTP API: context lifetime, limits, API keys, logs
+    default_ttl_seconds: float = Field(
+        default=_SERVICE.default_ttl_s, gt=0, description="Default context lifetime (s)"
+    )
+    max_ttl_seconds: float = Field(
+        default=_SERVICE.max_ttl_s, gt=0, description="Longest context lifetime (s)"
+    )
+    max_document_tokens: int | None = Field(
+        default=_SERVICE.max_document_tokens,
+        ge=1,
+        description="Document token cap (unset: window)",
+    )
+    max_body_bytes: Annotated[ByteSize, Field(ge=1)] = Field(
+        default=ByteSize(16 * 1024**2), description="Largest request body (or 16MiB)"
+    )
+    api_keys: dict[ApiKey, TenantName] | None = Field(
+        default=None, description='JSON `{"<key>": "<tenant>"}`; unset: open'
+    )
+    admin_api_key: ApiKey | None = Field(
+        default=None, description="Bearer key that sees every tenant"
+    )
+    rate_limit_per_minute: int = Field(
+        default=0, ge=0, description="Requests/minute per key (0: off)"
+    )
+    rate_limit_burst: int = Field(default=10, ge=1, description="Requests a key may send at once")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json (one object per line)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent_limits_and_keys(self) -> Settings:
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError("KVZIP_DEFAULT_TTL_SECONDS must be <= KVZIP_MAX_TTL_SECONDS")
+        if self.admin_api_key is not None and self.admin_api_key in (self.api_keys or {}):
+            raise ValueError("KVZIP_ADMIN_API_KEY must differ from every key in KVZIP_API_KEYS")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when requests need a Bearer key (some key is configured)."""
+        return bool(self.api_keys) or self.admin_api_key is not None
 
     def to_service_config(self) -> ServiceConfig:
         """The frozen configuration service/ is built from."""
@@ -133,6 +188,9 @@ class Settings(BaseSettings):
             queue_size=self.queue_size,
             max_new_tokens_limit=self.max_new_tokens_limit,
             default_compression=self.default_compression(),
+            default_ttl_s=self.default_ttl_seconds,
+            max_ttl_s=self.max_ttl_seconds,
+            max_document_tokens=self.max_document_tokens,
         )
 
     def default_compression(self) -> CompressionConfig:

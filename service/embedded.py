@@ -479,11 +479,11 @@ class EmbeddedContextService:
         prompt = await asyncio.to_thread(self._question_ids, record.system, request.question)
         self._check_query(ctx, prompt, request.sampling.max_new_tokens)
         tokens: list[int] = []
-        async for token in self.worker.stream(
-            lambda: engine.generate(ctx, prompt, request.sampling)
-        ):
-            tokens.append(token)
-            yield tokens, load_s, len(prompt)
+        generation = self.worker.stream(lambda: engine.generate(ctx, prompt, request.sampling))
+        async with contextlib.aclosing(generation):  # closed early: the engine stops too
+            async for token in generation:
+                tokens.append(token)
+                yield tokens, load_s, len(prompt)
 
     async def stream_query(
         self, context_id: str, request: QueryRequest

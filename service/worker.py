@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -54,7 +54,7 @@ class EngineWorker:
         finally:
             self._admitted -= 1
 
-    async def stream(self, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    async def stream(self, make: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:
         """Iterate make() on the engine thread, yielding each item on the event loop."""
         self._admit()
         loop = asyncio.get_running_loop()

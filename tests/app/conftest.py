@@ -6,11 +6,12 @@ the end-to-end tests. Tokens are whitespace-separated words.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,10 +19,14 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from service.errors import ContextNotFoundError, DocumentTooLongError, ServiceError
+from service.records import paginate
 from service.types import (
+    ANY_TENANT,
     CompressionStats,
     ContextInfo,
+    ContextPage,
     CreateContextRequest,
+    QueryEvent,
     QueryRequest,
     QueryResult,
     QueryTimings,
@@ -30,6 +35,7 @@ from service.types import (
 MAX_CONTEXT_TOKENS = 50
 MAX_NEW_TOKENS_LIMIT = 256
 CREATE_TIME = datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
+ANSWER_WORDS = ["The", " pass", " key", " is", " 48213."]
 
 
 @dataclass
@@ -44,8 +50,14 @@ class FakeContextService:
     fail_start: ServiceError | None = None
     calls: list[str] = field(default_factory=list)
     contexts: dict[str, ContextInfo] = field(default_factory=dict)
+    tenants: dict[str, str] = field(default_factory=dict)  # context id -> owning tenant
     created_requests: list[CreateContextRequest] = field(default_factory=list)
     queries: list[tuple[str, QueryRequest]] = field(default_factory=list)
+    updates: list[tuple[str, datetime, str]] = field(default_factory=list)
+    listings: list[tuple[str, int, str | None]] = field(default_factory=list)
+    streamed_deltas: int = 0  # deltas handed out by stream_query
+    stream_closed: bool = False  # a stream_query iterator was closed before its end
+    delta_pause_s: float = 0.0
 
     async def start(self) -> None:
         self.started = True
@@ -71,7 +83,8 @@ class FakeContextService:
         if tokens > MAX_CONTEXT_TOKENS:
             raise DocumentTooLongError(tokens, MAX_CONTEXT_TOKENS)
         compression = request.compression.normalized()
-        key = f"{compression.method}|{compression.ratio}|{request.text}"
+        key = f"{compression.method}|{compression.ratio}|{request.tenant}|{request.system}|"
+        key += request.text
         context_id = "ctx_" + hashlib.sha256(key.encode()).hexdigest()[:32]
         if context_id in self.contexts:
             return self.contexts[context_id], False
@@ -90,37 +103,83 @@ class FakeContextService:
                 total_kv_pairs=tokens * 4,
                 bytes=kept * 256,
             ),
+            expire_time=CREATE_TIME + timedelta(seconds=request.ttl_seconds or 3600),
+            progress=1.0 if request.wait else 0.25,
         )
+        if not request.wait:
+            info = replace(info, state="PROCESSING")
         self.contexts[context_id] = info
+        self.tenants[context_id] = request.tenant
         return info, True
 
-    def _find(self, context_id: str) -> ContextInfo:
-        if context_id not in self.contexts:
+    def _find(self, context_id: str, tenant: str = "") -> ContextInfo:
+        if context_id not in self.contexts or tenant not in (self.tenants[context_id], ANY_TENANT):
             raise ContextNotFoundError(context_id)
         return self.contexts[context_id]
 
     async def get_context(self, context_id: str, tenant: str = "") -> ContextInfo:
         self._enter("get_context")
-        return self._find(context_id)
+        return self._find(context_id, tenant)
 
     async def delete_context(self, context_id: str, tenant: str = "") -> None:
         self._enter("delete_context")
-        self._find(context_id)
+        self._find(context_id, tenant)
         del self.contexts[context_id]
 
-    async def query(self, context_id: str, request: QueryRequest) -> QueryResult:
-        self._enter("query")
-        info = self._find(context_id)
-        self.queries.append((context_id, request))
+    async def list_contexts(
+        self, tenant: str = "", page_size: int = 50, page_token: str | None = None
+    ) -> ContextPage:
+        self._enter("list_contexts")
+        self.listings.append((tenant, page_size, page_token))
+        visible = [
+            info
+            for cid, info in self.contexts.items()
+            if tenant in (self.tenants[cid], ANY_TENANT)
+        ]
+        return paginate(visible, page_size, page_token)
+
+    async def update_context(
+        self, context_id: str, expire_time: datetime, tenant: str = ""
+    ) -> ContextInfo:
+        self._enter("update_context")
+        info = replace(self._find(context_id, tenant), expire_time=expire_time)
+        self.contexts[context_id] = info
+        self.updates.append((context_id, expire_time, tenant))
+        return info
+
+    def _result(self, info: ContextInfo, request: QueryRequest, answer: str) -> QueryResult:
         question_tokens = len(request.question.split())
         return QueryResult(
-            answer="48213",
+            answer=answer,
             prompt_tokens=info.context_tokens + question_tokens,
             completion_tokens=3,
             cached_tokens=info.context_tokens,
             timings=QueryTimings(load_s=0.01, ttft_s=0.02, decode_s=0.03),
             finish_reason="stop",
         )
+
+    async def query(self, context_id: str, request: QueryRequest) -> QueryResult:
+        self._enter("query")
+        info = self._find(context_id, request.tenant)
+        self.queries.append((context_id, request))
+        return self._result(info, request, "48213")
+
+    async def stream_query(
+        self, context_id: str, request: QueryRequest
+    ) -> AsyncIterator[QueryEvent]:
+        self._enter("stream_query")
+        info = self._find(context_id, request.tenant)
+        self.queries.append((context_id, request))
+        finished = False
+        try:
+            for word in ANSWER_WORDS:
+                await asyncio.sleep(self.delta_pause_s)
+                self.streamed_deltas += 1
+                yield QueryEvent(delta=word)
+            finished = True
+            yield QueryEvent(result=self._result(info, request, "".join(ANSWER_WORDS)))
+        finally:
+            self.stream_closed = self.stream_closed or not finished
 
 
 @pytest.fixture(autouse=True)

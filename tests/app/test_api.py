@@ -466,9 +466,12 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
     assert set(schema["paths"]) == {
         "/healthz",
         "/readyz",
+        "/metrics",
         "/contexts",
         "/contexts/{context_id}",
         "/contexts/{context_id}/query",
+        "/v1/chat/completions",
+        "/v1/models",
     }
     create = schema["paths"]["/contexts"]["post"]["responses"]
     assert {"200", "201", "400", "413", "422", "503"} <= set(create)

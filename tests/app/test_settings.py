@@ -43,6 +43,15 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_HOST": "0.0.0.0",
         "KVZIP_PORT": "9000",
         "KVZIP_LOG_LEVEL": "debug",
+        "KVZIP_DEFAULT_TTL_SECONDS": "600",
+        "KVZIP_MAX_TTL_SECONDS": "86400",
+        "KVZIP_MAX_DOCUMENT_TOKENS": "32000",
+        "KVZIP_MAX_BODY_BYTES": "1MiB",
+        "KVZIP_API_KEYS": '{"sk-team-a-0001": "team-a", "sk-team-b-0002": "team-b"}',
+        "KVZIP_ADMIN_API_KEY": "sk-admin-0003",
+        "KVZIP_RATE_LIMIT_PER_MINUTE": "120",
+        "KVZIP_RATE_LIMIT_BURST": "5",
+        "KVZIP_LOG_FORMAT": "json",
     }
     assert sorted(env) == sorted(ENV_VARS)  # one variable per setting, all covered here
     for name, value in env.items():
@@ -64,6 +73,18 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.default_method, settings.default_ratio) == ("none", 0.5)
     assert settings.chunk_size == 1024
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
+    assert (settings.default_ttl_seconds, settings.max_ttl_seconds) == (600.0, 86400.0)
+    assert (settings.max_document_tokens, settings.max_body_bytes) == (32000, 1024**2)
+    assert settings.api_keys == {"sk-team-a-0001": "team-a", "sk-team-b-0002": "team-b"}
+    assert settings.admin_api_key == "sk-admin-0003" and settings.auth_enabled
+    assert (settings.rate_limit_per_minute, settings.rate_limit_burst) == (120, 5)
+    assert settings.log_format == "json"
+    service = settings.to_service_config()
+    assert (service.default_ttl_s, service.max_ttl_s, service.max_document_tokens) == (
+        600.0,
+        86400.0,
+        32000,
+    )
 
 
 def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,6 +117,17 @@ def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) ->
         ("KVZIP_PORT", "0"),
         ("KVZIP_PORT", "70000"),
         ("KVZIP_LOG_LEVEL", "loud"),
+        ("KVZIP_DEFAULT_TTL_SECONDS", "0"),
+        ("KVZIP_MAX_TTL_SECONDS", "-5"),
+        ("KVZIP_MAX_DOCUMENT_TOKENS", "0"),
+        ("KVZIP_MAX_BODY_BYTES", "0"),
+        ("KVZIP_API_KEYS", "not json"),
+        ("KVZIP_API_KEYS", '{"short": "team-a"}'),
+        ("KVZIP_API_KEYS", '{"sk-long-enough": "bad tenant"}'),
+        ("KVZIP_ADMIN_API_KEY", "short"),
+        ("KVZIP_RATE_LIMIT_PER_MINUTE", "-1"),
+        ("KVZIP_RATE_LIMIT_BURST", "0"),
+        ("KVZIP_LOG_FORMAT", "xml"),
     ],
 )
 def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -105,7 +137,25 @@ def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, v
     with pytest.raises(ValidationError) as caught:
         Settings()
 
-    assert [error["loc"] for error in caught.value.errors()] == [(field,)]
+    assert [error["loc"][0] for error in caught.value.errors()] == [field]
+
+
+def test_default_ttl_above_the_maximum_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVZIP_DEFAULT_TTL_SECONDS", "7200")
+    monkeypatch.setenv("KVZIP_MAX_TTL_SECONDS", "3600")
+
+    with pytest.raises(ValidationError, match="KVZIP_DEFAULT_TTL_SECONDS must be <="):
+        Settings()
+
+
+def test_admin_key_must_differ_from_tenant_keys() -> None:
+    with pytest.raises(ValidationError, match="KVZIP_ADMIN_API_KEY must differ"):
+        Settings(api_keys={"sk-same-key-1": "team-a"}, admin_api_key="sk-same-key-1")
+
+
+def test_no_key_means_open_access() -> None:
+    assert not Settings().auth_enabled
+    assert Settings(admin_api_key="sk-admin-only").auth_enabled
 
 
 def test_unknown_keyword_refuses() -> None:

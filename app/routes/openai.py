@@ -1,0 +1,155 @@
+"""OpenAI-compatible `/v1/chat/completions` and `/v1/models` over the compressed contexts.
+
+The last user message is the question; `context_id` (in OpenAI clients, `extra_body`)
+picks the context; `usage.prompt_tokens_details.cached_tokens` counts the context tokens
+served from the cache. Streaming follows OpenAI: a role chunk, content chunks, a chunk with
+`finish_reason`, a usage chunk when `stream_options.include_usage`, then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+
+from app import metrics
+from app.answers import start_answer
+from app.auth import PrincipalDep
+from app.dependencies import ServiceDep, SettingsDep
+from app.errors import documented, error_response, limit_exceeded
+from app.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionCreate,
+    ChatCompletionPublic,
+    ChatUsage,
+    ChunkChoice,
+    ChunkDelta,
+    ModelListPublic,
+    ModelPublic,
+)
+from app.sse import DONE, EventStreamResponse, aclose, error_event, event
+from service.errors import InvalidInputError
+from service.types import QueryEvent, QueryRequest, QueryResult, SamplingParams
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+DEFAULT_MAX_TOKENS = 128
+_STARTED = int(time.time())
+
+_SSE_EXAMPLE = (
+    'data: {"id":"chatcmpl-7d1f","object":"chat.completion.chunk","created":1741964966,'
+    '"model":"SmolLM2-135M-Instruct","choices":[{"index":0,"delta":{"role":"assistant",'
+    '"content":""}}]}\n\n'
+    'data: {"id":"chatcmpl-7d1f","object":"chat.completion.chunk","created":1741964966,'
+    '"model":"SmolLM2-135M-Instruct","choices":[{"index":0,"delta":{"content":"48213"}}]}\n\n'
+    'data: {"id":"chatcmpl-7d1f","object":"chat.completion.chunk","created":1741964966,'
+    '"model":"SmolLM2-135M-Instruct","choices":[{"index":0,"delta":{},'
+    '"finish_reason":"stop"}]}\n\n'
+    "data: [DONE]\n\n"
+)
+
+
+@router.get("/models", responses=documented(401, 429))
+async def list_models(principal: PrincipalDep, service: ServiceDep) -> ModelListPublic:
+    """The model this server answers with (OpenAI's model list)."""
+    return ModelListPublic(data=[ModelPublic(id=service.model_name, created=_STARTED)])
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionPublic,
+    responses={
+        200: {
+            "description": "A chat.completion, or with `stream: true` an event stream.",
+            "content": {
+                "text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}
+            },
+        },
+        **documented(400, 401, 404, 409, 422, 429, 503),
+    },
+)
+async def create_chat_completion(
+    principal: PrincipalDep, body: ChatCompletionCreate, service: ServiceDep, settings: SettingsDep
+) -> Any:
+    """Answer the last user message from the compressed context `context_id`."""
+    if body.model != service.model_name:
+        message = f"model {body.model!r} is not served here; GET /v1/models lists the one that is"
+        return error_response(404, "model_not_found", message)
+    max_new = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    if max_new > settings.max_new_tokens_limit:
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise limit_exceeded(field, settings.max_new_tokens_limit, max_new)
+    sampling = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=body.temperature or 0.0,
+        top_p=body.top_p or 1.0,
+        seed=body.seed,
+        stop=body.stop_sequences,
+    )
+    request = QueryRequest(_question(body), sampling, tenant=principal.scope)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        events = await start_answer(service, body.context_id, request)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = _chunks(events, completion_id, service.model_name, usage)
+        return EventStreamResponse(chunks)
+    result = await service.query(body.context_id, request)
+    metrics.observe_answer(result)
+    return _completion(result, completion_id, service.model_name)
+
+
+def _question(body: ChatCompletionCreate) -> str:
+    users = [message.text for message in body.messages if message.role == "user"]
+    if not users or not users[-1].strip():
+        raise InvalidInputError("messages must end with a user message that has text")
+    return users[-1]
+
+
+def _completion(result: QueryResult, completion_id: str, model: str) -> ChatCompletionPublic:
+    choice = ChatChoice(
+        message=AssistantMessage(content=result.answer), finish_reason=result.finish_reason
+    )
+    return ChatCompletionPublic(
+        id=completion_id,
+        created=int(time.time()),
+        model=model,
+        choices=[choice],
+        usage=ChatUsage.from_result(result),
+    )
+
+
+async def _chunks(
+    events: AsyncIterator[QueryEvent], completion_id: str, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChunkChoice], usage: ChatUsage | None = None) -> bytes:
+        body = ChatCompletionChunk(
+            id=completion_id, created=created, model=model, choices=choices, usage=usage
+        )
+        return event(body)
+
+    try:
+        yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+        result: QueryResult | None = None
+        async for item in events:
+            if item.delta:
+                yield chunk([ChunkChoice(delta=ChunkDelta(content=item.delta))])
+            result = item.result or result
+        assert result is not None
+        yield chunk([ChunkChoice(delta=ChunkDelta(), finish_reason=result.finish_reason)])
+        if include_usage:
+            yield chunk([], ChatUsage.from_result(result))
+        yield DONE
+    except Exception as exc:  # after the 200: the error travels as the last event
+        yield error_event(exc)
+    finally:
+        await aclose(events)
+
+
+__all__ = ["router"]
