@@ -133,3 +133,279 @@ async def test_full_queue_answers_queue_full(tiny_engine, tmp_path):
     assert any(isinstance(r, QueueFullError) for r in results)
     assert any(isinstance(r, tuple) for r in results)
     await svc.close()
+
+
+# --- lifecycle: system prefix, expiry, listing, asynchronous ingest ------------------------------
+
+
+async def _started(tiny_engine, data_dir: Path, **overrides) -> EmbeddedContextService:
+    svc = _service(tiny_engine, data_dir, **overrides)
+    await svc.start()
+    return svc
+
+
+def _stored(data_dir: Path, cid: str) -> list[Path]:
+    return list((data_dir / "contexts").glob(f"{cid}*"))
+
+
+async def test_system_instruction_joins_the_prefix_and_the_id(tiny_engine, tmp_path):
+    from service.prompt import build_layout, question_ids
+
+    svc = await _started(tiny_engine, tmp_path)
+    plain, _ = await svc.create_context(CreateContextRequest(TEXT))
+    system = "You are a museum guide. Answer in one word."
+    guided, created = await svc.create_context(CreateContextRequest(TEXT, system=system))
+    assert created and guided.id != plain.id
+    assert guided.context_tokens == plain.context_tokens
+    prefix_ids = tiny_engine.encode_document("", system).prefix_ids
+    prefix = len(prefix_ids)
+    assert system in tiny_engine.tokenizer.decode(prefix_ids)
+    assert system not in tiny_engine.tokenizer.decode(tiny_engine.encode_document("").prefix_ids)
+    record = await svc._record(guided.id, "")
+    assert record is not None and record.system == system and record.prefix_tokens == prefix
+    expected = question_ids(
+        build_layout(tiny_engine.tokenizer, system), tiny_engine.tokenizer, "Q?"
+    )
+    assert svc._question_ids(system, "Q?") == expected
+    result = await svc.query(guided.id, QueryRequest("When?", SamplingParams(max_new_tokens=4)))
+    assert result.cached_tokens == prefix + guided.context_tokens
+    again, created_again = await svc.create_context(CreateContextRequest(TEXT, system=system))
+    assert (again.id, created_again) == (guided.id, False)
+    await svc.close()
+
+
+async def test_expired_contexts_are_404_and_purged_from_every_tier(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path)
+    short, _ = await svc.create_context(CreateContextRequest(TEXT, ttl_seconds=0.3))
+    swept, _ = await svc.create_context(CreateContextRequest(TEXT + " swept", ttl_seconds=0.3))
+    kept, _ = await svc.create_context(CreateContextRequest(TEXT + " kept"))
+    assert short.expire_time is not None
+    remaining = (short.expire_time - short.create_time).total_seconds()
+    assert 0.2 < remaining <= 0.3
+    assert abs((kept.expire_time - kept.create_time).total_seconds() - 3600) < 1
+    assert _stored(tmp_path, short.id)
+    await asyncio.sleep(0.35)
+    with pytest.raises(ContextNotFoundError):
+        await svc.get_context(short.id)
+    assert not _stored(tmp_path, short.id)
+    assert short.id not in [key for key in await svc.store.tier("memory").keys()]
+    assert svc.resident.get(short.id) is None
+    assert await svc.purge_expired() == 1  # the one nobody looked up
+    assert not _stored(tmp_path, swept.id) and _stored(tmp_path, kept.id)
+    await svc.close()
+
+
+async def test_ttl_outside_the_bounds_is_refused(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path, max_ttl_s=100.0)
+    for ttl in (0.0, -1.0, 101.0):
+        with pytest.raises(InvalidInputError, match="ttl_seconds must be in"):
+            await svc.create_context(CreateContextRequest(TEXT, ttl_seconds=ttl))
+    await svc.close()
+
+
+async def test_update_changes_only_the_expiry_and_persists(tiny_engine, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    svc = await _started(tiny_engine, tmp_path, max_ttl_s=7200.0)
+    info, _ = await svc.create_context(CreateContextRequest(TEXT, "museum"))
+    later = datetime.now(UTC) + timedelta(hours=1, minutes=30)
+    updated = await svc.update_context(info.id, later)
+    assert updated.expire_time == later
+    assert (updated.display_name, updated.compression) == (info.display_name, info.compression)
+    with pytest.raises(InvalidInputError, match="in the future"):
+        await svc.update_context(info.id, datetime.now(UTC) - timedelta(seconds=1))
+    with pytest.raises(InvalidInputError, match="at most 7200 seconds"):
+        await svc.update_context(info.id, datetime.now(UTC) + timedelta(hours=3))
+    with pytest.raises(ContextNotFoundError):
+        await svc.update_context(info.id, later, tenant="other")
+    await svc.close()
+    restarted = await _started(tiny_engine, tmp_path)
+    assert (await restarted.get_context(info.id)).expire_time == later
+    await restarted.close()
+
+
+async def test_registering_again_extends_the_expiry(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path)
+    first, _ = await svc.create_context(CreateContextRequest(TEXT, ttl_seconds=60))
+    longer, created = await svc.create_context(CreateContextRequest(TEXT, ttl_seconds=600))
+    shorter, _ = await svc.create_context(CreateContextRequest(TEXT, ttl_seconds=10))
+    assert not created and longer.id == first.id
+    assert longer.expire_time > first.expire_time
+    assert shorter.expire_time == longer.expire_time  # never shortened by a re-registration
+    await svc.close()
+
+
+async def test_listing_pages_oldest_first_per_tenant(tiny_engine, tmp_path):
+    from service.types import ANY_TENANT
+
+    svc = await _started(tiny_engine, tmp_path)
+    ids = []
+    for i in range(3):
+        info, _ = await svc.create_context(CreateContextRequest(f"{TEXT} {i}", f"doc {i}"))
+        ids.append(info.id)
+    other, _ = await svc.create_context(CreateContextRequest(TEXT, tenant="team-b"))
+    first = await svc.list_contexts(page_size=2)
+    assert [info.id for info in first.contexts] == ids[:2] and first.next_page_token
+    second = await svc.list_contexts(page_size=2, page_token=first.next_page_token)
+    assert [info.id for info in second.contexts] == ids[2:] and second.next_page_token is None
+    assert [info.id for info in (await svc.list_contexts("team-b")).contexts] == [other.id]
+    everyone = await svc.list_contexts(ANY_TENANT, page_size=10)
+    assert {info.id for info in everyone.contexts} == {*ids, other.id}
+    with pytest.raises(InvalidInputError, match="page_token"):
+        await svc.list_contexts(page_token="not-a-token")
+    with pytest.raises(ContextNotFoundError):  # another tenant's id is not there
+        await svc.get_context(other.id)
+    assert (await svc.get_context(other.id, ANY_TENANT)).id == other.id
+    await svc.close()
+
+
+async def test_wait_false_answers_processing_then_ready(tiny_engine, tmp_path):
+    import time
+
+    from service.errors import ContextNotReadyError
+
+    svc = await _started(tiny_engine, tmp_path)
+    blocker = asyncio.ensure_future(svc.worker.run(time.sleep, 0.4))  # the engine is busy
+    await asyncio.sleep(0)
+    request = CreateContextRequest(
+        TEXT * 3, compression=CompressionConfig("kvzip", 0.3, 64), wait=False
+    )
+    info, created = await svc.create_context(request)
+    assert created and (info.state, info.progress) == ("PROCESSING", 0.0)
+    assert info.expire_time is not None and info.context_tokens > 0
+    assert (await svc.get_context(info.id)).state == "PROCESSING"
+    assert [c.id for c in (await svc.list_contexts()).contexts] == [info.id]
+    again, created_again = await svc.create_context(request)
+    assert (again.id, again.state, created_again) == (info.id, "PROCESSING", False)
+    with pytest.raises(ContextNotReadyError, match="still processing"):
+        await svc.query(info.id, QueryRequest("When?"))
+    seen = []
+    while (current := await svc.get_context(info.id)).state == "PROCESSING":
+        seen.append(current.progress)
+        await asyncio.sleep(0.005)
+    await blocker
+    assert current.state == "READY" and current.progress == 1.0
+    assert seen == sorted(seen) and seen[0] == 0.0
+    assert current.compression.kept_kv_pairs > 0
+    await svc.close()
+
+
+async def test_delete_while_processing_stops_the_ingest(tiny_engine, tmp_path):
+    import time
+
+    svc = await _started(tiny_engine, tmp_path)
+    blocker = asyncio.ensure_future(svc.worker.run(time.sleep, 0.2))
+    await asyncio.sleep(0)
+    request = CreateContextRequest(
+        TEXT, compression=CompressionConfig("kvzip", 0.3, 64), wait=False
+    )
+    info, _ = await svc.create_context(request)
+    await svc.delete_context(info.id)
+    with pytest.raises(ContextNotFoundError):
+        await svc.get_context(info.id)
+    await blocker
+    await asyncio.sleep(0.3)
+    assert svc.worker.queued == 0
+    assert not _stored(tmp_path, info.id)
+    await svc.close()
+
+
+async def test_an_unwaited_ingest_that_fails_shows_failed(tiny_engine, tmp_path, monkeypatch):
+    from service.errors import ContextNotReadyError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory on the engine")
+
+    svc = await _started(tiny_engine, tmp_path)
+    monkeypatch.setattr(tiny_engine, "ingest", broken)
+    info, _ = await svc.create_context(CreateContextRequest(TEXT, wait=False))
+    while (current := await svc.get_context(info.id)).state == "PROCESSING":
+        await asyncio.sleep(0.01)
+    assert current.state == "FAILED" and "out of memory" in (current.error or "")
+    with pytest.raises(ContextNotReadyError, match="failed: out of memory"):
+        await svc.query(info.id, QueryRequest("When?"))
+    with pytest.raises(RuntimeError):  # a waited ingest raises instead, and leaves nothing
+        await svc.create_context(CreateContextRequest(TEXT + " waited"))
+    await svc.delete_context(info.id)
+    with pytest.raises(ContextNotFoundError):
+        await svc.get_context(info.id)
+    await svc.close()
+
+
+async def test_document_token_cap_is_413_material(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path, max_document_tokens=20)
+    with pytest.raises(DocumentTooLongError, match="at most 20"):
+        await svc.create_context(CreateContextRequest(TEXT))
+    await svc.close()
+
+
+# --- streaming, stop sequences, cancellation ------------------------------------------------------
+
+
+async def _ready_context(svc: EmbeddedContextService) -> str:
+    info, _ = await svc.create_context(
+        CreateContextRequest(TEXT, compression=CompressionConfig("none", 1.0))
+    )
+    return info.id
+
+
+async def test_stream_query_deltas_add_up_to_the_answer(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path)
+    cid = await _ready_context(svc)
+    request = QueryRequest("When does it open?", SamplingParams(max_new_tokens=12))
+    events = [event async for event in svc.stream_query(cid, request)]
+    deltas, final = events[:-1], events[-1]
+    assert final.result is not None and all(e.result is None and e.delta for e in deltas)
+    assert "".join(e.delta for e in deltas) == final.result.answer
+    assert final.result == final.result  # frozen dataclass
+    plain = await svc.query(cid, request)
+    assert plain.answer == final.result.answer
+    assert plain.completion_tokens == final.result.completion_tokens
+    await svc.close()
+
+
+async def test_stop_sequence_ends_the_answer_before_it(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path)
+    cid = await _ready_context(svc)
+    full = await svc.query(cid, QueryRequest("Tell me.", SamplingParams(max_new_tokens=24)))
+    text = full.answer
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip())
+    cut = text.index(stop)
+    sampling = SamplingParams(max_new_tokens=24, stop=(stop,))
+    events = [event async for event in svc.stream_query(cid, QueryRequest("Tell me.", sampling))]
+    result = events[-1].result
+    assert result is not None
+    assert result.answer == text[:cut] == "".join(e.delta for e in events[:-1])
+    assert result.finish_reason == "stop"
+    assert result.completion_tokens <= full.completion_tokens
+    assert svc.worker.queued == 0
+    await svc.close()
+
+
+async def test_closing_the_stream_cancels_the_generation(tiny_engine, tmp_path):
+    from service import telemetry
+
+    svc = await _started(tiny_engine, tmp_path)
+    cid = await _ready_context(svc)
+    before = telemetry.QUERIES_CANCELLED._value.get()
+    tokens_before = telemetry.GENERATED_TOKENS._value.get()
+    stream = svc.stream_query(cid, QueryRequest("Go on.", SamplingParams(max_new_tokens=500)))
+    for _ in range(3):
+        await anext(stream)
+    await stream.aclose()
+    assert telemetry.QUERIES_CANCELLED._value.get() == before + 1
+    assert svc.worker.queued == 0  # the engine thread let go of the job
+    assert telemetry.GENERATED_TOKENS._value.get() - tokens_before < 20
+    await svc.close()
+
+
+async def test_sampling_is_validated_and_seeded(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path)
+    cid = await _ready_context(svc)
+    with pytest.raises(InvalidInputError, match="top_p"):
+        await svc.query(cid, QueryRequest("q", SamplingParams(top_p=0.0)))
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    a = await svc.query(cid, QueryRequest("Say something.", sampled))
+    b = await svc.query(cid, QueryRequest("Say something.", sampled))
+    assert a.answer == b.answer
+    await svc.close()
