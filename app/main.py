@@ -74,11 +74,17 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
 
 
 def build_default_service(settings: Settings) -> ContextService:
-    """The embedded service (model in this process), built only when the app starts.
+    """The service `settings.mode` names, built only when the app starts.
 
-    `service.embedded` imports torch, so it is imported here and by name: neither importing
-    nor type-checking app/ reaches the engine; the facade Protocol is the contract.
+    embedded: the model in this process. `service.embedded` imports torch, so it is imported
+    here and by name: neither importing nor type-checking app/ reaches the engine; the facade
+    Protocol is the contract. distributed: `service.distributed.remote` (no torch), which
+    hands every job to the workers through Redis.
     """
+    if settings.mode == "distributed":
+        remote = importlib.import_module("service.distributed.remote")
+        built: ContextService = remote.build_remote_service(settings.to_service_config())
+        return built
     embedded = importlib.import_module("service.embedded")
     service: ContextService = embedded.build_embedded_service(settings.to_service_config())
     return service

@@ -26,6 +26,15 @@ current and that README.md names every variable.
 | `host` | `KVZIP_HOST` | `127.0.0.1` | HTTP bind address |
 | `port` | `KVZIP_PORT` | `8000` | HTTP port |
 | `log_level` | `KVZIP_LOG_LEVEL` | `info` | Uvicorn log level |
+| `mode` | `KVZIP_MODE` | `embedded` | embedded (model in process) or distributed |
+| `redis_url` | `KVZIP_REDIS_URL` | unset | Redis URL; required when distributed |
+| `redis_prefix` | `KVZIP_REDIS_PREFIX` | `kvzip:` | Prefix of every Redis key |
+| `worker_name` | `KVZIP_WORKER_NAME` | unset | Worker consumer name (default: host name) |
+| `heartbeat_ttl_s` | `KVZIP_HEARTBEAT_TTL_S` | `10.0` | Worker heartbeat lifetime (s) |
+| `claim_idle_s` | `KVZIP_CLAIM_IDLE_S` | `30.0` | Idle time before a job moves (s) |
+| `max_deliveries` | `KVZIP_MAX_DELIVERIES` | `3` | Deliveries before dead-letter |
+| `redis_ttl_s` | `KVZIP_REDIS_TTL_S` | `86400.0` | Lifetime of Redis-tier copies (s) |
+| `wait_timeout_s` | `KVZIP_WAIT_TIMEOUT_S` | `600.0` | Longest wait for a worker (s) |
 | `default_ttl_seconds` | `KVZIP_DEFAULT_TTL_SECONDS` | `3600.0` | Default context lifetime (s) |
 | `max_ttl_seconds` | `KVZIP_MAX_TTL_SECONDS` | `2592000.0` | Longest context lifetime (s) |
 | `max_document_tokens` | `KVZIP_MAX_DOCUMENT_TOKENS` | unset | Document token cap (unset: window) |
@@ -45,7 +54,7 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.config import CompressionConfig, EngineConfig, ServiceConfig
+from service.config import CompressionConfig, DistributedConfig, EngineConfig, ServiceConfig
 
 __all__ = ["ENV_PREFIX", "Settings", "settings_table_markdown"]
 
@@ -54,11 +63,11 @@ ENV_PREFIX = "KVZIP_"
 _ENGINE = EngineConfig()
 _SERVICE = ServiceConfig()
 _COMPRESSION = CompressionConfig()
+_DISTRIBUTED = DistributedConfig()
 
 ApiKey = Annotated[str, Field(min_length=8, pattern=r"^[\x21-\x7e]+$")]
 """A Bearer key: at least 8 printable ASCII characters, no spaces."""
 TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-
 
 
 class Settings(BaseSettings):
@@ -128,6 +137,40 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         default="info", description="Uvicorn log level"
     )
+    # distributed mode: API processes (no model) and workers joined by Redis
+    mode: Literal["embedded", "distributed"] = Field(
+        default="embedded", description="embedded (model in process) or distributed"
+    )
+    redis_url: str | None = Field(
+        default=_DISTRIBUTED.redis_url,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis URL; required when distributed",
+    )
+    redis_prefix: str = Field(
+        default=_DISTRIBUTED.redis_prefix,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$",
+        description="Prefix of every Redis key",
+    )
+    worker_name: str | None = Field(
+        default=_DISTRIBUTED.worker_name,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$",
+        description="Worker consumer name (default: host name)",
+    )
+    heartbeat_ttl_s: float = Field(
+        default=_DISTRIBUTED.heartbeat_ttl_s, gt=0, description="Worker heartbeat lifetime (s)"
+    )
+    claim_idle_s: float = Field(
+        default=_DISTRIBUTED.claim_idle_s, gt=0, description="Idle time before a job moves (s)"
+    )
+    max_deliveries: int = Field(
+        default=_DISTRIBUTED.max_deliveries, ge=1, description="Deliveries before dead-letter"
+    )
+    redis_ttl_s: float = Field(
+        default=_DISTRIBUTED.redis_ttl_s, gt=0, description="Lifetime of Redis-tier copies (s)"
+    )
+    wait_timeout_s: float = Field(
+        default=_DISTRIBUTED.wait_timeout_s, gt=0, description="Longest wait for a worker (s)"
+    )
     # HTTP API: context lifetime, limits, API keys, logs
     default_ttl_seconds: float = Field(
         default=_SERVICE.default_ttl_s, gt=0, description="Default context lifetime (s)"
@@ -156,6 +199,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="text, or json (one object per line)"
     )
+
+    @model_validator(mode="after")
+    def _distributed_needs_redis(self) -> Settings:
+        if self.mode == "distributed" and not self.redis_url:
+            raise ValueError("KVZIP_MODE=distributed needs KVZIP_REDIS_URL (redis://host:port/db)")
+        return self
 
     @model_validator(mode="after")
     def _consistent_limits_and_keys(self) -> Settings:
@@ -191,6 +240,16 @@ class Settings(BaseSettings):
             default_ttl_s=self.default_ttl_seconds,
             max_ttl_s=self.max_ttl_seconds,
             max_document_tokens=self.max_document_tokens,
+            distributed=DistributedConfig(
+                redis_url=self.redis_url,
+                redis_prefix=self.redis_prefix,
+                worker_name=self.worker_name,
+                heartbeat_ttl_s=self.heartbeat_ttl_s,
+                claim_idle_s=self.claim_idle_s,
+                max_deliveries=self.max_deliveries,
+                redis_ttl_s=self.redis_ttl_s,
+                wait_timeout_s=self.wait_timeout_s,
+            ),
         )
 
     def default_compression(self) -> CompressionConfig:

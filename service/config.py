@@ -42,6 +42,27 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Distributed mode (service.distributed): API processes and workers joined by Redis.
+
+    Every key lives under `redis_prefix`. A worker heartbeats a key that lives
+    `heartbeat_ttl_s`; a job idle (not kept alive by its worker) longer than `claim_idle_s`
+    is taken over by another worker; a job delivered more than `max_deliveries` times goes
+    to the dead-letter stream. Every Redis-tier key expires after `redis_ttl_s` (the disk
+    copy stays); the API waits at most `wait_timeout_s` for a worker's answer.
+    """
+
+    redis_url: str | None = None
+    redis_prefix: str = "kvzip:"
+    worker_name: str | None = None  # None: the host name (stable across restarts)
+    heartbeat_ttl_s: float = 10.0
+    claim_idle_s: float = 30.0
+    max_deliveries: int = 3
+    redis_ttl_s: float = 24 * 3600.0
+    wait_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything the embedded context service needs."""
 
@@ -55,3 +76,4 @@ class ServiceConfig:
     max_ttl_s: float = 30 * 24 * 3600.0  # the longest lifetime a request may ask for
     max_document_tokens: int | None = None  # None: the model window minus the reserve
     sweep_interval_s: float = 60.0  # how often expired contexts are purged from every tier
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -13,7 +13,7 @@ from storage.base import (
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import Manifest, RedisTier, redis_client
-from storage.tiered import TieredStore
+from storage.tiered import TieredStore, build_store
 
 __all__ = [
     "DiskTier",
@@ -25,6 +25,7 @@ __all__ = [
     "Tier",
     "TierUnavailableError",
     "TieredStore",
+    "build_store",
     "redis_client",
     "validate_key",
 ]

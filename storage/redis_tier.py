@@ -103,13 +103,16 @@ class Manifest:
         )
 
     def verify(self, parts: list[bytes | None]) -> bytes | None:
-        """The joined bytes when every part is present with the recorded size and checksum."""
+        """The joined bytes when every part is present with the recorded size and checksum
+        (each part's, then the whole object's)."""
         if len(parts) != self.part_count:
             return None
         present = [p for p in parts if p is not None]
         if len(present) != self.part_count:
             return None
         if [len(p) for p in present] != self.sizes:
+            return None
+        if [hashlib.sha256(p).hexdigest() for p in present] != self.part_sha256:
             return None
         data = b"".join(present)
         return data if hashlib.sha256(data).hexdigest() == self.sha256 else None

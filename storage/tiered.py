@@ -9,18 +9,25 @@ it would hide a failure of record: on `get` from the last tier, and on any opera
 durable tier, it propagates.
 
 TTL: `put` passes `ttl_s` to every tier. A promoted copy cannot know the remaining lifetime of
-the copy it came from, so it gets `promote_ttl_s` (None: no expiry; the context record owns
-expiry and deletes through this store).
+the copy it came from, so it gets `promote_ttl_s` (None: the tier's own default, which for a
+RedisTier built with `default_ttl_s` is still a TTL, so every Redis key expires; the context
+record owns expiry and deletes through this store).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
+
+from redis.asyncio import Redis
 
 from storage._ttl import check_ttl
 from storage.base import Tier, TierUnavailableError, validate_key
+from storage.disk_tier import DiskTier
+from storage.memory_tier import MemoryTier
+from storage.redis_tier import RedisTier
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +145,23 @@ class TieredStore:
     @staticmethod
     def _log_skip(tier: Tier, op: str, key: str, exc: TierUnavailableError) -> None:
         logger.warning("storage tier %r skipped on %s(%r): %s", tier.name, op, key, exc)
+
+
+def build_store(
+    memory_bytes: int,
+    disk_root: Path,
+    redis: Redis | None = None,
+    *,
+    redis_prefix: str = "kvzip:",
+    redis_ttl_s: float | None = None,
+) -> TieredStore:
+    """The standard store: memory LRU -> Redis (when a client is given) -> disk.
+
+    Writes go to disk first, then Redis, then memory; every Redis key carries `redis_ttl_s`
+    (also on copies promoted from disk), so the Redis tier never holds a key forever.
+    """
+    tiers: list[Tier] = [MemoryTier(memory_bytes)]
+    if redis is not None:
+        tiers.append(RedisTier(redis, prefix=redis_prefix, default_ttl_s=redis_ttl_s))
+    tiers.append(DiskTier(disk_root))
+    return TieredStore(tiers)

@@ -9,7 +9,7 @@ from pydantic import ByteSize, ValidationError
 
 import app.settings
 from app.settings import ENV_PREFIX, Settings, settings_table_markdown
-from service.config import CompressionConfig, EngineConfig, ServiceConfig
+from service.config import CompressionConfig, DistributedConfig, EngineConfig, ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_VARS = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
@@ -43,6 +43,15 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_HOST": "0.0.0.0",
         "KVZIP_PORT": "9000",
         "KVZIP_LOG_LEVEL": "debug",
+        "KVZIP_MODE": "distributed",
+        "KVZIP_REDIS_URL": "redis://redis:6379/0",
+        "KVZIP_REDIS_PREFIX": "kvzip-prod:",
+        "KVZIP_WORKER_NAME": "gpu-0",
+        "KVZIP_HEARTBEAT_TTL_S": "5",
+        "KVZIP_CLAIM_IDLE_S": "20",
+        "KVZIP_MAX_DELIVERIES": "4",
+        "KVZIP_REDIS_TTL_S": "3600",
+        "KVZIP_WAIT_TIMEOUT_S": "120",
         "KVZIP_DEFAULT_TTL_SECONDS": "600",
         "KVZIP_MAX_TTL_SECONDS": "86400",
         "KVZIP_MAX_DOCUMENT_TOKENS": "32000",
@@ -73,6 +82,17 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.default_method, settings.default_ratio) == ("none", 0.5)
     assert settings.chunk_size == 1024
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
+    assert settings.to_service_config().distributed == DistributedConfig(
+        redis_url="redis://redis:6379/0",
+        redis_prefix="kvzip-prod:",
+        worker_name="gpu-0",
+        heartbeat_ttl_s=5.0,
+        claim_idle_s=20.0,
+        max_deliveries=4,
+        redis_ttl_s=3600.0,
+        wait_timeout_s=120.0,
+    )
+    assert settings.mode == "distributed"
     assert (settings.default_ttl_seconds, settings.max_ttl_seconds) == (600.0, 86400.0)
     assert (settings.max_document_tokens, settings.max_body_bytes) == (32000, 1024**2)
     assert settings.api_keys == {"sk-team-a-0001": "team-a", "sk-team-b-0002": "team-b"}
@@ -138,6 +158,13 @@ def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, v
         Settings()
 
     assert [error["loc"][0] for error in caught.value.errors()] == [field]
+
+
+def test_distributed_mode_needs_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVZIP_MODE", "distributed")
+
+    with pytest.raises(ValidationError, match="KVZIP_REDIS_URL"):
+        Settings()
 
 
 def test_default_ttl_above_the_maximum_refuses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,6 +72,25 @@ async def test_a_corrupted_part_is_a_miss(redis_env: RedisEnv) -> None:
     assert await redis_env.stored_keys() == []
 
 
+async def test_a_part_failing_its_own_checksum_is_a_miss(redis_env: RedisEnv) -> None:
+    tier = redis_env.tier(part_bytes=1000)
+    await tier.put("ctx", OBJECT)
+    manifest = json.loads(await redis_env.client.get(tier.manifest_key("ctx")))
+    manifest["part_sha256"][2] = "0" * 64
+    await redis_env.client.set(tier.manifest_key("ctx"), json.dumps(manifest))
+    assert await tier.get("ctx") is None
+    assert await redis_env.stored_keys() == []
+
+
+async def test_parts_are_at_most_32_mib_by_default(redis_env: RedisEnv) -> None:
+    tier = RedisTier(redis_env.client, prefix=redis_env.prefix)
+    big = b"\x01" * (32 * 1024 * 1024 + 5)
+    await tier.put("big", big)
+    manifest = json.loads(await redis_env.client.get(tier.manifest_key("big")))
+    assert manifest["sizes"] == [32 * 1024 * 1024, 5]
+    assert await tier.get("big") == big
+
+
 async def test_a_truncated_part_is_a_miss(redis_env: RedisEnv) -> None:
     tier = redis_env.tier(part_bytes=1000)
     await tier.put("ctx", OBJECT)

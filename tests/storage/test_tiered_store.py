@@ -14,6 +14,7 @@ from storage import (
     Tier,
     TieredStore,
     TierUnavailableError,
+    build_store,
 )
 from tests.storage.storage_testing import RedisEnv, make_client
 
@@ -217,3 +218,32 @@ async def test_a_down_redis_still_serves_from_disk(
         await client.aclose()
     assert await disk.get("k") == b"from disk"
     assert "unreachable" in caplog.text
+
+
+@pytest.mark.redis
+async def test_build_store_orders_memory_redis_disk_and_every_redis_key_expires(
+    tmp_path: Path, redis_env: RedisEnv
+) -> None:
+    store = build_store(
+        1 << 20, tmp_path, redis_env.client, redis_prefix=redis_env.prefix, redis_ttl_s=60
+    )
+    assert [t.name for t in store.tiers] == ["memory", "redis", "disk"]
+    assert store.durable.name == "disk"
+    await store.put("written", b"w" * 100)
+    await store.tier("disk").put("on-disk-only", b"d" * 100)
+    assert await store.get("on-disk-only") == b"d" * 100  # promoted into Redis and memory
+    keys = await redis_env.stored_keys()
+    assert len(keys) == 4  # a part and a manifest per object
+    ttls = [await redis_env.client.pttl(k) for k in keys]
+    assert all(50_000 < t <= 60_000 for t in ttls), ttls
+
+
+@pytest.mark.redis
+async def test_a_flushed_redis_tier_is_refilled_from_disk(
+    tmp_path: Path, redis_env: RedisEnv
+) -> None:
+    store = build_store(0, tmp_path, redis_env.client, redis_prefix=redis_env.prefix)
+    await store.put("ctx", b"c" * 3000)
+    await redis_env.client.unlink(*await redis_env.stored_keys())  # FLUSH of the cache tier
+    assert await store.get("ctx") == b"c" * 3000
+    assert await store.tier("redis").get("ctx") == b"c" * 3000

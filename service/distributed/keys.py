@@ -1,0 +1,63 @@
+"""Every Redis key of the distributed mode, under one prefix (`KVZIP_REDIS_PREFIX`).
+
+{p}jobs:ingest, {p}jobs:query   job streams, consumer group "workers"
+{p}jobs:dead                    dead-letter stream (jobs delivered too often)
+{p}ctx:<id>                     a context record (JSON); expires with the context
+{p}index, {p}index:<tenant>     listing order (sorted sets, score = create time)
+{p}expiry                       when each context's bytes may be purged (sorted set)
+{p}events                       READY / FAILED transitions (capped stream)
+{p}workers, {p}worker:<name>    worker names; each worker's heartbeat (key with a TTL)
+{p}reply:<request>              one query's answer, token by token (stream with a TTL)
+{p}cancel:<request>             set when the asker went away (key with a TTL)
+{p}blob:<key>:...               the Redis tier (storage.RedisTier), chunked blobs
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "kvzip:"
+
+    def stream(self, kind: str) -> str:
+        return f"{self.prefix}jobs:{kind}"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}jobs:dead"
+
+    def context(self, context_id: str) -> str:
+        return f"{self.prefix}ctx:{context_id}"
+
+    @property
+    def index_all(self) -> str:
+        return f"{self.prefix}index"
+
+    def index(self, tenant: str) -> str:
+        return f"{self.prefix}index:{hashlib.sha256(tenant.encode()).hexdigest()[:16]}"
+
+    @property
+    def expiry(self) -> str:
+        return f"{self.prefix}expiry"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}worker:{worker}"
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.prefix}reply:{request_id}"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.prefix}cancel:{request_id}"

@@ -1,0 +1,65 @@
+"""`run_worker(config)`: the worker process of distributed mode (`kvzip worker`).
+
+Loads the model once, joins the consumer group on the Redis at `config.distributed.
+redis_url`, and serves ingest and query jobs until SIGTERM or SIGINT (the job in progress
+is finished first; one that outlives the process is taken over by another worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from service.config import ServiceConfig
+from service.distributed.executor import EngineExecutor, build_shared_store
+from service.distributed.heartbeat import default_worker_name
+from service.distributed.keys import RedisKeys
+from service.distributed.worker import StreamWorker
+from service.engine import KVzipEngine
+from storage import redis_client
+
+log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 10.0  # > the blocking read (0.5 s) and enough for a 32 MiB part
+
+
+def run_worker(config: ServiceConfig) -> None:
+    """Serve jobs until SIGTERM/SIGINT (blocking; the process's one event loop)."""
+    asyncio.run(serve(config))
+
+
+async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> None:
+    """The worker on this event loop, until `stop` is set (or a signal arrives)."""
+    distributed = config.distributed
+    if not distributed.redis_url:
+        raise ValueError("a worker needs a Redis URL (KVZIP_REDIS_URL)")
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    name = distributed.worker_name or default_worker_name(config.engine.device)
+    log.info("worker %s: loading %s", name, config.engine.model)
+    engine = await asyncio.to_thread(KVzipEngine.load, config.engine)
+    client = redis_client(distributed.redis_url, timeout_s=REDIS_TIMEOUT_S, retries=1)
+    executor = EngineExecutor(config, engine, build_shared_store(config, client))
+    await executor.start()
+    worker = StreamWorker(
+        client,
+        RedisKeys(distributed.redis_prefix),
+        distributed,
+        executor,
+        name,
+        sweep_interval_s=config.sweep_interval_s,
+    )
+    try:
+        await worker.run(stop)
+    finally:
+        await executor.close()
+        await client.aclose()
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
