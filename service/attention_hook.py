@@ -19,13 +19,18 @@ ATTENTION_NAME = "kvzip"
 
 
 def _tail_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVzipCache | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: KVzipCache | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Hq, T, d) over the tail -> out (B, Hq, T, d), lse (B, Hq, T)."""
     if isinstance(cache, StaticKVzipCache):
         return static_tail_attention(query, key, value, cache.length, scale)
-    parts = [backends.causal_attention(query[b], key[b], value[b], scale) for b in range(len(query))]
+    parts = [
+        backends.causal_attention(query[b], key[b], value[b], scale) for b in range(len(query))
+    ]
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
@@ -36,7 +41,9 @@ def _context_attention(
     every context key precedes every query). -> out (B, Hq, T, d), lse (B, Hq, T)."""
     b, hq, t, d = query.shape
     folded = query.permute(1, 0, 2, 3).reshape(hq, b * t, d)
-    out, lse = backends.ragged_attention(folded, context.keys, context.values, context.cu_lens, scale)
+    out, lse = backends.ragged_attention(
+        folded, context.keys, context.values, context.cu_lens, scale, context.max_len
+    )
     return out.view(hq, b, t, d).permute(1, 0, 2, 3), lse.view(hq, b, t).permute(1, 0, 2)
 
 
@@ -57,6 +64,19 @@ def kvzip_attention(
     context = None
     if kvzip_cache is not None and kvzip_cache.context is not None:
         context = kvzip_cache.context.layers[layer_idx]
+    if isinstance(kvzip_cache, StaticKVzipCache) and context is not None:
+        fused = backends.fused_static_decode(
+            query,
+            context.keys,
+            context.values,
+            context.cu_lens,
+            key,
+            value,
+            kvzip_cache.length,
+            scale,
+        )
+        if fused is not None:
+            return fused.transpose(1, 2).contiguous(), None
     out, lse = _tail_attention(query, key, value, kvzip_cache, scale)
     lse_c = None
     if context is not None:
@@ -64,8 +84,13 @@ def kvzip_attention(
         out = backends.merge_partials(out_c, lse_c, out, lse)
     if kvzip_cache is not None and kvzip_cache.scorer is not None:
         kvzip_cache.scorer.observe(  # type: ignore[attr-defined]
-            layer_idx, query[0], context, key[0], scale,
-            None if lse_c is None else lse_c[0], lse[0],
+            layer_idx,
+            query[0],
+            context,
+            key[0],
+            scale,
+            None if lse_c is None else lse_c[0],
+            lse[0],
         )
     return out.transpose(1, 2).contiguous(), None
 

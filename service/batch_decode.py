@@ -36,10 +36,14 @@ class BatchDecoder:
         self.max_new_tokens = max_new_tokens
         device = model.device
         self.cache = StaticKVzipCache(
-            context, cfg.num_hidden_layers, len(prompts),
+            context,
+            cfg.num_hidden_layers,
+            len(prompts),
             max(len(p) for p in prompts) + max_new_tokens + 1,
-            cfg.num_key_value_heads, getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
-            model.dtype, device,
+            cfg.num_key_value_heads,
+            getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
+            model.dtype,
+            device,
         )
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.ids = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)

@@ -13,22 +13,22 @@ import json
 import struct
 
 import torch
-from safetensors.torch import load, save
 
 from service.errors import CorruptContextError, IncompatibleContextError
 from service.identity import FORMAT_VERSION, ModelIdentity
 from service.kvcache import CompressedContext, RaggedLayer
+from service.tensor_blob import pack, unpack
 
 _FIELDS = ("keys", "values", "cu_lens", "scores", "positions")
 
 
 def encode(context: CompressedContext, identity: ModelIdentity) -> bytes:
     """CompressedContext -> safetensors bytes (tensors copied to the CPU)."""
-    tensors = {"context_ids": context.context_ids.to(torch.int32).cpu().contiguous()}
+    tensors = {"context_ids": context.context_ids.to(torch.int32)}
     for i, layer in enumerate(context.layers):
         for field in _FIELDS:
-            tensors[f"layers.{i}.{field}"] = getattr(layer, field).cpu().contiguous()
-    return save(tensors, metadata=_metadata(context, identity))
+            tensors[f"layers.{i}.{field}"] = getattr(layer, field)
+    return pack(tensors, _metadata(context, identity))
 
 
 def _metadata(context: CompressedContext, identity: ModelIdentity) -> dict[str, str]:
@@ -86,7 +86,7 @@ def decode(
     meta = read_metadata(data)
     check_compatible(meta, identity)
     try:
-        tensors = load(data)
+        tensors = unpack(data, device)
         layers = tuple(_layer(tensors, i, device, dtype) for i in range(int(meta["n_layers"])))
         return CompressedContext(
             layers=layers,
@@ -97,7 +97,7 @@ def decode(
             chunk_size=int(meta["chunk_size"]),
             created_at=float(meta["created_at"]),
         )
-    except (KeyError, ValueError, RuntimeError) as exc:
+    except (KeyError, ValueError, RuntimeError, TypeError, struct.error) as exc:
         raise CorruptContextError(f"stored context is incomplete or broken: {exc}") from exc
 
 

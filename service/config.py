@@ -37,7 +37,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "auto"
-    prefill_chunk_tokens: int = 4096
+    prefill_chunk_tokens: int = 16000
     question_reserve_tokens: int = 384
 
 

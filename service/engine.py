@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import backends
 from service.attention_hook import register
+from service.batch_decode import BatchDecoder
 from service.config import CompressionConfig, EngineConfig
 from service.errors import InvalidInputError
 from service.generation import generate, prefill
@@ -133,7 +134,7 @@ class KVzipEngine:
 
     def prefill_context(self, doc: Document, compression: CompressionConfig) -> CompressedContext:
         """Dense prefill of prefix + context into an all-kept context (scores 0, prefix +inf)."""
-        cache = KVzipCache(None, self.n_layers)
+        cache = KVzipCache(None, self.n_layers, capacity=len(doc.all_ids))
         prefill(self.model, doc.all_ids, cache, self.config.prefill_chunk_tokens)
         s = len(doc.prefix_ids)
         layers = []
@@ -178,8 +179,28 @@ class KVzipEngine:
         self, context: CompressedContext, prompt_ids: list[int], params: SamplingParams
     ) -> Iterator[int]:
         """Answer token ids for `prompt_ids` (question + postfix) after the context."""
+        if self.model.device.type == "cuda":  # static tail + CUDA-graph decode steps
+            return (
+                row[0]
+                for row in self.generate_batch(context, [prompt_ids], params)
+                if row[0] is not None
+            )
         cache = KVzipCache(context, self.n_layers)
         return generate(self.model, cache, prompt_ids, params, self.eos_ids)
+
+    def generate_batch(
+        self,
+        context: CompressedContext,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        use_graph: bool | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Decode several prompts over one context together; one token list per step."""
+        decoder = BatchDecoder(
+            self.model, context, prompts, params.max_new_tokens, self.eos_ids, use_graph
+        )
+        with torch.inference_mode():
+            yield from decoder.run(params)
 
 
 def _with_context_scores(layer: RaggedLayer, scores: torch.Tensor, prefix_len: int) -> RaggedLayer:

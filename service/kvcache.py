@@ -11,6 +11,7 @@ context is never written; the tail grows. Nothing is rolled back after a request
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +40,11 @@ class RaggedLayer:
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
+
+    @functools.cached_property
+    def max_len(self) -> int:
+        """The longest KV head (one device read, then cached: the layer is immutable)."""
+        return int(self.lens.max()) if self.n_heads else 0
 
     def head(self, h: int) -> slice:
         """Row range of KV head h in keys/values/scores/positions."""
@@ -180,7 +186,10 @@ class KVzipCache(Cache):
             raise ValueError(f"tail capacity {self.capacity} exceeded ({end} tokens)")
         keys[:, :, start:end] = key_states
         values[:, :, start:end] = value_states
-        self.tail_keys[layer_idx], self.tail_values[layer_idx] = keys[:, :, :end], values[:, :, :end]
+        self.tail_keys[layer_idx], self.tail_values[layer_idx] = (
+            keys[:, :, :end],
+            values[:, :, :end],
+        )
         return keys[:, :, :end], values[:, :, :end]
 
     def tail_len(self, layer_idx: int = 0) -> int:

@@ -60,7 +60,7 @@ def _local_lse(
     h, c, d = context_k.shape
     flat = context_k.reshape(h * c, d)
     cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
-    _, lse_ctx = backends.ragged_attention(q, flat, flat, cu, scale)
+    _, lse_ctx = backends.ragged_attention(q, flat, flat, cu, scale, c)
     _, lse_tail = backends.causal_attention(q, tail_k, tail_k, scale)
     return torch.logaddexp(lse_ctx, lse_tail)
 
@@ -73,7 +73,7 @@ def _prefix_chunk_lse(
     h, c, d = part.shape
     flat = part.reshape(h * c, d)
     cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
-    return backends.ragged_attention(q, flat, flat, cu, scale)[1]
+    return backends.ragged_attention(q, flat, flat, cu, scale, c)[1]
 
 
 class ChunkScorer:

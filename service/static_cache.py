@@ -41,12 +41,14 @@ class StaticKVzipCache(KVzipCache):
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, H, T, d) at each row's current length; return the whole buffers."""
-        t = key_states.shape[2]
-        idx = self.length.unsqueeze(1) + torch.arange(t, device=key_states.device)  # (B, T)
+        b, h, t, d = key_states.shape
+        idx = self.length.view(b, 1, 1, 1) + torch.arange(t, device=key_states.device).view(
+            1, 1, t, 1
+        )
+        idx = idx.expand(b, h, t, d)  # one scatter per tensor, whatever the batch
         keys, values = self.tail_keys[layer_idx], self.tail_values[layer_idx]
-        for b in range(keys.shape[0]):
-            keys[b].index_copy_(1, idx[b], key_states[b])
-            values[b].index_copy_(1, idx[b], value_states[b])
+        keys.scatter_(2, idx, key_states)
+        values.scatter_(2, idx, value_states)
         return keys, values
 
     def row(self, b: int) -> StaticKVzipCache:

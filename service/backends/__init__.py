@@ -57,10 +57,18 @@ def active_backend() -> str:
 
 
 def ragged_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_lens: torch.Tensor,
+    scale: float,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (Hq, T, d) over keys/values (N, d), cu_lens (H+1,) -> out (Hq, T, d), lse (Hq, T)."""
-    return _BACKENDS[_active][0](q, keys, values, cu_lens, scale)
+    """q (Hq, T, d) over keys/values (N, d), cu_lens (H+1,) -> out (Hq, T, d), lse (Hq, T).
+
+    max_len: the longest head, when the caller knows it (lets a backend skip a sync).
+    """
+    return _BACKENDS[_active][0](q, keys, values, cu_lens, scale, max_len)
 
 
 def causal_attention(
@@ -68,6 +76,27 @@ def causal_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Hq, T, d) over k/v (H, S, d), bottom-right causal -> out (Hq, T, d), lse (Hq, T)."""
     return _BACKENDS[_active][1](q, k, v, scale)
+
+
+def fused_static_decode(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_lens: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    length: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """Decode-step attention over context + static tail, fused, when the backend has it.
+
+    q (B, Hq, T, d); tail_k/v (B, H, C, d); length (B,). Returns (B, Hq, T, d) or None.
+    """
+    if _active != "cuda":
+        return None
+    from service.backends import cuda
+
+    return cuda.fused_static_decode(q, keys, values, cu_lens, tail_k, tail_v, length, scale)
 
 
 def merge_partials(

@@ -17,7 +17,12 @@ def _softmax_with_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def ragged_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_lens: torch.Tensor,
+    scale: float,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a ragged per-head context (no mask: every context key precedes q).
 

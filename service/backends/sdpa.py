@@ -51,7 +51,12 @@ def causal_attention(
 
 
 def ragged_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cu_lens: torch.Tensor,
+    scale: float,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Hq, T, d) over ragged keys/values (N, d) -> out (Hq, T, d), lse (Hq, T)."""
     if q.device.type != "cpu":

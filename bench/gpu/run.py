@@ -1,0 +1,239 @@
+"""GPU speed benchmark on a Llama-3.1-8B-shaped model with random bf16 weights.
+
+    python -m bench.gpu.run --lengths 8192 32768 131072 --out bench/results/gpu.json
+
+Measures, side by side in one run (ratios, not absolute numbers, are the result):
+ingest (prefill + KVzip scoring + selection + serialisation) / plain transformers prefill;
+per-token decode latency at ratios 1.0 / 0.3 / 0.1 (static tail + CUDA graph) next to
+transformers' own decode (DynamicCache + sdpa) and next to the bandwidth floor
+(weights + kept KV bytes) / measured device-to-device copy bandwidth; time to first token
+from a GPU-resident context, from disk, and by re-prefilling; decode throughput with 1, 4
+and 16 concurrent requests; peak GPU memory and stored bytes per context token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from service import codec
+from service.config import CompressionConfig, EngineConfig
+from service.engine import Document, KVzipEngine
+from service.selection import select
+from service.types import SamplingParams
+
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=135168,
+    tie_word_embeddings=False,
+)
+
+
+def sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        t0 = sync_time()
+        dst.copy_(src)
+        times.append(sync_time() - t0)
+    del src, dst
+    return 2 * 2 * 1024**3 / statistics.median(times[5:])
+
+
+def build_engine(tokenizer_dir: str) -> KVzipEngine:
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B)).eval()
+    torch.set_default_dtype(torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = EngineConfig(device="cuda", dtype="bfloat16", prefill_chunk_tokens=16000)
+    engine = KVzipEngine(model, tokenizer, "llama-3.1-8b-shaped-random", config)
+    engine.eos_ids = set()  # random weights: never stop early
+    return engine
+
+
+def plain_prefill(model, ids: list[int]):
+    """transformers' own prefill (sdpa + DynamicCache); returns (seconds, cache)."""
+    model.set_attn_implementation("sdpa")
+    x = torch.tensor([ids], device="cuda")
+    with torch.inference_mode():
+        model(x[:, :512], logits_to_keep=1)  # warm-up
+        t0 = sync_time()
+        out = model(x, use_cache=True, logits_to_keep=1)
+        seconds = sync_time() - t0
+    model.set_attn_implementation("kvzip")
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    return seconds, cache, out.logits[:, -1]
+
+
+def hf_decode_ms(model, cache, first: torch.Tensor, start: int, steps: int = 24) -> float:
+    """transformers' full-cache decode, one token at a time: median ms/token."""
+    model.set_attn_implementation("sdpa")
+    token = first.argmax(-1, keepdim=True)
+    times = []
+    kw = "past_key_values" if "past_key_values" in model.forward.__code__.co_varnames else "cache"
+    with torch.inference_mode():
+        for i in range(steps):
+            t0 = sync_time()
+            out = model(
+                token,
+                position_ids=torch.tensor([[start + i]], device="cuda"),
+                use_cache=True,
+                **{kw: cache},
+            )
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(sync_time() - t0)
+    model.set_attn_implementation("kvzip")
+    return 1000 * statistics.median(times[4:])
+
+
+def decode_steps(engine, ctx, prompts, steps: int) -> tuple[float, float]:
+    """(first-token seconds, median seconds per later step) for a batch of prompts."""
+    stamps = []
+    t0 = sync_time()
+    for _ in engine.generate_batch(ctx, prompts, SamplingParams(max_new_tokens=steps)):
+        stamps.append(time.perf_counter())
+    deltas = [b - a for a, b in zip(stamps[2:], stamps[3:], strict=False)]  # after capture
+    return stamps[0] - t0, statistics.median(deltas) if deltas else float("nan")
+
+
+def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    ids = torch.randint(100, 49000, (n,), generator=gen).tolist()
+    prefix = list(engine.encode_document("x").prefix_ids)
+    doc = Document(prefix, ids[: n - len(prefix)])
+    prompt = torch.randint(100, 49000, (24,), generator=gen).tolist()
+    row: dict = {"tokens": n}
+
+    prefill_s, hf_cache, hf_logits = plain_prefill(engine.model, doc.all_ids)
+    row["plain_prefill_s"] = prefill_s
+    row["hf_decode_ms"] = hf_decode_ms(engine.model, hf_cache, hf_logits, len(doc.all_ids))
+    del hf_cache
+    torch.cuda.empty_cache()
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = sync_time()
+    full = engine.ingest(doc, CompressionConfig("kvzip", 1.0))  # prefill + scoring (+ keep-all)
+    t_full = sync_time() - t0
+    timings = engine.last_timings
+    t0 = sync_time()
+    ctx = select(full, 0.3)
+    t_select = sync_time() - t0
+    t0 = time.perf_counter()
+    blob = codec.encode(ctx, engine.identity)
+    t_encode = time.perf_counter() - t0
+    ingest = timings.prefill_s + timings.scoring_s + t_select + t_encode
+    row.update(
+        ingest_s=ingest,
+        ingest_over_prefill=ingest / prefill_s,
+        our_prefill_s=timings.prefill_s,
+        scoring_s=timings.scoring_s,
+        select_s=t_select,
+        encode_s=t_encode,
+        ingest_call_s=t_full,
+        peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30,
+        peak_over_weights_gib=(torch.cuda.max_memory_allocated() - weight_bytes) / 2**30,
+        stored_bytes_per_token=len(blob) / doc.context_ids.__len__(),
+        stored_over_full_kv=len(blob) / full.nbytes,
+    )
+    for ratio in (1.0, 0.3, 0.1):
+        c = full if ratio == 1.0 else select(full, ratio)
+        _, step = decode_steps(engine, c, [prompt], 40)
+        floor = (weight_bytes + c.nbytes) / bw
+        row[f"decode_ms_r{ratio}"] = 1000 * step
+        row[f"floor_ms_r{ratio}"] = 1000 * floor
+        row[f"decode_over_floor_r{ratio}"] = step / floor
+    row["r0.3_over_full_latency"] = row["decode_ms_r0.3"] / row["decode_ms_r1.0"]
+
+    ttft_resident, _ = decode_steps(engine, ctx, [prompt], 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ctx.safetensors"
+        path.write_bytes(blob)
+        os.sync()
+        t0 = sync_time()
+        loaded = codec.decode(path.read_bytes(), engine.identity, "cuda", torch.bfloat16)
+        t_load = sync_time() - t0
+        first, _ = decode_steps(engine, loaded, [prompt], 3)
+        ttft_disk = t_load + first  # read + decode to the GPU + first token
+    row.update(
+        ttft_resident_s=ttft_resident,
+        ttft_disk_s=ttft_disk,
+        ttft_reprefill_s=prefill_s + ttft_resident,
+        ttft_disk_over_reprefill=ttft_disk / (prefill_s + ttft_resident),
+    )
+    for batch in (1, 4, 16):
+        prompts = [torch.randint(100, 49000, (24,), generator=gen).tolist() for _ in range(batch)]
+        _, step = decode_steps(engine, ctx, prompts, 40)
+        row[f"tokens_per_s_b{batch}"] = batch / step
+    row["throughput_16_over_1"] = row["tokens_per_s_b16"] / row["tokens_per_s_b1"]
+    del full, ctx, blob
+    torch.cuda.empty_cache()
+    return row
+
+
+def profile_ingest(engine: KVzipEngine, n: int) -> None:
+    """Top CUDA kernels of one warm KVzip ingest (prefill + scoring) of n tokens."""
+    ids = torch.randint(100, 49000, (n,)).tolist()
+    doc = Document(list(engine.encode_document("x").prefix_ids), ids)
+    engine.ingest(doc, CompressionConfig("kvzip", 0.3))  # warm-up
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    ) as prof:
+        engine.ingest(doc, CompressionConfig("kvzip", 0.3))
+        torch.cuda.synchronize()
+    print(engine.last_timings)
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--tokenizer", default="bench/.cache/tokenizer")
+    parser.add_argument("--out", default="bench/results/gpu.json")
+    parser.add_argument("--profile", type=int, default=0, help="profile one ingest of N tokens")
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    engine = build_engine(args.tokenizer)
+    if args.profile:
+        profile_ingest(engine, args.profile)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_bandwidth_tb_s": bw / 1e12,
+        "weight_gb": weight_bytes / 1e9,
+        "rows": [],
+    }
+    for n in args.lengths:
+        result["rows"].append(bench_length(engine, n, bw, weight_bytes))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["rows"][-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
