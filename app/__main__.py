@@ -1,21 +1,30 @@
-"""`python -m app`: serve the embedded service on KVZIP_HOST:KVZIP_PORT."""
+"""`python -m app` (or `kvzip serve`): serve the service on KVZIP_HOST:KVZIP_PORT."""
 
 from __future__ import annotations
 
 import uvicorn
 
+from app.logs import configure_logging
+from app.main import create_app
 from app.settings import Settings
 
 
-def main() -> None:
-    settings = Settings()
+def serve(settings: Settings | None = None) -> None:
+    """Configure logging (text or JSON), then run uvicorn on the app until stopped."""
+    settings = settings if settings is not None else Settings()
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
-        "app.main:create_app",
-        factory=True,
+        create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep the handler configure_logging installed
+        access_log=False,  # app.middleware logs each request, with its request id
     )
+
+
+def main() -> None:
+    serve()
 
 
 if __name__ == "__main__":

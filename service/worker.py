@@ -72,10 +72,12 @@ class EngineWorker:
                 if isinstance(item, BaseException):
                     raise item
                 yield item  # type: ignore[misc]
-        finally:
+        finally:  # no await here: a cancelled caller may be cancelled again at any await
             cancelled.set()
-            await asyncio.shield(job)
-            self._admitted -= 1
+            job.add_done_callback(self._release)  # the slot frees when the thread lets go
+
+    def _release(self, _job: object = None) -> None:
+        self._admitted -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -9,11 +9,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -118,8 +124,15 @@ class FakeContextService:
         return self.contexts[context_id]
 
     async def get_context(self, context_id: str, tenant: str = "") -> ContextInfo:
+        """A PROCESSING context advances by half its remaining way on every read."""
         self._enter("get_context")
-        return self._find(context_id, tenant)
+        info = self._find(context_id, tenant)
+        if info.state == "PROCESSING":
+            progress = info.progress + 0.5
+            state = "READY" if progress >= 1.0 else "PROCESSING"
+            info = replace(info, state=state, progress=min(progress, 1.0))
+            self.contexts[context_id] = info
+        return info
 
     async def delete_context(self, context_id: str, tenant: str = "") -> None:
         self._enter("delete_context")
@@ -180,6 +193,28 @@ class FakeContextService:
             yield QueryEvent(result=self._result(info, request, "".join(ANSWER_WORDS)))
         finally:
             self.stream_closed = self.stream_closed or not finished
+
+
+@contextmanager
+def serving(application: FastAPI) -> Iterator[str]:
+    """Run `application` under a real uvicorn server on a free port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 @pytest.fixture(autouse=True)

