@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv serve test test-fast lint bench-quality clean
+.PHONY: venv serve test test-fast schemathesis lint bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,15 @@ test: venv lint  ## the whole suite (CI runs this)
 test-fast: venv  ## everything but the tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
+schemathesis: venv  ## Schemathesis vs the OpenAPI schema on a tiny model (EXAMPLES per operation)
+	$(BIN)/python -m tests.fuzz.run --max-examples $(or $(EXAMPLES),40) $(ARGS)
+
 lint: venv
 	$(BIN)/ruff check app service storage tests bench
 	$(BIN)/mypy
+
+bench-quality: venv  ## quality grid on CPU -> docs/quality.md (ARGS=--quick: minutes; ARGS="--device cuda")
+	$(BIN)/python -m bench.quality $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,10 +9,10 @@ from fastapi import Depends, Path, Request
 
 from app.schemas import CONTEXT_ID_EXAMPLE, CONTEXT_ID_PATTERN
 from app.settings import Settings
-from service.errors import ContextNotFoundError, EngineUnavailableError
+from service.errors import ContextNotFoundError, EngineUnavailableError, InvalidInputError
 from service.facade import ContextService
 
-__all__ = ["ContextIdDep", "ServiceDep", "SettingsDep"]
+__all__ = ["ContextIdDep", "ServiceDep", "SettingsDep", "require_text"]
 
 _CONTEXT_ID = re.compile(CONTEXT_ID_PATTERN)
 
@@ -43,6 +43,21 @@ def valid_context_id(
     if not _CONTEXT_ID.fullmatch(context_id):
         raise ContextNotFoundError(context_id)
     return context_id
+
+
+def require_text(field: str, value: str | None, *, blank_ok: bool = False) -> None:
+    """400 for text the model cannot take: only whitespace, or not valid Unicode (a lone
+    UTF-16 surrogate that JSON allowed through)."""
+    if value is None:
+        return
+    if not blank_ok and not value.strip():
+        raise InvalidInputError(f"{field} is empty or whitespace only")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{field} is not valid Unicode (character {exc.start} is a lone surrogate)"
+        ) from exc
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

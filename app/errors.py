@@ -159,11 +159,27 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return error_response(422, "invalid_request", message, detail=jsonable_encoder(errors))
 
 
+def _allowed_methods(request: Request) -> str:
+    """The methods the OpenAPI document declares at this path (Starlette's 405 names only
+    the first route's)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     code = _HTTP_CODES.get(exc.status_code, phrase)
-    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
 
 async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:

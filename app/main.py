@@ -16,6 +16,7 @@ from app import __version__
 from app.auth import RateLimiter, log_access_mode
 from app.errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.openapi import install_openapi
 from app.routes import contexts, health, openai
 from app.settings import Settings
 from service.facade import ContextService
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
     app.include_router(health.router)
     app.include_router(contexts.router)
     app.include_router(openai.router)
+    install_openapi(app, settings)
     return app
 
 

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.schemas import CONTEXT_ID_EXAMPLE, CONTEXT_ID_PATTERN, PromptTokensDetails
+from app.schemas import (
+    CONTEXT_ID_EXAMPLE,
+    CONTEXT_ID_PATTERN,
+    JsonInt,
+    PromptTokensDetails,
+    Seed,
+    integral,
+)
 from service.types import QueryResult
 
 __all__ = [
@@ -52,6 +59,7 @@ class StreamOptions(BaseModel):
 
 
 StopText = Annotated[str, Field(min_length=1, max_length=256)]
+TokenCount = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 
 
 class ChatCompletionCreate(BaseModel):
@@ -63,6 +71,7 @@ class ChatCompletionCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="ignore",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -89,15 +98,15 @@ class ChatCompletionCreate(BaseModel):
         description="The compressed context to answer from (`extra_body` in OpenAI clients).",
         examples=[CONTEXT_ID_EXAMPLE],
     )
-    max_tokens: int | None = Field(default=None, ge=1, description="Default 128.")
-    max_completion_tokens: int | None = Field(
-        default=None, ge=1, description="Alias of max_tokens (wins when both are given)."
+    max_tokens: TokenCount | None = Field(default=None, description="Default 128.")
+    max_completion_tokens: TokenCount | None = Field(
+        default=None, description="Alias of max_tokens (wins when both are given)."
     )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     stop: StopText | list[StopText] | None = Field(default=None)
-    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    n: JsonInt = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from service.types import CompressionStats, ContextInfo, QueryResult
 
@@ -18,7 +19,24 @@ CONTEXT_ID_EXAMPLE = "ctx_5f2b8c0e9a7d4b1c8e3f6a2d0b9c7e41"
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, and so are values of the wrong JSON type (`"wait": 0`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def integral(value: Any) -> Any:
+    """8.0 is the integer 8 in JSON (and JSON Schema); strict mode alone would refuse it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(integral)]
+"""An integer that also accepts its integral float spelling (8.0), and nothing else."""
+
+LaxDatetime = Annotated[datetime, Field(strict=False)]
+"""A datetime that JSON carries as an RFC 3339 string (strict mode would want an object)."""
+
+MIN_TTL_SECONDS = 60
+"""The shortest lifetime a request may ask for (a context must outlive its first questions)."""
 
 
 # --- contexts ------------------------------------------------------------------------------
@@ -78,11 +96,11 @@ class ContextCreate(RequestModel):
     )
     ttl_seconds: float | None = Field(
         default=None,
-        gt=0,
+        ge=MIN_TTL_SECONDS,
         description=(
-            "Lifetime in seconds (the server's default, 1 hour, when left out; at most the "
-            "server's max_ttl_seconds). Registering the same document again keeps it alive "
-            "at least this long."
+            "Lifetime in seconds, at least 60 (the server's default, 1 hour, when left out; at "
+            "most the server's max_ttl_seconds). Registering the same document again keeps it "
+            "alive at least this long."
         ),
         examples=[3600],
     )
@@ -112,10 +130,10 @@ class ContextCreate(RequestModel):
 class ContextUpdate(RequestModel):
     """A new expiry: exactly one of `ttl_seconds` (from now) or `expire_time`."""
 
-    ttl_seconds: float | None = Field(
-        default=None, gt=0, description="Seconds from now.", examples=[7200]
+    ttl_seconds: Annotated[float, Field(ge=MIN_TTL_SECONDS)] | SkipJsonSchema[None] = Field(
+        default=None, description="Seconds from now, at least 60.", examples=[7200]
     )
-    expire_time: datetime | None = Field(
+    expire_time: LaxDatetime | SkipJsonSchema[None] = Field(
         default=None,
         description="RFC 3339 instant in the future (UTC when no offset is given).",
         examples=["2030-01-01T00:00:00Z"],
@@ -123,7 +141,8 @@ class ContextUpdate(RequestModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"ttl_seconds": 7200}, {"expire_time": "2030-01-01T00:00:00Z"}]
+            "oneOf": [{"required": ["ttl_seconds"]}, {"required": ["expire_time"]}],
+            "examples": [{"ttl_seconds": 7200}, {"expire_time": "2030-01-01T00:00:00Z"}],
         }
     )
 
@@ -242,13 +261,16 @@ def _utc(moment: datetime) -> datetime:
 
 
 StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_SEED = 2**53 - 1
+"""The largest seed (exact in every JSON implementation)."""
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(integral)]
 
 
 class QueryCreate(RequestModel):
     """A question about one context."""
 
     question: str = Field(min_length=1, examples=["What is the pass key?"])
-    max_new_tokens: int = Field(
+    max_new_tokens: JsonInt = Field(
         default=128,
         ge=1,
         description="Most tokens to generate; at most the server's max_new_tokens_limit.",
@@ -274,10 +296,8 @@ class QueryCreate(RequestModel):
         description="Nucleus sampling mass (used when temperature > 0).",
         examples=[0.9],
     )
-    seed: int | None = Field(
+    seed: Seed | None = Field(
         default=None,
-        ge=0,
-        le=2**63 - 1,
         description="Makes sampling repeatable.",
         examples=[1234],
     )
@@ -290,7 +310,7 @@ class QueryCreate(RequestModel):
     stream: bool = Field(
         default=False,
         description=(
-            "true: Server-Sent Events, one `data: {\"delta\": ...}` per text chunk, then one "
+            'true: Server-Sent Events, one `data: {"delta": ...}` per text chunk, then one '
             "event with the full answer, usage and timings, then `data: [DONE]`."
         ),
     )

@@ -19,11 +19,26 @@ from app.errors import error_code, status_of
 from app.schemas import ErrorBody, ErrorPublic
 from service.errors import ServiceError
 
-__all__ = ["DONE", "EventStreamResponse", "aclose", "error_event", "event"]
+__all__ = ["DONE", "EVENT_SCHEMA", "EventStreamResponse", "aclose", "error_event", "event"]
 
 logger = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "data": {
+            "type": "string",
+            "description": "JSON: a text chunk, the final answer with usage, or an error; "
+            "then `[DONE]`.",
+        },
+    },
+    "description": "One Server-Sent Event (`data: <json>` and a blank line).",
+}
+"""The OpenAPI schema of one event of a `text/event-stream` response."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

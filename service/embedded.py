@@ -464,7 +464,7 @@ class EmbeddedContextService:
         record = await self._require(context_id, request.tenant)
         if not request.question.strip():
             raise InvalidInputError("question must contain at least one non-whitespace character")
-        _check_sampling(request.sampling)
+        sampling = _checked_sampling(request.sampling)
         if request.ratio is not None and request.ratio > record.ratio + 1e-9:
             raise InvalidInputError(
                 f"ratio must be <= the context's stored ratio ({record.ratio}). "
@@ -477,9 +477,9 @@ class EmbeddedContextService:
             ctx = await self.worker.run(engine.reselect, ctx, request.ratio)
         load_s = time.perf_counter() - t0
         prompt = await asyncio.to_thread(self._question_ids, record.system, request.question)
-        self._check_query(ctx, prompt, request.sampling.max_new_tokens)
+        self._check_query(ctx, prompt, sampling.max_new_tokens)
         tokens: list[int] = []
-        generation = self.worker.stream(lambda: engine.generate(ctx, prompt, request.sampling))
+        generation = self.worker.stream(lambda: engine.generate(ctx, prompt, sampling))
         async with contextlib.aclosing(generation):  # closed early: the engine stops too
             async for token in generation:
                 tokens.append(token)
@@ -542,13 +542,20 @@ class EmbeddedContextService:
         return result
 
 
-def _check_sampling(sampling: SamplingParams) -> None:
+MIN_TEMPERATURE = 1e-5
+"""Below this, sampling is greedy decoding (its limit); logits / T would overflow float32."""
+
+
+def _checked_sampling(sampling: SamplingParams) -> SamplingParams:
     if sampling.max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be >= 1. Given: {sampling.max_new_tokens}")
     if sampling.temperature < 0:
         raise InvalidInputError(f"temperature must be >= 0. Given: {sampling.temperature}")
     if not 0 < sampling.top_p <= 1:
         raise InvalidInputError(f"top_p must be in (0, 1]. Given: {sampling.top_p}")
+    if 0 < sampling.temperature < MIN_TEMPERATURE:
+        return replace(sampling, temperature=0.0)
+    return sampling
 
 
 def _observe_ingest(timings: object, store_s: float, record: ContextRecord) -> None:

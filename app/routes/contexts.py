@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Response, status
 from app import metrics
 from app.answers import start_answer
 from app.auth import PrincipalDep
-from app.dependencies import ContextIdDep, ServiceDep, SettingsDep
+from app.dependencies import ContextIdDep, ServiceDep, SettingsDep, require_text
 from app.errors import documented, invalid_field, limit_exceeded
 from app.schemas import (
     CompressionSpec,
@@ -24,9 +24,8 @@ from app.schemas import (
     QueryPublic,
 )
 from app.settings import Settings
-from app.sse import DONE, EventStreamResponse, aclose, error_event, event
+from app.sse import DONE, EVENT_SCHEMA, EventStreamResponse, aclose, error_event, event
 from service.config import CompressionConfig
-from service.errors import InvalidInputError
 from service.types import CreateContextRequest, QueryEvent, QueryRequest, SamplingParams
 
 router = APIRouter(prefix="/contexts", tags=["contexts"])
@@ -53,11 +52,6 @@ def _compression(spec: CompressionSpec | None, default: CompressionConfig) -> Co
     )
 
 
-def _require_content(field: str, value: str) -> None:
-    if not value.strip():
-        raise InvalidInputError(f"{field} is empty or whitespace only")
-
-
 def _check_ttl(ttl_seconds: float | None, settings: Settings) -> None:
     if ttl_seconds is not None and ttl_seconds > settings.max_ttl_seconds:
         raise limit_exceeded("ttl_seconds", settings.max_ttl_seconds, ttl_seconds)
@@ -65,6 +59,7 @@ def _check_ttl(ttl_seconds: float | None, settings: Settings) -> None:
 
 @router.post(
     "",
+    operation_id="create_context",
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": ContextPublic, "description": "Already registered: the same context."},
@@ -88,7 +83,8 @@ async def create_context(
     and compression were registered before (its expiry is extended to at least
     `ttl_seconds`); 202 at once with `"wait": false` (state PROCESSING, `progress` on GET).
     """
-    _require_content("text", body.text)
+    require_text("text", body.text)
+    require_text("system", body.system, blank_ok=True)
     _check_ttl(body.ttl_seconds, settings)
     request = CreateContextRequest(
         text=body.text,
@@ -107,7 +103,7 @@ async def create_context(
     return ContextPublic.from_info(info)
 
 
-@router.get("", responses=documented(400, 401, 429, 503))
+@router.get("", operation_id="list_contexts", responses=documented(400, 401, 429, 503))
 async def list_contexts(
     principal: PrincipalDep,
     service: ServiceDep,
@@ -127,7 +123,7 @@ async def list_contexts(
     )
 
 
-@router.get("/{context_id}", responses=documented(401, 404, 429, 503))
+@router.get("/{context_id}", operation_id="read_context", responses=documented(401, 404, 429, 503))
 async def read_context(
     principal: PrincipalDep, context_id: ContextIdDep, service: ServiceDep
 ) -> ContextPublic:
@@ -135,7 +131,11 @@ async def read_context(
     return ContextPublic.from_info(await service.get_context(context_id, principal.scope))
 
 
-@router.patch("/{context_id}", responses=documented(400, 401, 404, 422, 429, 503))
+@router.patch(
+    "/{context_id}",
+    operation_id="update_context",
+    responses=documented(400, 401, 404, 422, 429, 503),
+)
 async def update_context(
     principal: PrincipalDep,
     context_id: ContextIdDep,
@@ -158,6 +158,7 @@ async def update_context(
 
 @router.delete(
     "/{context_id}",
+    operation_id="delete_context",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     responses=documented(401, 404, 429, 503),
@@ -171,16 +172,12 @@ async def delete_context(
 
 @router.post(
     "/{context_id}/query",
+    operation_id="query_context",
     response_model=QueryPublic,
     responses={
         200: {
             "description": "The answer (JSON), or with `stream: true` an event stream.",
-            "content": {
-                "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "example": _SSE_EXAMPLE,
-                }
-            },
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": _SSE_EXAMPLE}},
         },
         **documented(400, 401, 404, 409, 422, 429, 503),
     },
@@ -198,11 +195,14 @@ async def query_context(
     chunk, then the full answer with usage and timings, then `[DONE]`. Closing the
     connection stops the generation.
     """
-    if body.max_new_tokens > settings.max_new_tokens_limit:
-        raise limit_exceeded("max_new_tokens", settings.max_new_tokens_limit, body.max_new_tokens)
-    _require_content("question", body.question)
+    max_new = body.max_new_tokens
+    if "max_new_tokens" not in body.model_fields_set:  # the default never exceeds the limit
+        max_new = min(max_new, settings.max_new_tokens_limit)
+    if max_new > settings.max_new_tokens_limit:
+        raise limit_exceeded("max_new_tokens", settings.max_new_tokens_limit, max_new)
+    require_text("question", body.question)
     sampling = SamplingParams(
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,

@@ -12,7 +12,9 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get(
-    "/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}}
+    "/healthz",
+    operation_id="read_health",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
 )
 async def read_health() -> HealthPublic:
     """Liveness: 200 while the process serves HTTP."""
@@ -21,6 +23,7 @@ async def read_health() -> HealthPublic:
 
 @router.get(
     "/readyz",
+    operation_id="read_readiness",
     responses={
         200: {"content": {"application/json": {"example": {"status": "ready"}}}},
         503: {
@@ -53,6 +56,7 @@ _METRICS_EXAMPLE = (
 
 @router.get(
     "/metrics",
+    operation_id="read_metrics",
     response_class=Response,
     responses={
         200: {

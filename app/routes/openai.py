@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from app import metrics
 from app.answers import start_answer
 from app.auth import PrincipalDep
-from app.dependencies import ServiceDep, SettingsDep
+from app.dependencies import ServiceDep, SettingsDep, require_text
 from app.errors import documented, error_response, limit_exceeded
 from app.openai_schemas import (
     AssistantMessage,
@@ -32,7 +32,7 @@ from app.openai_schemas import (
     ModelListPublic,
     ModelPublic,
 )
-from app.sse import DONE, EventStreamResponse, aclose, error_event, event
+from app.sse import DONE, EVENT_SCHEMA, EventStreamResponse, aclose, error_event, event
 from service.errors import InvalidInputError
 from service.types import QueryEvent, QueryRequest, QueryResult, SamplingParams
 
@@ -54,7 +54,7 @@ _SSE_EXAMPLE = (
 )
 
 
-@router.get("/models", responses=documented(401, 429))
+@router.get("/models", operation_id="list_models", responses=documented(401, 429))
 async def list_models(principal: PrincipalDep, service: ServiceDep) -> ModelListPublic:
     """The model this server answers with (OpenAI's model list)."""
     return ModelListPublic(data=[ModelPublic(id=service.model_name, created=_STARTED)])
@@ -62,13 +62,12 @@ async def list_models(principal: PrincipalDep, service: ServiceDep) -> ModelList
 
 @router.post(
     "/chat/completions",
+    operation_id="create_chat_completion",
     response_model=ChatCompletionPublic,
     responses={
         200: {
             "description": "A chat.completion, or with `stream: true` an event stream.",
-            "content": {
-                "text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}
-            },
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": _SSE_EXAMPLE}},
         },
         **documented(400, 401, 404, 409, 422, 429, 503),
     },
@@ -80,7 +79,8 @@ async def create_chat_completion(
     if body.model != service.model_name:
         message = f"model {body.model!r} is not served here; GET /v1/models lists the one that is"
         return error_response(404, "model_not_found", message)
-    max_new = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    default = min(DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
+    max_new = body.max_completion_tokens or body.max_tokens or default
     if max_new > settings.max_new_tokens_limit:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise limit_exceeded(field, settings.max_new_tokens_limit, max_new)
@@ -107,6 +107,7 @@ def _question(body: ChatCompletionCreate) -> str:
     users = [message.text for message in body.messages if message.role == "user"]
     if not users or not users[-1].strip():
         raise InvalidInputError("messages must end with a user message that has text")
+    require_text("the last user message", users[-1])
     return users[-1]
 
 

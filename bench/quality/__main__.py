@@ -1,0 +1,277 @@
+"""`python -m bench.quality`: the quality grid, its tables, its plot (docs/quality.md).
+
+Full run (the default grid; about an hour on 2 CPU cores, minutes with --device cuda):
+
+    python -m bench.quality
+
+Quick run (under 5 minutes on 2 cores; writes under bench/.cache/quality-quick/):
+
+    python -m bench.quality --quick
+
+Every grid setting is a flag; the exact command line is recorded in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ["kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o"]
+FULL_GRID = {
+    "qa_docs": 3,
+    "doc_tokens": 7600,
+    "max_questions": 40,
+    "needle_lengths": "1000,3000,5000,7000",
+    "needle_depths": "0,0.25,0.5,0.75,1",
+    "ratios": "1,0.5,0.3,0.2,0.1",
+    "kvpress": True,
+    "calibration_paragraphs": 12,
+}
+QUICK_GRID = {
+    "qa_docs": 1,
+    "doc_tokens": 700,
+    "max_questions": 4,
+    "needle_lengths": "1000",
+    "needle_depths": "0.2,0.6",
+    "ratios": "1,0.3,0.1",
+    "kvpress": False,
+    "calibration_paragraphs": 3,
+}
+CALIBRATION_ARTICLES = slice(-2, None)  # head-level calibration: articles no task uses
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the small grid (a few minutes)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (auto: cuda if present)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--ratios", help=f"kept fractions (full: {FULL_GRID['ratios']})")
+    p.add_argument("--qa-docs", type=int, help="SQuAD articles, one document each")
+    p.add_argument("--doc-tokens", type=int, help="max tokens of a QA document")
+    p.add_argument("--max-questions", type=int, help="questions per document (0: all)")
+    p.add_argument("--needle-lengths", help="haystack sizes in tokens, comma separated")
+    p.add_argument("--needle-depths", help="needle depths in [0, 1], comma separated")
+    p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--kvpress-ratios", help="ratios for kvpress (default: --ratios)")
+    p.add_argument("--calibration-paragraphs", type=int, help="kvzip_head: paragraphs per text")
+    p.add_argument("--out", type=Path, help="markdown file whose bench section is rewritten")
+    p.add_argument("--plot", type=Path, help="PNG plot path")
+    p.add_argument("--results", type=Path, help="raw results JSON path")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default). 1 by default: on a shared 2-core machine "
+        "two threads were 4x SLOWER than one (OpenMP workers descheduled by other load)",
+    )
+    args = p.parse_args(argv)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    for key, value in grid.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.kvpress_ratios is None:
+        args.kvpress_ratios = args.ratios
+    cache = ROOT / "bench" / ".cache" / "quality-quick"
+    args.out = args.out or (cache / "quality.md" if args.quick else ROOT / "docs" / "quality.md")
+    args.plot = args.plot or args.out.with_suffix(".png")
+    args.results = args.results or (
+        cache / "results.json" if args.quick else ROOT / "bench" / "quality" / "results.json"
+    )
+    return args
+
+
+def build_tasks(engine, args):  # type: ignore[no-untyped-def]
+    from bench.quality.data import load_articles, needle_tasks, qa_tasks
+
+    articles = load_articles()
+
+    def count(text: str) -> int:
+        return len(engine.tokenizer.encode(text, add_special_tokens=False))
+
+    qa = qa_tasks(articles, count, args.doc_tokens, args.qa_docs, args.max_questions)
+    hay = articles[args.qa_docs : CALIBRATION_ARTICLES.start or None]
+    needles = needle_tasks(
+        hay, count, [int(x) for x in _floats(args.needle_lengths)], _floats(args.needle_depths)
+    )
+    calibration = [
+        "\n\n".join(p["context"] for p in a["paragraphs"][:12])
+        for a in articles[CALIBRATION_ARTICLES]
+    ]
+    return qa, needles, calibration
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    import torch
+
+    from bench.quality import report
+    from bench.quality.runner import Grid, _log
+    from service.config import EngineConfig
+    from service.engine import KVzipEngine
+    from service.prompt import INSTRUCTION
+    from service.scorers.kvzip_head import calibrate, save_head_scores
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    engine = KVzipEngine.load(EngineConfig(device=device.replace("auto", "cpu"), dtype=args.dtype))
+    qa, needles, calibration = build_tasks(engine, args)
+    methods = [m for m in args.methods.split(",") if m]
+    if "kvzip_head" in methods:
+        engine.head_scores_dir = ROOT / "bench" / ".cache" / "head_scores"
+        t0 = time.perf_counter()
+        save_head_scores(engine.head_scores_dir, engine.identity, calibrate(engine, calibration))
+        _log(
+            f"kvzip_head calibrated on {len(calibration)} texts in {time.perf_counter() - t0:.1f}s"
+        )
+    grid = Grid(engine, methods, _floats(args.ratios), {"qa": 24, "needle": 12})
+    grid.run(qa + needles)
+    data = grid.to_json()
+    peer_rows: list[dict] = []
+    peer_timings: list[dict] = []
+    peer_meta: dict = {}
+    if args.kvpress:
+        peer_rows, peer_timings, peer_meta = run_kvpress(engine, args, qa + needles, INSTRUCTION)
+    rows = data["rows"] + peer_rows
+    elapsed = time.perf_counter() - started
+    header = _header(args, argv, engine, qa, needles, elapsed, peer_meta)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(
+        json.dumps(
+            {"rows": rows, "timings": data["timings"], "kvpress": peer_timings, "header": header},
+            indent=1,
+        )
+    )
+    report.write_markdown(args.out, report.markdown(rows, data["timings"], peer_timings, header))
+    report.plot(rows, args.plot, f"{engine.identity.name}, {device}: accuracy vs kept ratio")
+    _log(f"done in {elapsed / 60:.1f} min -> {args.out}, {args.plot}, {args.results}")
+    return 0
+
+
+def run_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-def]
+    """kvpress's KVzipPress on the same tasks: rows scored like ours, and its timings."""
+    from bench.quality import kvpress_env, metrics
+    from service.config import EngineConfig
+    from service.model_loader import resolve_source
+
+    source = resolve_source(EngineConfig())
+    tok_dir = kvpress_env.save_tokenizer(
+        engine.tokenizer, ROOT / "bench" / ".cache" / "kvpress-tokenizer"
+    )
+    probe = "Line 1:\n\n  the orchard — keeps apples.\nQ?"
+    job = {
+        "model_dir": source.path,
+        "gguf_file": source.gguf_file,
+        "tokenizer_dir": str(tok_dir),
+        "device": str(engine.model.device),
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "probe_text": probe,
+        "probe_ids": engine.tokenizer.encode(probe, add_special_tokens=False),
+        "instruction": instruction,
+        "ratios": _floats(args.kvpress_ratios),
+        "max_new": {"qa": 24, "needle": 12},
+        "threads": args.threads,
+        "tasks": [
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "text": t.text,
+                "questions": [{"id": q.id, "text": q.text} for q in t.questions],
+            }
+            for t in tasks
+        ],
+    }
+    out = kvpress_env.run_peer(job)
+    by_name = {t.name: t for t in tasks}
+    full_answers = {r["task"]: r["answers"] for r in out["results"] if r["ratio"] >= 1.0}
+    rows, timings = [], []
+    for res in out["results"]:
+        task = by_name[res["task"]]
+        timings.append(
+            {
+                "task": task.name,
+                "kind": task.kind,
+                "ratio": res["ratio"],
+                "ingest_s": res["ingest_s"],
+                "prompt_tokens": res["prompt_tokens"],
+            }
+        )
+        reference = full_answers.get(task.name, [None] * len(task.questions))
+        for q, answer, ref in zip(task.questions, res["answers"], reference, strict=True):
+            if task.kind == "needle":
+                score = em = metrics.needle_hit(answer, q.answers[0])
+            else:
+                score = metrics.best(metrics.f1, answer, q.answers)
+                em = metrics.best(metrics.exact, answer, q.answers)
+            rows.append(
+                {
+                    "task": task.name,
+                    "kind": task.kind,
+                    "method": "kvpress KVzipPress",
+                    "ratio": res["ratio"],
+                    "qid": q.id,
+                    "answer": answer,
+                    "score": score,
+                    "em": em,
+                    "agree": None if ref is None else float(answer.strip() == ref.strip()),
+                    "kl": None,
+                    "flips": None,
+                    "positions": 0,
+                }
+            )
+    return rows, timings, out["meta"]
+
+
+def _header(args, argv, engine, qa, needles, elapsed, peer_meta) -> str:  # type: ignore[no-untyped-def]
+    import torch
+    import transformers
+
+    command = "python -m bench.quality " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    qa_q = sum(len(t.questions) for t in qa)
+    qa_tokens = [len(engine.tokenizer.encode(t.text, add_special_tokens=False)) for t in qa]
+    docs = ", ".join(f"{t.name} {n} tokens" for t, n in zip(qa, qa_tokens, strict=True))
+    lines = [
+        "## Results",
+        f"Generated by `{command.strip()}` in {elapsed / 60:.1f} minutes "
+        f"({time.strftime('%Y-%m-%d')}).",
+        "",
+        f"- Model: {engine.identity.name} ({engine.model.dtype}, {engine.model.device}); "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{platform.machine()} with {torch.get_num_threads()} threads.",
+        f"- QA: {len(qa)} documents ({docs}), "
+        f"{qa_q} questions, each asked against one compressed cache per (method, ratio); "
+        f"greedy, at most 24 new tokens.",
+        f"- Needles: {len(needles)} haystacks, lengths {args.needle_lengths} tokens x depths "
+        f"{args.needle_depths}; greedy, at most 12 new tokens; a hit is the 5-digit key in "
+        "the answer.",
+        f"- Methods: {args.methods}; ratios {args.ratios} (1 = the full cache, the same for "
+        "every method).",
+    ]
+    if peer_meta:
+        lines.append(
+            f"- Peer: kvpress {peer_meta.get('kvpress')} KVzipPress (transformers "
+            f"{peer_meta.get('transformers')}, its own environment), ratios {args.kvpress_ratios} "
+            "(compression_ratio = 1 - ratio), as shipped: its 4 sink tokens are the only "
+            "protected prefix."
+        )
+    else:
+        lines.append("- Peer: kvpress not run in this invocation.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

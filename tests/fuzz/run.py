@@ -1,0 +1,68 @@
+"""`make schemathesis`: Schemathesis (its `st` CLI) against a live server over a tiny model.
+
+Builds a tiny random Llama with the real SmolLM2 tokenizer (as tests/conftest.py does),
+serves the embedded service on a free local port in this process, and runs
+`st run <url>/openapi.json` with every check: no 5xx, and every response conforms to the
+schema (status, content type, headers, body). Extra arguments go to `st run`; the exit
+status is st's.
+
+    python -m tests.fuzz.run [--max-examples 40] [st run options...]   (or: make schemathesis)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from app.main import create_app
+from app.settings import ENV_PREFIX, Settings
+from tests.app.conftest import serving
+from tests.conftest import build_tiny_model_dir
+
+DEFAULT_ARGS = [
+    "--checks",
+    "all",
+    "--generation-deterministic",
+    "--workers",
+    "1",
+    "--phases",
+    "examples,coverage,fuzzing,stateful",
+    "--suppress-health-check",
+    "all",
+    "--request-timeout",
+    "120",
+]
+
+
+def main(argv: list[str]) -> int:
+    from service.config import EngineConfig
+    from service.embedded import EmbeddedContextService
+    from service.engine import KVzipEngine
+    from service.model_loader import load_tokenizer, resolve_source
+
+    for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
+        del os.environ[name]
+    with tempfile.TemporaryDirectory(prefix="kvzip-fuzz-") as tmp:
+        root = Path(tmp)
+        load_tokenizer(resolve_source(EngineConfig())).save_pretrained(root / "tokenizer")
+        model_dir = build_tiny_model_dir(root / "tiny", root / "tokenizer")
+        engine = KVzipEngine.load(
+            EngineConfig(model=str(model_dir), device="cpu", dtype="float32")
+        )
+        settings = Settings(
+            data_dir=root / "data", max_new_tokens_limit=8, chunk_size=64, queue_size=256
+        )
+        service = EmbeddedContextService(settings.to_service_config(), engine=engine)
+        st = Path(sys.executable).with_name("st")
+        with serving(create_app(settings, service)) as url:
+            config = Path(__file__).with_name("schemathesis.toml")
+            command = [str(st), "--config-file", str(config), "run", f"{url}/openapi.json"]
+            command += [*DEFAULT_ARGS, *argv]
+            return subprocess.run(command, check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
