@@ -34,6 +34,8 @@ DEFAULT_ARGS = [
     "all",
     "--request-timeout",
     "120",
+    "--generation-database",
+    "none",  # leave no .schemathesis/ folder behind
 ]
 
 
