@@ -270,3 +270,65 @@ def test_cli_reports_refusals_and_unreachable_servers(live: dict[str, Any]) -> N
 
     status = kvzip(["--url", live["url"], "ls"], out=io.StringIO(), err=err_io)
     assert status == 1 and "an API key is required" in err_io.getvalue()
+
+
+# --- engine-side metrics and health of the real service ------------------------------------------
+
+
+def test_metrics_cover_ingest_compression_queue_and_tiers(
+    live: dict[str, Any], context_id: str
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with client(live) as http:
+        http.post(f"/contexts/{context_id}/query", json={"question": "Hi?", "max_new_tokens": 2})
+        text = httpx.get(live["url"] + "/metrics").text
+        ready = httpx.get(live["url"] + "/readyz")
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert ready.status_code == 200
+    for phase in ("prefill", "scoring", "selection", "store"):
+        assert value("kvzip_ingest_phase_seconds_count", phase=phase) >= 1, phase
+    assert value("kvzip_compression_kept_ratio_count") >= 1
+    assert value("kvzip_context_tokens_count") >= 1
+    assert value("kvzip_ingests_total", outcome="ready") >= 1
+    assert value("kvzip_request_queue_time_seconds_count") >= 2
+    assert value("kvzip_time_to_first_token_seconds_count") >= 1
+    assert value("kvzip_generation_tokens_total") >= 2
+    assert value("kvzip_tier_bytes", tier="disk") > 0
+    assert value("kvzip_tier_bytes", tier="resident") > 0
+    assert value("kvzip_tier_hits_total", tier="resident") >= 1
+    assert ("kvzip_tier_misses_total", (("tier", "memory"),)) in samples
+    assert ("kvzip_tier_evictions_total", (("tier", "disk"),)) in samples
+    assert ("kvzip_queue_depth", ()) in samples
+    assert "ctx_" not in text
+
+
+def test_cli_worker_without_the_distributed_package_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def missing(name: str, *args: Any) -> Any:
+        if name == "service.distributed.worker_main":
+            raise ModuleNotFoundError("No module named 'torch'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    err = io.StringIO()
+
+    status = kvzip(["worker"], out=io.StringIO(), err=err)
+
+    assert status == 2
+    assert "the distributed worker is not available here" in err.getvalue()
+    assert "No module named 'torch'" in err.getvalue()
