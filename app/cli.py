@@ -7,6 +7,7 @@
     kvzip ls [--all]                        list contexts
     kvzip rm ID [ID ...]                    delete contexts
     kvzip calibrate ...                     head scores for method kvzip_head (loads the model)
+    kvzip calibrate-scorer ...              the predictor of method kvzap (loads the model)
 
 Client commands take `--url` (or KVZIP_URL, default http://127.0.0.1:8000) and `--api-key`
 (or KVZIP_API_KEY). Exit status: 0 done, 1 the server refused (its message on stderr),
@@ -228,12 +229,12 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _calibrate(argv: Sequence[str]) -> int:
-    """`kvzip calibrate ...` is the engine's own command line (service.cli)."""
+    """`kvzip calibrate[-scorer] ...` are the engine's own command line (service.cli)."""
     try:
         engine_cli = importlib.import_module("service.cli")
     except ImportError as exc:
-        raise CommandError(f"calibrate needs the engine (torch): {exc}", status=2) from exc
-    return int(engine_cli.main(["calibrate", *argv]))
+        raise CommandError(f"{argv[0]} needs the engine (torch): {exc}", status=2) from exc
+    return int(engine_cli.main(list(argv)))
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         run=_worker
     )
     sub.add_parser("calibrate", help="head scores for method kvzip_head (loads the model)")
+    sub.add_parser("calibrate-scorer", help="the predictor of method kvzap (loads the model)")
 
     ingest = command("ingest", "register a document and wait for it, with a progress bar")
     ingest.add_argument("file", help="text file, or - for stdin")
@@ -304,8 +306,8 @@ def main(
     argv = list(sys.argv[1:] if argv is None else argv)
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        if argv[:1] == ["calibrate"]:
-            return _calibrate(argv[1:])
+        if argv[:1] in (["calibrate"], ["calibrate-scorer"]):
+            return _calibrate(argv)
         args = build_parser().parse_args(argv)
         return int(args.run(args, out, err))
     except CommandError as exc:

@@ -42,7 +42,9 @@ MIN_TTL_SECONDS = 60
 # --- contexts ------------------------------------------------------------------------------
 
 
-MethodName = Literal["kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", "none"]
+MethodName = Literal[
+    "kvzip", "kvzip_plus", "kvzip_head", "kvzap", "streaming", "snapkv", "h2o", "none"
+]
 """Every compression method (service.config.METHODS); see docs/quality.md for how they do."""
 
 
@@ -55,10 +57,23 @@ class CompressionSpec(RequestModel):
             '"kvzip" scores KV pairs by context reconstruction and evicts the rest; '
             '"kvzip_plus" the same with the KVzip+ normalisation; "kvzip_head" keeps whole '
             "heads by calibrated head scores (needs `kvzip calibrate` once per model); "
+            '"kvzap" predicts KVzip+ scores from hidden states during the prefill itself '
+            "(needs `kvzip calibrate-scorer` once per model); "
             '"streaming", "snapkv" and "h2o" are the baselines (recency, attention of the '
             'last 32 context tokens, accumulated attention); "none" keeps the full cache.'
         ),
         examples=["kvzip"],
+    )
+    threshold: float | None = Field(
+        default=None,
+        ge=-100.0,
+        le=100.0,
+        description=(
+            'Method "kvzap" only (else 400): keep the KV pairs whose predicted log-score is '
+            ">= threshold, plus the most recent 128 tokens, instead of a fixed ratio; the "
+            "context reports the ratio it achieved."
+        ),
+        examples=[-4.0],
     )
     ratio: float = Field(
         default=0.3,

@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     )
     # default compression
     default_method: Literal[
-        "kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", "none"
+        "kvzip", "kvzip_plus", "kvzip_head", "kvzap", "streaming", "snapkv", "h2o", "none"
     ] = Field(default="kvzip", description="Compression method (see docs/quality.md)")
     default_ratio: float = Field(
         default=_COMPRESSION.ratio, gt=0.0, le=1.0, description="Kept fraction of KV pairs"

@@ -3,24 +3,42 @@ environment; nothing here reads the environment itself)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-METHODS = ("kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", "none")
+from service.errors import InvalidInputError
+
+METHODS = ("kvzip", "kvzip_plus", "kvzip_head", "kvzap", "streaming", "snapkv", "h2o", "none")
 """Every `compression.method`: the scorers of service.scorers, and `none` (keep all)."""
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How one context is compressed. `ratio` is the KEPT fraction of context KV pairs."""
+    """How one context is compressed. `ratio` is the KEPT fraction of context KV pairs.
+
+    threshold (method `kvzap` only): keep the pairs whose predicted log-score is >= it, plus
+    the most recent 128 context tokens, instead of a fixed ratio; the context then reports
+    the ratio it achieved.
+    """
 
     method: str = "kvzip"
     ratio: float = 0.3
     chunk_size: int = 2000
+    threshold: float | None = None
 
     def normalized(self) -> CompressionConfig:
-        """`none` always keeps everything: ratio 1.0 whatever was asked."""
+        """`none` always keeps everything: ratio 1.0 whatever was asked. A threshold makes
+        the ratio irrelevant (1.0); InvalidInputError for a threshold on another method."""
+        if self.threshold is not None:
+            if self.method != "kvzap":
+                raise InvalidInputError(
+                    f"threshold applies to method kvzap only. Given method: {self.method}"
+                )
+            if not math.isfinite(self.threshold):
+                raise InvalidInputError(f"threshold must be finite. Given: {self.threshold}")
+            return replace(self, ratio=1.0)
         return CompressionConfig("none", 1.0, self.chunk_size) if self.method == "none" else self
 
 

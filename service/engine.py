@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from service.kvcache import CompressedContext, KVzipCache, RaggedLayer
 from service.model_loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve_source
 from service.prompt import build_layout, question_ids
 from service.scorers import Scorer, build_scorer
+from service.scorers.kvzap import engine_predictor, threshold_select
 from service.scorers.kvzip_head import load_head_scores
 from service.selection import select
 from service.types import SamplingParams
@@ -77,6 +79,8 @@ class KVzipEngine:
         self.last_timings = IngestTimings()
         self.reconstruction_passes = 0
         self.head_scores_dir = Path("data") / "head_scores"  # kvzip_head calibration store
+        self.kvzap_dir: Path | None = None  # kvzap predictors; None: beside head_scores_dir
+        self.kvzap_kind: str | None = None  # "linear" | "mlp"; None: the MLP when stored
 
     @classmethod
     def load(cls, config: EngineConfig) -> KVzipEngine:
@@ -116,21 +120,27 @@ class KVzipEngine:
         compression = compression.normalized()
         scorer = None if compression.method == "none" else build_scorer(compression.method)
         t0 = time.perf_counter()
-        full = self.prefill_context(doc, compression)
+        with scorer.capture(self) if scorer is not None else nullcontext():
+            full = self.prefill_context(doc, compression)  # kvzap scores in here
         t1 = time.perf_counter()
         if scorer is not None:
             full = self.score(full, progress, scorer)
         t2 = time.perf_counter()
-        compressed = select(full, compression.ratio)
+        if compression.threshold is None:
+            compressed = select(full, compression.ratio)
+        else:  # kvzap: predicted log-score >= threshold, recent window kept
+            compressed = threshold_select(full, compression.threshold)
         self.last_timings = IngestTimings(t1 - t0, t2 - t1, time.perf_counter() - t2)
         if progress:
             progress(1.0)
         return compressed
 
     def check_method(self, method: str) -> None:
-        """InvalidInputError when `method` cannot run here (kvzip_head not calibrated)."""
+        """InvalidInputError when `method` cannot run here (kvzip_head, kvzap not calibrated)."""
         if method == "kvzip_head":
             load_head_scores(self.head_scores_dir, self.identity)
+        if method == "kvzap":
+            engine_predictor(self)
 
     def prefill_context(self, doc: Document, compression: CompressionConfig) -> CompressedContext:
         """Dense prefill of prefix + context into an all-kept context (scores 0, prefix +inf)."""

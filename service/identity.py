@@ -83,7 +83,8 @@ def context_id(
                 compression.method,
                 round(compression.ratio, 6),
                 compression.chunk_size,
-            ],
+            ]
+            + ([] if compression.threshold is None else [round(compression.threshold, 6)]),
             "tenant": tenant,
             "tokens": hashlib.sha256(
                 torch.tensor(token_ids, dtype=torch.int32).numpy().tobytes()

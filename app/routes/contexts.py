@@ -49,6 +49,7 @@ def _compression(spec: CompressionSpec | None, default: CompressionConfig) -> Co
         method=spec.method if "method" in given else default.method,
         ratio=spec.ratio if "ratio" in given else default.ratio,
         chunk_size=default.chunk_size,
+        threshold=spec.threshold,
     )
 
 

@@ -3,6 +3,7 @@
     kvzip       pair-level context reconstruction (the paper's main setting)
     kvzip_plus  the same with the KVzip+ normalisation
     kvzip_head  calibrated per-head scores, no scoring pass at ingest
+    kvzap       learned KVzip+ predictor applied inside the prefill (no reconstruction)
     streaming   attention sinks (the protected prefix) + the most recent tokens
     snapkv      attention of the last 32 context tokens, pooled
     h2o         attention accumulated over every context token
@@ -13,6 +14,7 @@ from __future__ import annotations
 from service.errors import InvalidInputError
 from service.scorers.base import Scorer
 from service.scorers.h2o import H2OScorer
+from service.scorers.kvzap import KVzapScorer
 from service.scorers.kvzip import KVzipScorer
 from service.scorers.kvzip_head import KVzipHeadScorer, calibrate
 from service.scorers.kvzip_plus import KVzipPlusScorer
@@ -25,6 +27,7 @@ SCORERS: dict[str, type[Scorer]] = {
         KVzipScorer,
         KVzipPlusScorer,
         KVzipHeadScorer,
+        KVzapScorer,
         StreamingScorer,
         SnapKVScorer,
         H2OScorer,

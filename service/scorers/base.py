@@ -9,6 +9,7 @@ the protected prefix always kept. So two methods differ only in their scores.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -49,6 +50,10 @@ class Scorer:
     ) -> list[torch.Tensor]:
         """full: the all-kept context. Returns per layer the (H, n) fp32 context scores."""
         raise NotImplementedError
+
+    def capture(self, engine: KVzipEngine) -> AbstractContextManager[None]:
+        """What runs around the ingest prefill (kvzap scores inside it); nothing by default."""
+        return nullcontext()
 
 
 def truncated(full: CompressedContext, length: int) -> CompressedContext:

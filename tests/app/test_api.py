@@ -163,8 +163,9 @@ def test_method_foo_message(client: TestClient) -> None:
     response = client.post("/contexts", json={"text": DOC, "compression": {"method": "foo"}})
 
     error = assert_error(response, 422, "invalid_request", "compression.method: ")
-    assert "'kvzip', 'kvzip_plus', 'kvzip_head', 'streaming', 'snapkv', 'h2o' or 'none'" in (
-        error["message"]
+    assert (
+        "'kvzip', 'kvzip_plus', 'kvzip_head', 'kvzap', 'streaming', 'snapkv', 'h2o' or 'none'"
+        in error["message"]
     )
 
 

@@ -25,6 +25,7 @@ from service.scorers.kvzip_head import (
     save_head_scores,
 )
 from service.selection import select
+from tests.service.kvzap_testing import store_test_predictor
 
 TEXT = (
     "The harbour master counted the boats at dawn. Seven fishing boats left before the "
@@ -112,6 +113,7 @@ def head_scores_ready(tiny_engine, tmp_path_factory):
         tiny_engine.identity,
         calibrate(tiny_engine, [CALIBRATION], chunk_size=64),
     )
+    store_test_predictor(tiny_engine)  # kvzap: a predictor beside the head scores
     return tiny_engine.head_scores_dir
 
 
