@@ -1,7 +1,7 @@
 """register -> query -> delete through one API URL: the check that every deployment test runs
 (tests/deploy/test_local_stack.py on local processes, `make compose-check` on containers).
 
-    python -m tests.deploy.flow http://127.0.0.1:8000 [--api-key KEY]
+    python -m tests.deploy.flow http://127.0.0.1:8000 [URL ...] [--api-key KEY]
 
 Prints one JSON line (id, answer, timings) and exits 0, or raises on the first failure.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -38,16 +39,21 @@ def wait_ready(client: httpx.Client, timeout_s: float) -> float:
 
 
 def run(
-    url: str,
+    urls: str | Sequence[str],
     api_key: str | None = None,
     ready_timeout_s: float = 300.0,
     expect_pass_key: bool = False,
 ) -> dict[str, Any]:
     """Register a document, ask it a question, delete it; every answer checked (and, on a
-    real model, `expect_pass_key`: the answer names the pass key)."""
+    real model, `expect_pass_key`: the answer names the pass key). With several API URLs,
+    the question goes to the last one: any API answers for a context any other registered."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=300.0) as client:
-        ready_s = wait_ready(client, ready_timeout_s)
+    with (
+        httpx.Client(base_url=urls[0], headers=headers, timeout=300.0) as client,
+        httpx.Client(base_url=urls[-1], headers=headers, timeout=300.0) as asker,
+    ):
+        ready_s = max(wait_ready(c, ready_timeout_s) for c in (client, asker))
         body = {"text": document(), "display_name": "deploy-check", "wait": True}
         t0 = time.monotonic()
         created = client.post("/contexts", json=body)
@@ -56,11 +62,11 @@ def run(
         info = created.json()
         assert info["state"] == "READY", info
         context_id = info["id"]
-        assert client.get(f"/contexts/{context_id}").json()["state"] == "READY"
+        assert asker.get(f"/contexts/{context_id}").json()["state"] == "READY"
 
         question = {"question": "What is the pass key?", "max_new_tokens": 12}
         t0 = time.monotonic()
-        answered = client.post(f"/contexts/{context_id}/query", json=question)
+        answered = asker.post(f"/contexts/{context_id}/query", json=question)
         query_s = time.monotonic() - t0
         assert answered.status_code == 200, answered.text
         answer = answered.json()
@@ -72,7 +78,7 @@ def run(
 
         deleted = client.delete(f"/contexts/{context_id}")
         assert deleted.status_code == 204, deleted.text
-        gone = client.get(f"/contexts/{context_id}")
+        gone = asker.get(f"/contexts/{context_id}")
         assert gone.status_code == 404, gone.text
         return {
             "id": context_id,
@@ -87,14 +93,14 @@ def run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("url")
+    parser.add_argument("urls", nargs="+", metavar="URL")
     parser.add_argument("--api-key")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument(
         "--expect-pass-key", action="store_true", help="the answer must name the pass key"
     )
     args = parser.parse_args()
-    print(json.dumps(run(args.url, args.api_key, args.ready_timeout, args.expect_pass_key)))
+    print(json.dumps(run(args.urls, args.api_key, args.ready_timeout, args.expect_pass_key)))
     return 0
 
 
