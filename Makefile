@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv serve test test-fast schemathesis lint bench-quality clean
+.PHONY: venv serve test test-fast schemathesis lint bench-quality compose-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,11 +28,14 @@ schemathesis: venv  ## Schemathesis vs the OpenAPI schema on a tiny model (EXAMP
 	$(BIN)/python -m tests.fuzz.run --max-examples $(or $(EXAMPLES),40) $(ARGS)
 
 lint: venv
-	$(BIN)/ruff check app service storage tests bench
+	$(BIN)/ruff check app service storage tests bench docker
 	$(BIN)/mypy
 
 bench-quality: venv  ## quality grid on CPU -> docs/quality.md (ARGS=--quick: minutes; ARGS="--device cuda")
 	$(BIN)/python -m bench.quality $(ARGS)
+
+compose-check: venv  ## real images + the CPU stack under docker-compose, no registry (root; docs/deploy.md)
+	bash docker/compose-check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
