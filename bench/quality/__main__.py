@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o"]
 FULL_GRID = {
-    "qa_docs": 3,
-    "doc_tokens": 7600,
-    "max_questions": 40,
-    "needle_lengths": "1000,3000,5000,7000",
-    "needle_depths": "0,0.25,0.5,0.75,1",
+    "qa_docs": 2,
+    "doc_tokens": 3000,
+    "max_questions": 15,
+    "needle_lengths": "1000,3000,7000",
+    "needle_depths": "0,0.5,1",
     "ratios": "1,0.5,0.3,0.2,0.1",
     "kvpress": True,
     "calibration_paragraphs": 12,
@@ -36,13 +36,14 @@ FULL_GRID = {
 QUICK_GRID = {
     "qa_docs": 1,
     "doc_tokens": 700,
-    "max_questions": 4,
+    "max_questions": 3,
     "needle_lengths": "1000",
     "needle_depths": "0.2,0.6",
     "ratios": "1,0.3,0.1",
     "kvpress": False,
     "calibration_paragraphs": 3,
 }
+MAX_NEW = {"qa": 16, "needle": 12}  # new tokens per answer (SQuAD answers are short)
 CALIBRATION_ARTICLES = slice(-2, None)  # head-level calibration: articles no task uses
 
 
@@ -65,6 +66,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--kvpress-ratios", help="ratios for kvpress (default: --ratios)")
     p.add_argument("--calibration-paragraphs", type=int, help="kvzip_head: paragraphs per text")
+    p.add_argument("--kvzap-texts", type=int, default=64, help="kvzap: calibration texts")
     p.add_argument("--out", type=Path, help="markdown file whose bench section is rewritten")
     p.add_argument("--plot", type=Path, help="PNG plot path")
     p.add_argument("--results", type=Path, help="raw results JSON path")
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    from bench.quality import report
+    from bench.quality import kvzap, report
     from bench.quality.runner import Grid, _log
     from service.config import EngineConfig
     from service.engine import KVzipEngine
@@ -136,17 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         _log(
             f"kvzip_head calibrated on {len(calibration)} texts in {time.perf_counter() - t0:.1f}s"
         )
-    grid = Grid(engine, methods, _floats(args.ratios), {"qa": 24, "needle": 12})
+    kvzap_line = kvzap.prepare(engine, methods, qa + needles, args.qa_docs, args.kvzap_texts)
+    peer = start_kvpress(engine, args, qa + needles, INSTRUCTION) if args.kvpress else None
+    grid = Grid(engine, methods, _floats(args.ratios), MAX_NEW)
     grid.run(qa + needles)
     data = grid.to_json()
     peer_rows: list[dict] = []
     peer_timings: list[dict] = []
     peer_meta: dict = {}
-    if args.kvpress:
-        peer_rows, peer_timings, peer_meta = run_kvpress(engine, args, qa + needles, INSTRUCTION)
+    if peer is not None:
+        _log("waiting for the kvpress peer")
+        peer_rows, peer_timings, peer_meta = kvpress_rows(peer.join(), qa + needles)
     rows = data["rows"] + peer_rows
     elapsed = time.perf_counter() - started
     header = _header(args, argv, engine, qa, needles, elapsed, peer_meta)
+    header += f"\n{kvzap_line}" if kvzap_line else ""
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(
         json.dumps(
@@ -160,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-def]
-    """kvpress's KVzipPress on the same tasks: rows scored like ours, and its timings."""
-    from bench.quality import kvpress_env, metrics
+def start_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-def]
+    """Start kvpress KVzipPress on the same tasks in its own process (see kvpress_env)."""
+    from bench.quality import kvpress_env
     from service.config import EngineConfig
     from service.model_loader import resolve_source
 
@@ -181,7 +187,7 @@ def run_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-de
         "probe_ids": engine.tokenizer.encode(probe, add_special_tokens=False),
         "instruction": instruction,
         "ratios": _floats(args.kvpress_ratios),
-        "max_new": {"qa": 24, "needle": 12},
+        "max_new": MAX_NEW,
         "threads": args.threads,
         "tasks": [
             {
@@ -193,7 +199,13 @@ def run_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-de
             for t in tasks
         ],
     }
-    out = kvpress_env.run_peer(job)
+    return kvpress_env.Peer(job)
+
+
+def kvpress_rows(out, tasks):  # type: ignore[no-untyped-def]
+    """The peer's answers scored like ours (agreement: against its own no-press answers)."""
+    from bench.quality import metrics
+
     by_name = {t.name: t for t in tasks}
     full_answers = {r["task"]: r["answers"] for r in out["results"] if r["ratio"] >= 1.0}
     rows, timings = [], []
@@ -254,7 +266,7 @@ def _header(args, argv, engine, qa, needles, elapsed, peer_meta) -> str:  # type
         f"{platform.machine()} with {torch.get_num_threads()} threads.",
         f"- QA: {len(qa)} documents ({docs}), "
         f"{qa_q} questions, each asked against one compressed cache per (method, ratio); "
-        f"greedy, at most 24 new tokens.",
+        f"greedy, at most {MAX_NEW['qa']} new tokens.",
         f"- Needles: {len(needles)} haystacks, lengths {args.needle_lengths} tokens x depths "
         f"{args.needle_depths}; greedy, at most 12 new tokens; a hit is the 5-digit key in "
         "the answer.",

@@ -42,22 +42,31 @@ def ensure() -> Path:
     return TARGET
 
 
-def run_peer(job: dict, timeout_s: float | None = None) -> dict:
-    """Run kvpress_peer.py on `job` in the kvpress environment; its parsed output."""
-    ensure()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TARGET), str(STUBS)])
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job_path.write_text(json.dumps(job), encoding="utf-8")
-        subprocess.run(
-            [sys.executable, str(PEER), str(job_path), str(out_path)],
-            check=True,
-            env=env,
-            timeout=timeout_s,
-        )
-        return dict(json.loads(out_path.read_text(encoding="utf-8")))
+class Peer:
+    """kvpress_peer.py running on a job in the kvpress environment, in a child process
+    (so it can run next to our grid: one core each on a 2-core machine)."""
+
+    def __init__(self, job: dict) -> None:
+        ensure()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(TARGET), str(STUBS)])
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        self._tmp = tempfile.TemporaryDirectory()
+        self.job_path = Path(self._tmp.name) / "job.json"
+        self.out_path = Path(self._tmp.name) / "out.json"
+        self.job_path.write_text(json.dumps(job), encoding="utf-8")
+        cmd = [sys.executable, str(PEER), str(self.job_path), str(self.out_path)]
+        self.process = subprocess.Popen(cmd, env=env)
+
+    def join(self, timeout_s: float | None = None) -> dict:
+        """Wait for the child; its parsed output (CalledProcessError when it failed)."""
+        try:
+            code = self.process.wait(timeout_s)
+            if code != 0:
+                raise subprocess.CalledProcessError(code, self.process.args)
+            return dict(json.loads(self.out_path.read_text(encoding="utf-8")))
+        finally:
+            self._tmp.cleanup()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> Path:  # type: ignore[no-untyped-def]

@@ -9,7 +9,10 @@ from statistics import mean
 BEGIN, END = "<!-- bench:quality:begin -->", "<!-- bench:quality:end -->"
 BASELINES = ("streaming", "snapkv", "h2o")
 PEER = "kvpress KVzipPress"
-ORDER = ("kvzip", "kvzip_plus", "kvzip_head", "streaming", "snapkv", "h2o", PEER)
+ORDER = (
+    "kvzip", "kvzip_plus", "kvzip_head", "kvzap", "kvzap-linear", "kvzap-mlp",
+    "streaming", "snapkv", "h2o", PEER,
+)  # fmt: skip
 
 
 def _by(rows: list[dict], kind: str) -> dict[tuple[str, float], list[dict]]:
@@ -182,9 +185,10 @@ def markdown(rows: list[dict], timings: list[dict], peer: list[dict], header: st
         "### Ingest time",
         _timings(timings, peer),
         "### Targets",
-        "| target | measured | met |",
-        "|---|---|---|",
-        *[f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(rows)],
+        "\n".join(
+            ["| target | measured | met |", "|---|---|---|"]
+            + [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(rows)]
+        ),
         END,
     ]
     return "\n\n".join(parts) + "\n"
