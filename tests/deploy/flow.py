@@ -84,6 +84,7 @@ def run(
             "id": context_id,
             "context_tokens": info["usage"]["context_tokens"],
             "kept_fraction": info["compression"]["kept_fraction"],
+            "stored_bytes": info["compression"].get("bytes"),
             "answer": answer["answer"],
             "ready_s": round(ready_s, 2),
             "ingest_s": round(ingest_s, 2),
