@@ -54,6 +54,8 @@ def _floats(text: str) -> list[float]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the small grid (a few minutes)")
+    p.add_argument("--model", default=None, help="HF id or local path (default: SmolLM2-135M)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (auto: cuda if present)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -93,6 +95,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _engine_config(args, device: str = "cpu"):  # type: ignore[no-untyped-def]
+    from service.config import DEFAULT_MODEL, EngineConfig
+
+    return EngineConfig(
+        model=args.model or DEFAULT_MODEL, gguf_file=args.gguf_file, device=device, dtype=args.dtype
+    )
+
+
 def build_tasks(engine, args):  # type: ignore[no-untyped-def]
     from bench.quality.data import load_articles, needle_tasks, qa_tasks
 
@@ -119,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.quality import kvzap, report
     from bench.quality.runner import Grid, _log
-    from service.config import EngineConfig
     from service.engine import KVzipEngine
     from service.prompt import INSTRUCTION
     from service.scorers.kvzip_head import calibrate, save_head_scores
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    engine = KVzipEngine.load(EngineConfig(device=device.replace("auto", "cpu"), dtype=args.dtype))
+    engine = KVzipEngine.load(_engine_config(args, device.replace("auto", "cpu")))
     qa, needles, calibration = build_tasks(engine, args)
     methods = [m for m in args.methods.split(",") if m]
     if "kvzip_head" in methods:
@@ -169,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 def start_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-def]
     """Start kvpress KVzipPress on the same tasks in its own process (see kvpress_env)."""
     from bench.quality import kvpress_env
-    from service.config import EngineConfig
     from service.model_loader import resolve_source
 
-    source = resolve_source(EngineConfig())
+    source = resolve_source(_engine_config(args))
     tok_dir = kvpress_env.save_tokenizer(
         engine.tokenizer, ROOT / "bench" / ".cache" / "kvpress-tokenizer"
     )
