@@ -6,7 +6,10 @@ serves the embedded service on a free local port in this process, and runs
 schema (status, content type, headers, body). Extra arguments go to `st run`; the exit
 status is st's.
 
-    python -m tests.fuzz.run [--max-examples 40] [st run options...]   (or: make schemathesis)
+    python -m tests.fuzz.run [--keyed] [--max-examples 40] [st run options...]
+    make schemathesis [EXAMPLES=40] [ARGS=--keyed]
+
+`--keyed` serves with API keys and authenticates as a tenant, so the auth checks run too.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ DEFAULT_ARGS = [
     "all",
     "--request-timeout",
     "120",
-    "--generation-database",
-    "none",  # leave no .schemathesis/ folder behind
 ]
+
+
+KEYED_FLAG = "--keyed"
+"""Serve with API keys (a tenant key and an admin key) and authenticate as the tenant."""
+TENANT_KEY = "sk-fuzz-tenant-0001"
 
 
 def main(argv: list[str]) -> int:
@@ -54,16 +60,26 @@ def main(argv: list[str]) -> int:
         engine = KVzipEngine.load(
             EngineConfig(model=str(model_dir), device="cpu", dtype="float32")
         )
+        keyed = KEYED_FLAG in argv
+        argv = [arg for arg in argv if arg != KEYED_FLAG]
         settings = Settings(
-            data_dir=root / "data", max_new_tokens_limit=8, chunk_size=64, queue_size=256
+            data_dir=root / "data",
+            max_new_tokens_limit=8,
+            chunk_size=64,
+            queue_size=256,
+            api_keys={TENANT_KEY: "fuzz"} if keyed else None,
+            admin_api_key="sk-fuzz-admin-0002" if keyed else None,
         )
+        if keyed:
+            argv = ["--header", f"Authorization: Bearer {TENANT_KEY}", *argv]
         service = EmbeddedContextService(settings.to_service_config(), engine=engine)
         st = Path(sys.executable).with_name("st")
         with serving(create_app(settings, service)) as url:
             config = Path(__file__).with_name("schemathesis.toml")
             command = [str(st), "--config-file", str(config), "run", f"{url}/openapi.json"]
             command += [*DEFAULT_ARGS, *argv]
-            return subprocess.run(command, check=False).returncode
+            # st keeps its state in .schemathesis/ under its working directory: the temp one
+            return subprocess.run(command, cwd=root, check=False).returncode
 
 
 if __name__ == "__main__":
