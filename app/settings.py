@@ -14,7 +14,7 @@ current and that README.md names every variable.
 | `device` | `KVZIP_DEVICE` | `auto` | auto, cpu, cuda, cuda:N or mps |
 | `dtype` | `KVZIP_DTYPE` | `auto` | auto, float32, float16 or bfloat16 |
 | `attention_backend` | `KVZIP_ATTENTION_BACKEND` | `auto` | Attention kernel; auto picks |
-| `prefill_chunk_tokens` | `KVZIP_PREFILL_CHUNK_TOKENS` | `4096` | Tokens per prefill forward |
+| `prefill_chunk_tokens` | `KVZIP_PREFILL_CHUNK_TOKENS` | `16000` | Tokens per prefill forward |
 | `question_reserve_tokens` | `KVZIP_QUESTION_RESERVE_TOKENS` | `384` | Window kept for Q and A |
 | `data_dir` | `KVZIP_DATA_DIR` | `data` | Disk tier directory |
 | `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
