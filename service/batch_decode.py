@@ -64,7 +64,7 @@ class BatchDecoder:
         return step_logits(self.model, self.ids, self.pos, self.cache)
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up writes slot `length`, rewritten by the real step
             for _ in range(2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -14,14 +15,15 @@ from service.types import SamplingParams
 
 
 @functools.cache
-def _cache_kwarg_for(model_type: type) -> str:
+def _cache_kwarg_for(model_type: Any) -> str:
     params = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
     """transformers >= 5.24 calls the cache argument `cache`; older 5.x `past_key_values`."""
-    return _cache_kwarg_for(type(model))
+    model_type: Any = type(model)
+    return _cache_kwarg_for(model_type)
 
 
 @torch.inference_mode()

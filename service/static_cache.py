@@ -47,6 +47,7 @@ class StaticKVzipCache(KVzipCache):
         )
         idx = idx.expand(b, h, t, d)  # one scatter per tensor, whatever the batch
         keys, values = self.tail_keys[layer_idx], self.tail_values[layer_idx]
+        assert keys is not None and values is not None  # preallocated in __init__
         keys.scatter_(2, idx, key_states)
         values.scatter_(2, idx, value_states)
         return keys, values
@@ -55,8 +56,8 @@ class StaticKVzipCache(KVzipCache):
         """A view of row b (its writes land in this cache's buffers)."""
         view = StaticKVzipCache.__new__(StaticKVzipCache)
         KVzipCache.__init__(view, self.context, len(self.tail_keys))
-        view.tail_keys = [k[b : b + 1] for k in self.tail_keys]
-        view.tail_values = [v[b : b + 1] for v in self.tail_values]
+        view.tail_keys = [None if k is None else k[b : b + 1] for k in self.tail_keys]
+        view.tail_values = [None if v is None else v[b : b + 1] for v in self.tail_values]
         view.length = self.length[b : b + 1]
         view.capacity = self.capacity
         return view

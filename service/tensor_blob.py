@@ -5,8 +5,8 @@ a JSON header with dtype/shape/data_offsets and `__metadata__`, padded with spac
 bytes, then the tensor data back to back), but moved in one piece: on a GPU all tensors
 are gathered into one device buffer and copied to the host once, and unpacking copies the
 whole data region to the device once and slices views out of it (tensors whose offset is
-not 16-byte aligned are copied instead: vectorised GPU kernels need that alignment). The `safetensors`
-library stays the reference reader/writer (tests check both directions).
+not 16-byte aligned are copied instead: vectorised GPU kernels need that alignment). The
+`safetensors` library stays the reference reader/writer (tests check both directions).
 """
 
 from __future__ import annotations
