@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -67,7 +68,8 @@ from storage import redis_client
 
 log = logging.getLogger(__name__)
 
-REDIS_TIMEOUT_S = 2.0  # per socket operation; a blocking read waits at most half of it
+REDIS_TIMEOUT_S = 2.0  # per socket operation (a Redis that is down costs at most this)
+REPLY_BLOCK_MS = 250  # one blocking read of a reply stream, well inside the socket timeout
 WAIT_POLL_S = (0.05, 0.5)  # first and longest pause between looks at a PROCESSING record
 
 
@@ -91,6 +93,8 @@ class RemoteContextService:
         self.heartbeats = Heartbeats(self.client, self.keys, distributed.heartbeat_ttl_s)
         self.workers: list[WorkerBeat] = []
         self.redis_error: str | None = "not checked yet"
+        self.last_worker_seen = -math.inf  # time.monotonic() of the last live heartbeat seen
+        self._last_identity: dict[str, str] | None = None
         self.poll_s = min(1.0, distributed.heartbeat_ttl_s / 3)
         self._monitor: asyncio.Task[None] | None = None
 
@@ -125,7 +129,14 @@ class RemoteContextService:
             return
         self.redis_error, self.workers = None, workers
         if workers:
-            self.model_name = self._identity()["model"]
+            self.last_worker_seen = time.monotonic()
+            self._last_identity = self._identity()
+            self.model_name = self._last_identity["model"]
+
+    def _workers_gone(self) -> bool:
+        """No heartbeat seen for two heartbeat lifetimes (a short lapse under load is fine)."""
+        grace = 2 * self.config.distributed.heartbeat_ttl_s
+        return self.redis_error is None and time.monotonic() - self.last_worker_seen > grace
 
     async def _monitor_forever(self) -> None:
         while True:
@@ -144,7 +155,8 @@ class RemoteContextService:
                 "cannot take requests until it is back"
             ) from exc
 
-    async def _require_worker(self) -> None:
+    async def _require_worker(self) -> dict[str, str]:
+        """The model identity of the live workers; 503 when Redis or every worker is gone."""
         if self.redis_error is not None or not self.workers:
             await self.refresh()
         if self.redis_error is not None:
@@ -152,11 +164,14 @@ class RemoteContextService:
                 f"Redis at {self.redis_url} is unreachable ({self.redis_error}); the service "
                 "cannot take requests until it is back"
             )
-        if not self.workers:
+        if self.workers:
+            return self._identity()
+        if self._last_identity is None or self._workers_gone():
             raise EngineUnavailableError(
                 "no live worker: start one with `kvzip worker` (KVZIP_MODE=distributed, the "
                 f"same KVZIP_REDIS_URL and KVZIP_REDIS_PREFIX={self.keys.prefix!r})"
             )
+        return self._last_identity  # a heartbeat late by less than the grace: still fine
 
     def _identity(self) -> dict[str, str]:
         """The model identity most live workers serve (they should all agree)."""
@@ -181,8 +196,7 @@ class RemoteContextService:
         if not request.text.strip():
             raise InvalidInputError("text must contain at least one non-whitespace character")
         with self._redis():
-            await self._require_worker()
-            identity = self._identity()
+            identity = await self._require_worker()
             cid = remote_context_id(
                 identity, compression, request.tenant, request.system, request.text
             )
@@ -322,7 +336,6 @@ class RemoteContextService:
     async def _replies(self, job: QueryJob) -> AsyncIterator[Reply]:
         """The job's replies as they arrive; EngineUnavailableError when none can come."""
         reader = ReplyReader(self.client, self.keys.reply(job.request_id))
-        block_ms = int(REDIS_TIMEOUT_S * 500)
         while True:
             remaining = job.deadline - time.time()
             if remaining <= 0:
@@ -330,10 +343,10 @@ class RemoteContextService:
                     f"no worker answered within {self.config.distributed.wait_timeout_s:g} s"
                 )
             with self._redis():
-                replies = await reader.read(max(1, min(block_ms, int(remaining * 1000))))
+                replies = await reader.read(max(1, min(REPLY_BLOCK_MS, int(remaining * 1000))))
             for reply in replies:
                 yield reply
-            if not replies and not self.workers and self.redis_error is None:
+            if not replies and self._workers_gone():
                 raise EngineUnavailableError("no live worker is left to answer this question")
 
     async def _forget(self, job: QueryJob, cancel: bool) -> None:

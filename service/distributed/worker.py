@@ -21,9 +21,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -150,6 +150,9 @@ class StreamWorker:
                 await _sleep_or_stop(stop, 1.0)
 
     async def _handle_all(self, deliveries: list[Delivery]) -> None:
+        taken_over = [d.entry_id for d in deliveries if d.deliveries > 1]
+        if taken_over:
+            log.info("worker %s: taking over %s", self.name, ", ".join(taken_over))
         for delivery in deliveries:
             await self.handle(delivery)
 
@@ -167,16 +170,14 @@ class StreamWorker:
             await self._dead_letter(delivery, job)
             return
         self._current = delivery.entry_id
-        keep_alive = asyncio.create_task(self._keep_alive(delivery))
         try:
-            if isinstance(job, IngestJob):
-                await self._ingest(delivery, job)
-            else:
-                await self._answer(delivery, job)
+            async with _helper(self._keep_alive, delivery):
+                if isinstance(job, IngestJob):
+                    await self._ingest(delivery, job)
+                else:
+                    await self._answer(delivery, job)
         finally:
             self._current = None
-            keep_alive.cancel()
-            await asyncio.gather(keep_alive, return_exceptions=True)
 
     async def _dead_letter(self, delivery: Delivery, job: IngestJob | QueryJob) -> None:
         reason = (
@@ -193,9 +194,8 @@ class StreamWorker:
             await writer.send(Reply(ERROR, writer.attempt, error=failure))
         await self.queue.dead_letter(delivery, reason, self.name)
 
-    async def _keep_alive(self, delivery: Delivery) -> None:
-        while True:
-            await asyncio.sleep(self.config.claim_idle_s / 3)
+    async def _keep_alive(self, done: asyncio.Event, delivery: Delivery) -> None:
+        while not await _sleep_or_stop(done, self.config.claim_idle_s / 3):
             with contextlib.suppress(RedisError, OSError):
                 await self.queue.keep_alive(delivery, self.name)
 
@@ -208,9 +208,9 @@ class StreamWorker:
             await self.queue.ack(delivery)  # deleted, expired or already done: idempotent
             return
         progress = _Progress()
-        mirror = asyncio.create_task(self._mirror_progress(cid, progress))
         try:
-            record, tiers = await self.executor.ingest(job, progress.set)
+            async with _helper(self._mirror_progress, cid, progress):
+                record, tiers = await self.executor.ingest(job, progress.set)
         except ServiceError as exc:
             log.info("worker %s: context %s failed: %s", self.name, cid, exc)
             await self.records.mark_failed(cid, error_payload(exc), self.name)
@@ -219,9 +219,6 @@ class StreamWorker:
         except Exception:
             log.exception("worker %s: ingest of %s failed; left for a retry", self.name, cid)
             return
-        finally:
-            mirror.cancel()
-            await asyncio.gather(mirror, return_exceptions=True)
         if await self.records.mark_ready(cid, record, tiers, self.name):
             log.info("worker %s: context %s READY (%d bytes)", self.name, cid, record.bytes)
         elif await self.records.get(cid) is None:  # deleted while it ran: purge the bytes
@@ -229,10 +226,9 @@ class StreamWorker:
         await self.queue.ack(delivery)
         self.jobs_done += 1
 
-    async def _mirror_progress(self, cid: str, progress: _Progress) -> None:
+    async def _mirror_progress(self, done: asyncio.Event, cid: str, progress: _Progress) -> None:
         shown = 0.0
-        while True:
-            await asyncio.sleep(self.progress_interval_s)
+        while not await _sleep_or_stop(done, self.progress_interval_s):
             if progress.value > shown:
                 shown = progress.value
                 with contextlib.suppress(RedisError, OSError):
@@ -248,6 +244,7 @@ class StreamWorker:
         if time.time() > job.deadline or await self._cancelled(job):
             await self.queue.ack(delivery)  # nobody waits for this answer any more
             return
+        started = time.perf_counter()
         writer = self._reply_writer(job, f"{self.name}:{uuid.uuid4().hex[:12]}")
         await writer.send(Reply(START, writer.attempt))
         try:
@@ -264,6 +261,14 @@ class StreamWorker:
             await writer.send(Reply(ERROR, writer.attempt, error=error_payload(error)))
         await self.queue.ack(delivery)
         self.jobs_done += 1
+        log.info(
+            "worker %s: query %s on %s answered in %.2f s (delivery %d)",
+            self.name,
+            job.request_id,
+            job.context_id,
+            time.perf_counter() - started,
+            delivery.deliveries,
+        )
 
     async def _check_answerable(self, job: QueryJob) -> None:
         current = await self.records.get(job.context_id)
@@ -356,6 +361,24 @@ class _Progress:
         self.value = fraction
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds` or until `stop` is set; True when it is set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+@contextlib.asynccontextmanager
+async def _helper(
+    loop: Callable[..., Coroutine[Any, Any, None]], *args: object
+) -> AsyncIterator[None]:
+    """Run `loop(done, *args)` beside the body; on exit set `done` and let it finish its
+    current step. Never cancelled mid-command: a Redis call cut off by a cancellation can
+    leave its connection out of step."""
+    done = asyncio.Event()
+    task = asyncio.create_task(loop(done, *args))
+    try:
+        yield
+    finally:
+        done.set()
+        await asyncio.gather(task, return_exceptions=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import signal
 
@@ -59,7 +60,16 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Non
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT stop the worker; SIGUSR1 logs what each of its tasks is waiting on."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGUSR1: _log_tasks}
+    for sig, handler in handlers.items():
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
+
+
+def _log_tasks() -> None:
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())

@@ -9,6 +9,7 @@ SIGKILLed mid-ingest has its job finished by the other, READY exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -44,7 +45,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
 
-    def tail(self, lines: int = 30) -> str:
+    def tail(self, lines: int = 150) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return f"--- {self.name} (rc={self.popen.poll()}) ---\n" + "\n".join(
             text.splitlines()[-lines:]
@@ -102,7 +103,32 @@ class Deployment:
         return dict(json.loads(raw))
 
     def diagnostics(self) -> str:
-        return "\n".join(p.tail() for p in self.procs.values())
+        return "\n".join([*(p.tail() for p in self.procs.values()), self.redis_state()])
+
+    def redis_state(self) -> str:
+        """Streams, groups and records under the prefix, for a failure's message."""
+        import json
+
+        lines = ["--- redis ---"]
+        for kind in ("ingest", "query"):
+            stream = self.key(f"jobs:{kind}")
+            if self.redis.exists(stream):
+                lines.append(f"{kind}: xlen={self.redis.xlen(stream)}")
+                lines += [f"  group {g}" for g in self.redis.xinfo_groups(stream)]
+                lines += [
+                    f"  pending {p}"
+                    for p in self.redis.xpending_range(stream, "workers", "-", "+", 50)
+                ]
+                lines += [f"  entry {e[0]!r}" for e in self.redis.xrange(stream)]
+        for key in self.redis.scan_iter(match=self.key("ctx:*")):
+            body = json.loads(self.redis.get(key) or b"{}")
+            record = body.get("record", {})
+            if record.get("state") != "READY":
+                lines.append(
+                    f"record {record.get('id')} {record.get('state')} {record.get('progress')}"
+                )
+        lines.append(f"events: {len(self.ready_events())} READY")
+        return "\n".join(lines)
 
     def wait_ready(self, timeout_s: float = 150.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -118,6 +144,29 @@ class Deployment:
             assert not dead, f"exited: {dead}\n{self.diagnostics()}"
             assert time.monotonic() < deadline, f"not ready: {pending}\n{self.diagnostics()}"
             time.sleep(0.3)
+
+    @contextlib.contextmanager
+    def explained(self) -> Iterator[None]:
+        """Failures carry the tail of every process's log."""
+        try:
+            yield
+        except (AssertionError, httpx.HTTPError) as exc:
+            self.dump_stacks()
+            raise AssertionError(f"{exc!r}\n{self.diagnostics()}") from exc
+
+    def dump_stacks(self) -> None:
+        """SIGUSR1 the workers (their asyncio tasks' stacks), then SIGABRT every live process
+        (faulthandler writes each thread's stack): all into the logs."""
+        for proc in self.procs.values():
+            if proc.name.startswith("w") and proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGABRT)
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=5)
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -147,10 +196,11 @@ def deployment(
         "KVZIP_DATA_DIR": str(tmp_path_factory.mktemp("shared-volume")),
         "KVZIP_MEMORY_CACHE_BYTES": "0",  # every read goes to Redis or the shared disk
         "KVZIP_CHUNK_SIZE": "256",  # progress in small steps (the SIGKILL test watches it)
-        "KVZIP_HEARTBEAT_TTL_S": "2",
+        "KVZIP_HEARTBEAT_TTL_S": "4",
         "KVZIP_CLAIM_IDLE_S": "3",
         "KVZIP_LOG_LEVEL": "info",
         "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",
     }
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
     deployment = Deployment(prefix, env, tmp_path_factory.mktemp("logs"), client)
@@ -177,6 +227,11 @@ def document(i: int) -> str:
 async def test_twenty_documents_through_two_apis_and_two_workers(deployment: Deployment) -> None:
     api1, api2 = deployment.apis
     docs = [document(i) for i in range(20)]
+    with deployment.explained():
+        await register_and_ask(deployment, api1, api2, docs)
+
+
+async def register_and_ask(deployment: Deployment, api1: str, api2: str, docs: list[str]) -> None:
     async with httpx.AsyncClient(timeout=120.0) as http:
         created = await asyncio.gather(
             *(
