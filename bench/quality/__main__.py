@@ -54,6 +54,11 @@ def _floats(text: str) -> list[float]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the small grid (a few minutes)")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-render the markdown section and the plot from --results, running nothing",
+    )
     p.add_argument("--model", default=None, help="HF id or local path (default: SmolLM2-135M)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (auto: cuda if present)")
@@ -123,8 +128,21 @@ def build_tasks(engine, args):  # type: ignore[no-untyped-def]
     return qa, needles, calibration
 
 
+def render(args: argparse.Namespace) -> int:
+    """Tables and plot from a saved run (results JSON), without running anything."""
+    from bench.quality import report
+
+    data = json.loads(args.results.read_text(encoding="utf-8"))
+    section = report.markdown(data["rows"], data["timings"], data["kvpress"], data["header"])
+    report.write_markdown(args.out, section)
+    report.plot(data["rows"], args.plot, data.get("title", "accuracy vs kept ratio"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render_only:
+        return render(args)
     import torch
 
     from bench.quality import kvzap, report
@@ -163,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     header = _header(args, argv, engine, qa, needles, elapsed, peer_meta)
     header += f"\n{kvzap_line}" if kvzap_line else ""
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {"rows": rows, "timings": data["timings"], "kvpress": peer_timings, "header": header},
-            indent=1,
-        )
-    )
+    title = f"{engine.identity.name}, {device}: accuracy and fidelity vs kept ratio"
+    saved = {
+        "rows": rows,
+        "timings": data["timings"],
+        "kvpress": peer_timings,
+        "header": header,
+        "title": title,
+    }
+    args.results.write_text(json.dumps(saved, indent=1))
     report.write_markdown(args.out, report.markdown(rows, data["timings"], peer_timings, header))
-    report.plot(rows, args.plot, f"{engine.identity.name}, {device}: accuracy vs kept ratio")
+    report.plot(rows, args.plot, title)
     _log(f"done in {elapsed / 60:.1f} min -> {args.out}, {args.plot}, {args.results}")
     return 0
 

@@ -213,8 +213,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = [k for k in ("qa", "needle") if any(r["kind"] == k for r in rows)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
+    fig, axes = plt.subplots(
+        1, len(kinds) + 1, figsize=(5.5 * (len(kinds) + 1), 4.2), squeeze=False
+    )
+    for ax, kind in zip(axes[0], kinds, strict=False):
         groups = _by(rows, kind)
         ratios = _ratios(rows)
         for m in _methods([r for r in rows if r["kind"] == kind]):
@@ -230,9 +232,33 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xticks(ratios, [f"{x:g}" for x in ratios])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    _plot_fidelity(axes[0][-1], rows)
+    axes[0][-2].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_fidelity(ax, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    """Mean KL(full || compressed) per teacher-forced position vs ratio (log scale)."""
+    sums: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for r in rows:
+        if r["method"] not in ("full", PEER) and r.get("kl") is not None and r["positions"]:
+            sums[(r["method"], r["ratio"])][0] += r["kl"]
+            sums[(r["method"], r["ratio"])][1] += r["positions"]
+    ratios = [x for x in _ratios(rows) if x < 1.0]
+    for m in [m for m in _methods(rows) if m != PEER]:
+        pts = [(x, sums[(m, x)][0] / sums[(m, x)][1]) for x in ratios if sums[(m, x)][1]]
+        style = "-" if m.startswith("kvzip") else ":"
+        ax.plot([x for x, _ in pts], [v for _, v in pts], style, marker="o", label=m)
+    ax.set_xlabel("ratio (fraction of context KV pairs kept)")
+    ax.set_ylabel("KL(full || compressed), nats per token")
+    ax.set_title("fidelity (lower is better)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if ratios:
+        ax.set_xticks(ratios, [f"{x:g}" for x in ratios])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
