@@ -1,7 +1,7 @@
 """`kvzip` command line: one-off operations on a model that do not need the HTTP service.
 
     kvzip calibrate --text FILE [--text FILE ...] [--model M] [--data-dir data]
-    kvzip calibrate-scorer [--text FILE ...] [--texts 64] [--kind both] [--model M] ...
+    kvzip calibrate-scorer [--text FILE ...] [--texts 24] [--kind both] [--model M] ...
     kvzip calibrate-scorer --released DIR [--model M] [--data-dir data]
 
 `calibrate` computes the per-head scores that compression method `kvzip_head` uses
@@ -9,7 +9,7 @@
 model's fingerprint, where the service (KVZIP_DATA_DIR) looks for them.
 
 `calibrate-scorer` fits the KVzap predictors (linear and MLP) that method `kvzap` uses
-(service.kvzap) on the model's own KVzip+ scores of calibration texts (default: ~1,000-token
+(service.kvzap) on the model's own KVzip+ scores of calibration texts (default: ~4,000-token
 texts from bench/data/squad_train_sample.jsonl) and stores them, with their training loss
 and held-out R², under <data-dir>/kvzap/; `--released DIR` stores NVIDIA's released
 checkpoint (nvidia/KVzap-*, downloaded beforehand) for the model instead.
@@ -68,7 +68,7 @@ def _calibrate_scorer(args: argparse.Namespace) -> int:
             texts = texts_from_jsonl(args.jsonl, engine.tokenizer, args.tokens, args.texts)
         settings = CalibrationSettings(
             target=args.target,
-            chunk_size=args.chunk_size,
+            chunk_size=args.chunk_size or None,
             tokens_per_text=args.tokens_per_text,
             heldout=args.heldout,
             kinds=KINDS if args.kind == "both" else (args.kind,),
@@ -107,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("calibrate-scorer", help="fit the KVzap predictors of method kvzap")
     fit.add_argument("--text", action="append", help="calibration text file (repeatable)")
     fit.add_argument("--jsonl", default=str(DEFAULT_JSONL), help="SQuAD-style articles")
-    fit.add_argument("--texts", type=int, default=64, help="texts taken from --jsonl")
-    fit.add_argument("--tokens", type=int, default=1000, help="tokens per --jsonl text")
-    fit.add_argument("--tokens-per-text", type=int, default=500, help="positions sampled")
+    fit.add_argument("--texts", type=int, default=24, help="texts taken from --jsonl")
+    fit.add_argument("--tokens", type=int, default=4000, help="tokens per --jsonl text")
+    fit.add_argument("--tokens-per-text", type=int, default=2000, help="positions sampled")
     fit.add_argument("--kind", choices=("linear", "mlp", "both"), default="both")
     fit.add_argument("--target", choices=("kvzip_plus", "kvzip"), default="kvzip_plus")
     fit.add_argument(
-        "--chunk-size", type=int, default=None, help="score in chunks (default: full softmax)"
+        "--chunk-size", type=int, default=2000, help="scoring chunk (0: one softmax per text)"
     )
     fit.add_argument("--heldout", type=float, default=0.1, help="fraction of texts held out")
     fit.add_argument("--hidden", type=int, default=512, help="MLP hidden width")

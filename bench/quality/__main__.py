@@ -73,7 +73,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--kvpress-ratios", help="ratios for kvpress (default: --ratios)")
     p.add_argument("--calibration-paragraphs", type=int, help="kvzip_head: paragraphs per text")
-    p.add_argument("--kvzap-texts", type=int, default=64, help="kvzap: calibration texts")
+    p.add_argument("--kvzap-texts", type=int, default=24, help="kvzap: calibration texts")
+    p.add_argument("--kvzap-tokens", type=int, default=4000, help="kvzap: tokens per text")
     p.add_argument("--out", type=Path, help="markdown file whose bench section is rewritten")
     p.add_argument("--plot", type=Path, help="PNG plot path")
     p.add_argument("--results", type=Path, help="raw results JSON path")
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         _log(
             f"kvzip_head calibrated on {len(calibration)} texts in {time.perf_counter() - t0:.1f}s"
         )
-    kvzap_line = kvzap.prepare(engine, methods, qa + needles, args.qa_docs, args.kvzap_texts)
+    kvzap_line = kvzap.prepare(
+        engine, methods, qa + needles, args.qa_docs, args.kvzap_texts, args.kvzap_tokens
+    )
     peer = start_kvpress(engine, args, qa + needles, INSTRUCTION) if args.kvpress else None
     grid = Grid(engine, methods, _floats(args.ratios), MAX_NEW)
     grid.run(qa + needles)

@@ -1,14 +1,20 @@
 """`calibrate-scorer`: fit KVzap predictors of one model on its own KVzip+ scores.
 
-For every calibration text (about 1,000 tokens, the KVzap recipe's length):
+For every calibration text:
 
 1. prefill it exactly as an ingest does (the service's prompt layout) while forward
    pre-hooks record every layer's attention input x (n, D) of the context tokens;
-2. score it with the service's own KVzip+ scorer (`kvzip_plus`, or `kvzip`): by default as
-   ONE chunk, so each probability is a softmax over the whole sequence (prefix, context and
-   the repeat prompt: the KVzap recipe's full softmax); `chunk_size` gives the chunked
-   scores an ingest of a longer document computes instead;
+2. score it with the service's own KVzip+ scorer (`kvzip_plus`, or `kvzip`) in chunks of
+   `chunk_size` tokens, exactly the scores an ingest computes; `chunk_size=None` scores each
+   text as ONE chunk, so every probability is a softmax over the whole sequence (the KVzap
+   recipe, on texts of ~1,000 tokens);
 3. sample `tokens_per_text` context positions: x (L, D) and y = log(score) (L, H) each.
+
+Which target predicts better was measured (docs/quality.md, "kvzap"): on held-out ~4K-token
+documents, predictors fitted on the service's own chunked scores of ~4K-token texts keep
+81% of the true KVzip+ top-30% pairs, those fitted the recipe's way on ~1K-token texts 75-76%
+(and their log-scores sit at the wrong level for longer documents). Hence the defaults:
+~4,000-token texts, chunks of 2,000.
 
 Texts are then split (the last `heldout` fraction held out, whole texts), a ridge map and
 an MLP are fitted per layer on the rest, and each gets its training loss (MSE) and
@@ -48,8 +54,8 @@ class CalibrationSettings:
     """What `calibrate_scorer` does; the defaults follow the KVzap recipe."""
 
     target: str = "kvzip_plus"
-    chunk_size: int | None = None  # None: one chunk per text (full softmax)
-    tokens_per_text: int = 500
+    chunk_size: int | None = 2000  # the service's own chunks; None: one softmax per text
+    tokens_per_text: int = 2000
     heldout: float = 0.1  # fraction of the texts held out for R²
     kinds: tuple[str, ...] = KINDS
     mlp: MLPSettings = field(default_factory=MLPSettings)

@@ -21,7 +21,6 @@ def attention_inputs(model: torch.nn.Module, callback: OnInput) -> Iterator[None
     """Call `callback(layer, hidden)` before every attention module runs, while active."""
     from service.scorers.kvzip_plus import attention_modules  # service.scorers imports us
 
-
     def hook(idx: int):  # type: ignore[no-untyped-def]
         def before(module, args, kwargs):  # type: ignore[no-untyped-def]
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

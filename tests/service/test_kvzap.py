@@ -399,7 +399,7 @@ def test_calibrate_scorer_command_writes_both_predictors(tiny_model_dir, tiny_en
         meta = predictor.meta
         assert meta["model_fingerprint"] == tiny_engine.identity.model_fingerprint
         assert meta["kind"] == kind and meta["source"] == "calibrated"
-        assert meta["target"] == "kvzip_plus, full softmax"
+        assert meta["target"] == "kvzip_plus, chunks of 2000"  # the service's own scores
         assert math.isfinite(float(meta["train_loss"])) and "heldout_r2" in meta
         assert len(json.loads(meta["heldout_r2_per_layer"])) == tiny_engine.n_layers
 
