@@ -28,6 +28,7 @@ current and that README.md names every variable.
 | `log_level` | `KVZIP_LOG_LEVEL` | `info` | Uvicorn log level |
 | `mode` | `KVZIP_MODE` | `embedded` | embedded (model in process) or distributed |
 | `redis_url` | `KVZIP_REDIS_URL` | unset | Redis URL; required when distributed |
+| `redis_cache_url` | `KVZIP_REDIS_CACHE_URL` | unset | Redis of the cache tier (unset: redis_url) |
 | `redis_prefix` | `KVZIP_REDIS_PREFIX` | `kvzip:` | Prefix of every Redis key |
 | `worker_name` | `KVZIP_WORKER_NAME` | unset | Worker consumer name (default: host name) |
 | `heartbeat_ttl_s` | `KVZIP_HEARTBEAT_TTL_S` | `10.0` | Worker heartbeat lifetime (s) |
@@ -146,6 +147,11 @@ class Settings(BaseSettings):
         pattern=r"^(redis|rediss|unix)://",
         description="Redis URL; required when distributed",
     )
+    redis_cache_url: str | None = Field(
+        default=_DISTRIBUTED.redis_cache_url,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis of the cache tier (unset: redis_url)",
+    )
     redis_prefix: str = Field(
         default=_DISTRIBUTED.redis_prefix,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$",
@@ -242,6 +248,7 @@ class Settings(BaseSettings):
             max_document_tokens=self.max_document_tokens,
             distributed=DistributedConfig(
                 redis_url=self.redis_url,
+                redis_cache_url=self.redis_cache_url,
                 redis_prefix=self.redis_prefix,
                 worker_name=self.worker_name,
                 heartbeat_ttl_s=self.heartbeat_ttl_s,

@@ -67,10 +67,13 @@ class DistributedConfig:
     `heartbeat_ttl_s`; a job idle (not kept alive by its worker) longer than `claim_idle_s`
     is taken over by another worker; a job delivered more than `max_deliveries` times goes
     to the dead-letter stream. Every Redis-tier key expires after `redis_ttl_s` (the disk
-    copy stays); the API waits at most `wait_timeout_s` for a worker's answer.
+    copy stays); the API waits at most `wait_timeout_s` for a worker's answer. The Redis tier
+    may live on a server of its own (`redis_cache_url`, an allkeys-lru instance), so that
+    its evictions never touch jobs or records; unset, it shares `redis_url`.
     """
 
     redis_url: str | None = None
+    redis_cache_url: str | None = None
     redis_prefix: str = "kvzip:"
     worker_name: str | None = None  # None: the host name (stable across restarts)
     heartbeat_ttl_s: float = 10.0

@@ -34,7 +34,8 @@ from storage import TieredStore, TierUnavailableError, build_store
 
 
 def build_shared_store(config: ServiceConfig, client: Redis) -> TieredStore:
-    """Memory LRU -> Redis tier (every key with the TTL) -> disk under the shared data dir."""
+    """Memory LRU -> Redis tier on `client` (every key with the TTL) -> disk under the shared
+    data dir."""
     return build_store(
         memory_bytes=config.memory_cache_bytes,
         disk_root=Path(config.data_dir) / "contexts",

@@ -42,7 +42,10 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Non
     log.info("worker %s: loading %s", name, config.engine.model)
     engine = await asyncio.to_thread(KVzipEngine.load, config.engine)
     client = redis_client(distributed.redis_url, timeout_s=REDIS_TIMEOUT_S, retries=1)
-    executor = EngineExecutor(config, engine, build_shared_store(config, client))
+    cache = client
+    if distributed.redis_cache_url:  # the Redis tier on its own (allkeys-lru) server
+        cache = redis_client(distributed.redis_cache_url, timeout_s=REDIS_TIMEOUT_S, retries=1)
+    executor = EngineExecutor(config, engine, build_shared_store(config, cache))
     await executor.start()
     worker = StreamWorker(
         client,
@@ -57,6 +60,8 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Non
     finally:
         await executor.close()
         await client.aclose()
+        if cache is not client:
+            await cache.aclose()
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:

@@ -45,6 +45,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_LOG_LEVEL": "debug",
         "KVZIP_MODE": "distributed",
         "KVZIP_REDIS_URL": "redis://redis:6379/0",
+        "KVZIP_REDIS_CACHE_URL": "redis://redis-cache:6379/0",
         "KVZIP_REDIS_PREFIX": "kvzip-prod:",
         "KVZIP_WORKER_NAME": "gpu-0",
         "KVZIP_HEARTBEAT_TTL_S": "5",
@@ -84,6 +85,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
     assert settings.to_service_config().distributed == DistributedConfig(
         redis_url="redis://redis:6379/0",
+        redis_cache_url="redis://redis-cache:6379/0",
         redis_prefix="kvzip-prod:",
         worker_name="gpu-0",
         heartbeat_ttl_s=5.0,

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/0"
+CACHE_URL = "redis://127.0.0.1:6379/1"  # the Redis tier on "its own server": another database
 QUESTION = {"question": "What is the pass key?", "max_new_tokens": 8}
 
 
@@ -58,6 +59,7 @@ class Deployment:
     env: dict[str, str]
     logs: Path
     redis: redis.Redis
+    cache: redis.Redis
     apis: list[str] = field(default_factory=list)
     procs: dict[str, Proc] = field(default_factory=dict)
 
@@ -189,6 +191,7 @@ def deployment(
     env = base | {
         "KVZIP_MODE": "distributed",
         "KVZIP_REDIS_URL": REDIS_URL,
+        "KVZIP_REDIS_CACHE_URL": CACHE_URL,
         "KVZIP_REDIS_PREFIX": prefix,
         "KVZIP_MODEL": str(tiny_model_dir),
         "KVZIP_DEVICE": "cpu",
@@ -203,7 +206,8 @@ def deployment(
         "PYTHONFAULTHANDLER": "1",
     }
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    deployment = Deployment(prefix, env, tmp_path_factory.mktemp("logs"), client)
+    cache = redis.Redis.from_url(CACHE_URL, socket_timeout=5)
+    deployment = Deployment(prefix, env, tmp_path_factory.mktemp("logs"), client, cache)
     try:
         deployment.start_worker("w1")
         deployment.start_worker("w2")
@@ -213,10 +217,11 @@ def deployment(
         yield deployment
     finally:
         deployment.stop()
-        leftovers = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if leftovers:
-            client.unlink(*leftovers)
-        client.close()
+        for db in (client, cache):
+            leftovers = list(db.scan_iter(match=f"{prefix}*", count=1000))
+            if leftovers:
+                db.unlink(*leftovers)
+            db.close()
 
 
 def document(i: int) -> str:
@@ -275,14 +280,15 @@ async def test_a_flushed_cache_tier_still_answers_and_is_refilled(deployment: De
     async with httpx.AsyncClient(timeout=60.0) as http:
         created = await http.post(f"{api1}/contexts", json={"text": document(99)})
         cid = created.json()["id"]
-        blobs = list(deployment.redis.scan_iter(match=deployment.key(f"blob:{cid}*")))
+        blobs = list(deployment.cache.scan_iter(match=deployment.key(f"blob:{cid}*")))
         assert blobs, "the Redis tier holds no copy"
-        deployment.redis.unlink(*blobs)  # FLUSH of the cache tier
+        assert not list(deployment.redis.scan_iter(match=deployment.key("blob:*")))
+        deployment.cache.unlink(*blobs)  # FLUSH of the cache tier
         answer = await http.post(f"{api2}/contexts/{cid}/query", json=QUESTION)
         assert answer.status_code == 200, answer.text
-    refilled = list(deployment.redis.scan_iter(match=deployment.key(f"blob:{cid}*")))
+    refilled = list(deployment.cache.scan_iter(match=deployment.key(f"blob:{cid}*")))
     assert sorted(refilled) == sorted(blobs)  # disk served it and promoted it back
-    assert all(deployment.redis.pttl(k) > 0 for k in refilled)
+    assert all(deployment.cache.pttl(k) > 0 for k in refilled)
 
 
 async def test_a_worker_killed_mid_ingest_is_replaced_and_ready_exactly_once(
