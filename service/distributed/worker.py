@@ -56,6 +56,7 @@ from service.types import QueryEvent
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
+_FATAL_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "NCCL error")
 
 
 class Executor(Protocol):
@@ -102,26 +103,35 @@ class StreamWorker:
         self.sweep_interval_s = sweep_interval_s
         self.beat = WorkerBeat(name, executor.identity, device=executor.device)
         self.jobs_done = 0
+        self.fatal: BaseException | None = None  # a device failure that stopped this worker
         self._current: str | None = None
+        self._stop = asyncio.Event()
 
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, or until the device fails (then `fatal` says why)."""
+        self._stop = stop
         await self._until_redis(self.queue.ensure_group, stop)
-        background = [
-            asyncio.create_task(self._beat_forever()),
-            asyncio.create_task(self._sweep_forever()),
-        ]
         log.info("worker %s serving %s", self.name, self.keys.prefix)
         try:
-            await self._serve(stop)
+            async with _helper(self._beat_forever), _helper(self._sweep_forever):
+                await self._serve(stop)
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(RedisError, OSError):
                 await self.heartbeats.remove(self.name)
             log.info("worker %s stopped after %d jobs", self.name, self.jobs_done)
+
+    def _stop_if_fatal(self, exc: BaseException) -> bool:
+        """A device failure (CUDA error) stops the worker, so that its orchestrator restarts
+        it; its job stays unacknowledged for another worker. True when `exc` is one."""
+        text = str(exc)
+        if not (isinstance(exc, RuntimeError) and any(m in text for m in _FATAL_MARKERS)):
+            return False
+        log.critical("worker %s: the device failed (%s); stopping", self.name, text)
+        self.fatal = exc
+        self._stop.set()
+        return True
 
     async def _serve(self, stop: asyncio.Event) -> None:
         own_pending_done = False
@@ -216,8 +226,9 @@ class StreamWorker:
             await self.records.mark_failed(cid, error_payload(exc), self.name)
             await self.queue.ack(delivery)
             return
-        except Exception:
-            log.exception("worker %s: ingest of %s failed; left for a retry", self.name, cid)
+        except Exception as exc:
+            if not self._stop_if_fatal(exc):
+                log.exception("worker %s: ingest of %s failed; left for a retry", self.name, cid)
             return
         if await self.records.mark_ready(cid, record, tiers, self.name):
             log.info("worker %s: context %s READY (%d bytes)", self.name, cid, record.bytes)
@@ -256,6 +267,8 @@ class StreamWorker:
         except (RedisError, OSError):
             raise  # the reply cannot be written: leave the entry for a retry
         except Exception as exc:
+            if self._stop_if_fatal(exc):
+                return  # unacknowledged: another worker answers it
             log.exception("worker %s: query %s failed", self.name, job.request_id)
             error = EngineUnavailableError(f"the worker failed to answer: {exc!r}")
             await writer.send(Reply(ERROR, writer.attempt, error=error_payload(error)))
@@ -311,8 +324,8 @@ class StreamWorker:
 
     # -- heartbeat and expiry sweep ----------------------------------------------------------
 
-    async def _beat_forever(self) -> None:
-        while True:
+    async def _beat_forever(self, done: asyncio.Event) -> None:
+        while not done.is_set():
             beat = replace(
                 self.beat, beat_at=time.time(), jobs_done=self.jobs_done, current=self._current
             )
@@ -320,17 +333,17 @@ class StreamWorker:
                 await self.heartbeats.beat(beat)
             except (RedisError, OSError) as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
-            await asyncio.sleep(self.config.heartbeat_ttl_s / 3)
+            await _sleep_or_stop(done, self.config.heartbeat_ttl_s / 3)
 
-    async def _sweep_forever(self) -> None:
-        while True:
+    async def _sweep_forever(self, done: asyncio.Event) -> None:
+        while not done.is_set():
             try:
                 await self.sweep()
             except (RedisError, OSError) as exc:
                 log.warning("worker %s: expiry sweep failed: %s", self.name, exc)
             except Exception:
                 log.exception("worker %s: expiry sweep failed", self.name)
-            await asyncio.sleep(self.sweep_interval_s)
+            await _sleep_or_stop(done, self.sweep_interval_s)
 
     async def sweep(self) -> int:
         """Purge the bytes of every expired or deleted context (each by one worker)."""

@@ -26,13 +26,19 @@ log = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 10.0  # > the blocking read (0.5 s) and enough for a 32 MiB part
 
 
+EXIT_DEVICE_FAILED = 3
+
+
 def run_worker(config: ServiceConfig) -> None:
-    """Serve jobs until SIGTERM/SIGINT (blocking; the process's one event loop)."""
-    asyncio.run(serve(config))
+    """Serve jobs until SIGTERM/SIGINT (blocking; the process's one event loop). A device
+    failure (CUDA error) ends the process with status 3, for its orchestrator to restart."""
+    if asyncio.run(serve(config)) is not None:
+        raise SystemExit(EXIT_DEVICE_FAILED)
 
 
-async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> None:
-    """The worker on this event loop, until `stop` is set (or a signal arrives)."""
+async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> BaseException | None:
+    """The worker on this event loop, until `stop` is set (or a signal arrives); returns the
+    device failure that stopped it, if one did."""
     distributed = config.distributed
     if not distributed.redis_url:
         raise ValueError("a worker needs a Redis URL (KVZIP_REDIS_URL)")
@@ -57,6 +63,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Non
     )
     try:
         await worker.run(stop)
+        return worker.fatal
     finally:
         await executor.close()
         await client.aclose()

@@ -271,7 +271,7 @@ async def test_a_live_workers_long_job_is_not_taken_over(redis_env: RedisEnv) ->
 
 async def test_a_job_delivered_too_often_is_dead_lettered_and_fails(redis_env: RedisEnv) -> None:
     async with Cluster(redis_env, claim_idle_s=0.2, max_deliveries=3) as cluster:
-        crashing = FakeExecutor(crash_with=RuntimeError("CUDA error: illegal memory access"))
+        crashing = FakeExecutor(crash_with=ValueError("a bug that fails every time"))
         await cluster.start_worker("w1", crashing)
         info, _ = await cluster.api.create_context(register(wait=False))
 
@@ -345,3 +345,23 @@ async def test_listing_pages_by_tenant_oldest_first(redis_env: RedisEnv) -> None
         assert third.next_page_token is None
         everyone = await cluster.api.list_contexts(ANY_TENANT, page_size=50)
         assert len(everyone.contexts) == 6
+
+
+async def test_a_device_failure_stops_the_worker_and_its_job_moves_on(
+    redis_env: RedisEnv,
+) -> None:
+    async with Cluster(redis_env, claim_idle_s=0.3) as cluster:
+        broken = FakeExecutor(crash_with=RuntimeError("CUDA error: an illegal memory access"))
+        worker = await cluster.start_worker("broken", broken)
+        info, _ = await cluster.api.create_context(register(wait=False))
+        await asyncio.wait_for(cluster.running["broken"].task, 10)  # it stopped by itself
+        assert isinstance(worker.fatal, RuntimeError)
+        assert not await redis_env.client.exists(cluster.keys.heartbeat("broken"))
+        del cluster.running["broken"]
+        await cluster.start_worker("healthy", FakeExecutor())
+
+        async def ready() -> bool:
+            return (await cluster.api.get_context(info.id)).state == "READY"
+
+        await cluster.until(ready)
+        assert await cluster.events() == [("READY", info.id)]
