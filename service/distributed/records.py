@@ -92,7 +92,7 @@ def remote_context_id(
         "format": identity["format_version"],
         "model": identity["model_fingerprint"],
         "tokenizer": identity["tokenizer_fingerprint"],
-        "compression": [compression.method, round(compression.ratio, 6), compression.chunk_size],
+        "compression": {**asdict(compression), "ratio": round(compression.ratio, 6)},
         "tenant": tenant,
         "system": system,
         "text": hashlib.sha256(text.encode()).hexdigest(),
