@@ -365,3 +365,29 @@ async def test_a_device_failure_stops_the_worker_and_its_job_moves_on(
 
         await cluster.until(ready)
         assert await cluster.events() == [("READY", info.id)]
+
+
+async def test_a_context_deleted_while_it_ingests_is_purged_not_revived(
+    redis_env: RedisEnv,
+) -> None:
+    async with Cluster(redis_env) as cluster:
+        executor = FakeExecutor(gate=asyncio.Event())
+        worker = await cluster.start_worker("w1", executor)
+        info, _ = await cluster.api.create_context(register(wait=False))
+
+        async def taken() -> bool:
+            return executor.ingested == [info.id]
+
+        await cluster.until(taken)
+        await cluster.api.delete_context(info.id)
+        assert executor.gate is not None
+        executor.gate.set()
+
+        async def drained() -> bool:
+            return await redis_env.client.xlen(cluster.keys.stream(INGEST)) == 0
+
+        await cluster.until(drained)
+        with pytest.raises(ContextNotFoundError):
+            await cluster.api.get_context(info.id)
+        assert await cluster.events() == []  # never READY
+        assert await worker.sweep() == 1 and executor.purged == [info.id]
