@@ -15,7 +15,8 @@ Only what cannot be the same outside a container is replaced:
 - `kvzip` and `kvzip-healthcheck` are this environment's (app.cli, docker/healthcheck.py).
 
 Two API processes, one CPU worker: the context is registered through one API and asked
-through the other; both healthchecks answer; SIGTERM stops every process cleanly.
+through the other; records go to redis-queue and the Redis tier to redis-cache; the
+healthchecks answer; SIGTERM stops every process cleanly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import httpx
 import pytest
 import redis
 
@@ -74,6 +76,8 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
     urls: list[str] = field(default_factory=list)
+    redis_urls: dict[str, str] = field(default_factory=dict)
+    prefix: str = "kvzip:"
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.envs[name] = self.base_env | env
@@ -162,15 +166,24 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             folder.mkdir()
             stack.start(name, redis_server_argv(services[name]["command"], port, folder), {})
         redis_url = f"redis://127.0.0.1:{ports['redis-queue']}/0"
+        cache_url = f"redis://127.0.0.1:{ports['redis-cache']}/0"
         for port in ports.values():
             wait_for_redis(f"redis://127.0.0.1:{port}/0", stack)
     else:
-        redis_url, prefix = SHARED_REDIS, f"kvzip-test:{uuid4().hex}:"
+        redis_url = cache_url = SHARED_REDIS
+        prefix = f"kvzip-test:{uuid4().hex}:"
+    stack.redis_urls = {"redis-queue": redis_url, "redis-cache": cache_url}
+    stack.prefix = prefix
 
     def replaced(env: dict[str, str]) -> dict[str, str]:
         assert env["KVZIP_REDIS_URL"] == "redis://redis-queue:6379/0"
+        assert env["KVZIP_REDIS_CACHE_URL"] == "redis://redis-cache:6379/0"
         assert env["KVZIP_DATA_DIR"] == "/data"
-        env = env | {"KVZIP_REDIS_URL": redis_url, "KVZIP_DATA_DIR": str(workdir / "data")}
+        env = env | {
+            "KVZIP_REDIS_URL": redis_url,
+            "KVZIP_REDIS_CACHE_URL": cache_url,
+            "KVZIP_DATA_DIR": str(workdir / "data"),
+        }
         if not own_redis:
             env["KVZIP_REDIS_PREFIX"] = prefix
         if env.get("HF_HOME") == "/models":
@@ -213,6 +226,21 @@ def test_register_query_delete_through_two_apis_and_one_cpu_worker(stack: Stack)
         raise AssertionError(f"{exc}\n{stack.logs()}") from exc
     assert result["context_tokens"] > 500
     assert result["kept_fraction"] == pytest.approx(0.3, abs=0.01)
+    # a context kept: its Redis-tier copy is on redis-cache, its record on redis-queue
+    body = {"text": flow.document().replace("48213", "77031"), "wait": True}
+    created = httpx.post(f"{stack.urls[1]}/contexts", json=body, timeout=120)
+    assert created.status_code == 201, created.text
+    context_id = created.json()["id"]
+    queue = redis.Redis.from_url(stack.redis_urls["redis-queue"])
+    cache = redis.Redis.from_url(stack.redis_urls["redis-cache"])
+    try:
+        assert queue.exists(f"{stack.prefix}ctx:{context_id}")
+        assert list(cache.scan_iter(match=f"{stack.prefix}blob:*{context_id}*"))
+        if stack.redis_urls["redis-cache"] != stack.redis_urls["redis-queue"]:
+            assert not list(queue.scan_iter(match=f"{stack.prefix}blob:*"))
+    finally:
+        queue.close()
+        cache.close()
     dead = {n: p.returncode for n, p in stack.procs.items() if p.poll() is not None}
     assert not dead, f"{dead}\n{stack.logs()}"
 
