@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from service import codec, telemetry
-from service.config import METHODS, CompressionConfig, ServiceConfig
+from service.config import CompressionConfig, ServiceConfig
 from service.engine import Document, KVzipEngine
 from service.errors import (
     ContextNotFoundError,
@@ -55,6 +55,7 @@ from service.types import (
     QueryTimings,
     SamplingParams,
 )
+from service.validation import checked_expiry, validated_compression
 from service.worker import EngineWorker
 from storage import DiskTier, MemoryTier, TieredStore
 
@@ -133,7 +134,7 @@ class EmbeddedContextService:
 
     async def create_context(self, request: CreateContextRequest) -> tuple[ContextInfo, bool]:
         engine = self._engine()
-        compression = _validated(request.compression)
+        compression = validated_compression(request.compression)
         await asyncio.to_thread(engine.check_method, compression.method)
         ttl = self._ttl(request.ttl_seconds)
         if request.tenant == ANY_TENANT:
@@ -362,26 +363,13 @@ class EmbeddedContextService:
     async def update_context(
         self, context_id: str, expire_time: datetime, tenant: str = ""
     ) -> ContextInfo:
-        expire = self._checked_expiry(expire_time).isoformat()
+        expire = checked_expiry(expire_time, self.config.max_ttl_s).isoformat()
         if (ingest := self._pending(context_id, tenant)) is not None:
             ingest.record = replace(ingest.record, expire_time=expire)
             return ingest.info()
         record = replace(await self._require(context_id, tenant), expire_time=expire)
         await self.store.put(record_key(context_id), record.to_json())
         return record.info()
-
-    def _checked_expiry(self, expire_time: datetime) -> datetime:
-        if expire_time.tzinfo is None:
-            expire_time = expire_time.replace(tzinfo=UTC)
-        now = datetime.now(UTC)
-        if expire_time <= now:
-            raise InvalidInputError(f"expire_time must be in the future. Given: {expire_time}")
-        if expire_time > now + timedelta(seconds=self.config.max_ttl_s + 1):
-            raise InvalidInputError(
-                f"expire_time must be at most {self.config.max_ttl_s:g} seconds from now. "
-                f"Given: {expire_time}"
-            )
-        return expire_time.astimezone(UTC)
 
     async def list_contexts(
         self, tenant: str = "", page_size: int = 50, page_token: str | None = None
@@ -567,16 +555,6 @@ def _observe_ingest(timings: object, store_s: float, record: ContextRecord) -> N
     telemetry.CONTEXT_TOKENS.observe(record.context_tokens)
     if record.total_kv_pairs:
         telemetry.COMPRESSION_KEPT_RATIO.observe(record.kept_kv_pairs / record.total_kv_pairs)
-
-
-def _validated(compression: CompressionConfig) -> CompressionConfig:
-    if compression.method not in METHODS:
-        raise InvalidInputError(f"unknown compression method {compression.method!r}; use {METHODS}")
-    if not 0.0 < compression.ratio <= 1.0:
-        raise InvalidInputError(f"ratio must be in (0, 1]. Given: {compression.ratio}")
-    if compression.chunk_size < 16:
-        raise InvalidInputError(f"chunk_size must be >= 16. Given: {compression.chunk_size}")
-    return compression.normalized()
 
 
 def build_embedded_service(config: ServiceConfig) -> EmbeddedContextService:

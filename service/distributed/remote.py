@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service.config import METHODS, CompressionConfig, ServiceConfig
+from service.config import CompressionConfig, ServiceConfig
 from service.distributed.heartbeat import Heartbeats, WorkerBeat
 from service.distributed.jobs import (
     DELTA,
@@ -64,6 +64,7 @@ from service.types import (
     QueryRequest,
     QueryResult,
 )
+from service.validation import checked_expiry, validated_compression
 from storage import redis_client
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class RemoteContextService:
     # -- contexts ----------------------------------------------------------------------------
 
     async def create_context(self, request: CreateContextRequest) -> tuple[ContextInfo, bool]:
-        compression = _validated(request.compression)
+        compression = validated_compression(request.compression)
         ttl = self._ttl(request.ttl_seconds)
         if request.tenant == ANY_TENANT:
             raise InvalidInputError(f"tenant {ANY_TENANT!r} cannot own a context")
@@ -281,25 +282,12 @@ class RemoteContextService:
     async def update_context(
         self, context_id: str, expire_time: datetime, tenant: str = ""
     ) -> ContextInfo:
-        expire = self._checked_expiry(expire_time)
+        expire = checked_expiry(expire_time, self.config.max_ttl_s)
         await self._visible(context_id, tenant)
         with self._redis():
             if not await self.records.set_expiry(context_id, expire, tenant):
                 raise ContextNotFoundError(context_id)
         return (await self._visible(context_id, tenant)).info()
-
-    def _checked_expiry(self, expire_time: datetime) -> datetime:
-        if expire_time.tzinfo is None:
-            expire_time = expire_time.replace(tzinfo=UTC)
-        now = datetime.now(UTC)
-        if expire_time <= now:
-            raise InvalidInputError(f"expire_time must be in the future. Given: {expire_time}")
-        if expire_time > now + timedelta(seconds=self.config.max_ttl_s + 1):
-            raise InvalidInputError(
-                f"expire_time must be at most {self.config.max_ttl_s:g} seconds from now. "
-                f"Given: {expire_time}"
-            )
-        return expire_time.astimezone(UTC)
 
     async def list_contexts(
         self, tenant: str = "", page_size: int = 50, page_token: str | None = None
@@ -435,17 +423,6 @@ def _processing(
         system=request.system,
     )
     return RemoteRecord(record)
-
-
-def _validated(compression: CompressionConfig) -> CompressionConfig:
-    """The same checks as the embedded service, before anything reaches a worker."""
-    if compression.method not in METHODS:
-        raise InvalidInputError(f"unknown compression method {compression.method!r}; use {METHODS}")
-    if not 0.0 < compression.ratio <= 1.0:
-        raise InvalidInputError(f"ratio must be in (0, 1]. Given: {compression.ratio}")
-    if compression.chunk_size < 16:
-        raise InvalidInputError(f"chunk_size must be >= 16. Given: {compression.chunk_size}")
-    return compression.normalized()
 
 
 def _redacted(url: str) -> str:
