@@ -17,7 +17,7 @@ import torch
 from service.errors import CorruptContextError, IncompatibleContextError
 from service.identity import FORMAT_VERSION, ModelIdentity
 from service.kvcache import CompressedContext, RaggedLayer
-from service.tensor_blob import pack, unpack
+from service.tensor_blob import ByteSource, pack, unpack
 
 _FIELDS = ("keys", "values", "cu_lens", "scores", "positions")
 
@@ -48,11 +48,12 @@ def _metadata(context: CompressedContext, identity: ModelIdentity) -> dict[str, 
     }
 
 
-def read_metadata(data: bytes) -> dict[str, str]:
+def read_metadata(data: ByteSource) -> dict[str, str]:
     """The `__metadata__` of a safetensors blob; CorruptContextError when it does not parse."""
     try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
+        view = memoryview(data).cast("B")
+        (size,) = struct.unpack("<Q", view[:8])
+        header = json.loads(bytes(view[8 : 8 + size]))
         meta = header["__metadata__"]
     except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise CorruptContextError(f"stored context does not parse as safetensors: {exc}") from exc
@@ -77,12 +78,13 @@ def check_compatible(meta: dict[str, str], identity: ModelIdentity) -> None:
 
 
 def decode(
-    data: bytes,
+    data: ByteSource,
     identity: ModelIdentity,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> CompressedContext:
-    """safetensors bytes -> CompressedContext on `device` (keys/values cast to `dtype`)."""
+    """safetensors bytes (any bytes-like object, e.g. an mmap view) -> CompressedContext on
+    `device` (keys/values cast to `dtype`)."""
     meta = read_metadata(data)
     check_compatible(meta, identity)
     try:

@@ -13,6 +13,11 @@ leaves a half-written file under a real name. A new `DiskTier` over the same roo
 object; on startup it removes temp files and orphan sidecars older than `stale_after_s` (younger
 ones may belong to another process writing to a shared volume).
 
+`get_view` reads an object without copying it: a read-only memoryview of a memory map of its
+file. Files are only ever replaced by rename or unlinked, never changed in place, so a view keeps
+showing the bytes of the file it mapped, for as long as it is referenced, whatever happens to the
+key meanwhile.
+
 With `capacity_bytes`, the tier is an LRU by bytes: reads touch the file's mtime and a put evicts
 the least recently used files until the total fits. The directory is scanned for that, so other
 processes sharing the root are accounted for. All file IO runs in `asyncio.to_thread`.
@@ -23,15 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import mmap
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from storage._ttl import check_ttl
 from storage.base import InvalidKeyError, validate_key
+
+T = TypeVar("T")
 
 _SIDECAR_SUFFIX = ".ttl"
 _TEMP_SUFFIX = ".tmp"
@@ -79,6 +88,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _map_file(path: Path) -> memoryview:
+    """A read-only view of the whole file through a shared memory map (unmapped when the last
+    reference to the view goes away)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:  # an empty file cannot be mapped
+            return memoryview(b"")
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_WILLNEED"):
+        mapped.madvise(mmap.MADV_WILLNEED)
+    return memoryview(mapped)
+
+
 def _touch(path: Path) -> None:
     """Mark `path` as just used (nanosecond mtime, finer than the kernel's coarse clock)."""
     now = time.time_ns()
@@ -118,12 +140,14 @@ class DiskTier:
     async def get(self, key: str) -> bytes | None:
         """The file's bytes, or None when missing or expired."""
         validate_key(key)
-        data = await asyncio.to_thread(self._get_sync, key)
-        if data is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return data
+        return self._count(await asyncio.to_thread(self._get_sync, key))
+
+    async def get_view(self, key: str) -> memoryview | None:
+        """The file's bytes as a read-only memoryview of a memory map, or None when missing or
+        expired (counted like `get`). Nothing is copied up front: pages come from the page
+        cache as the view is read (the kernel is asked to read ahead the whole file)."""
+        validate_key(key)
+        return self._count(await asyncio.to_thread(self._get_view_sync, key))
 
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Write `data` atomically (replacing), then evict LRU files if over capacity."""
@@ -166,6 +190,17 @@ class DiskTier:
         self._touch_quietly(path)
         return data
 
+    def _get_view_sync(self, key: str) -> memoryview | None:
+        if self._expire_if_due(key):
+            return None
+        path = self._path(key)
+        try:
+            view = _map_file(path)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        self._touch_quietly(path)
+        return view
+
     def _put_sync(self, key: str, data: bytes, ttl_s: float | None) -> None:
         old_size = self._size(key)
         if self.capacity_bytes is not None and len(data) > self.capacity_bytes:
@@ -190,6 +225,14 @@ class DiskTier:
     def _keys_sync(self, prefix: str) -> list[str]:
         found = [info.key for info in self._scan() if info.key.startswith(prefix)]
         return sorted(k for k in found if not self._expire_if_due(k))
+
+    def _count(self, data: T) -> T:
+        """`data` unchanged, counted as a hit, or as a miss when it is None."""
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
 
     # -- expiry ----------------------------------------------------------------------------
 

@@ -7,13 +7,22 @@ ingest (prefill + KVzip scoring + selection + serialisation) / plain transformer
 per-token decode latency at ratios 1.0 / 0.3 / 0.1 (static tail + CUDA graph) next to
 transformers' own decode (DynamicCache + sdpa) and next to the bandwidth floor
 (weights + kept KV bytes) / measured device-to-device copy bandwidth; time to first token
-from a GPU-resident context, from disk, and by re-prefilling; decode throughput with 1, 4
-and 16 concurrent requests; peak GPU memory and stored bytes per context token.
+from a GPU-resident context, from disk (storage.DiskTier get_view / get + codec.decode), from
+Redis (storage.RedisTier get + codec.decode, against a local redis-server started by
+bench/gpu/redis_local.py) and by re-prefilling; serialisation and host<->device transfer
+rates of the stored blob; decode throughput with 1, 4 and 16 concurrent requests; peak GPU
+memory and stored bytes per context token.
+
+The storage package imports redis-py: on a machine without it, install the carried wheels
+first (`pip install --no-index --no-deps --target /tmp/site bench/.cache/whl/*.whl` and
+`PYTHONPATH=/tmp/site`). Without redis-py or a redis-server the rows that need them are
+skipped with the reason in `skipped`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -28,6 +37,7 @@ from service import codec
 from service.config import CompressionConfig, EngineConfig
 from service.engine import Document, KVzipEngine
 from service.selection import select
+from service.tensor_blob import unpack
 from service.types import SamplingParams
 
 LLAMA_8B = dict(
@@ -168,21 +178,10 @@ def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> d
     row["r0.3_over_full_latency"] = row["decode_ms_r0.3"] / row["decode_ms_r1.0"]
 
     ttft_resident, _ = decode_steps(engine, ctx, [prompt], 3)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ctx.safetensors"
-        path.write_bytes(blob)
-        os.sync()
-        t0 = sync_time()
-        loaded = codec.decode(path.read_bytes(), engine.identity, "cuda", torch.bfloat16)
-        t_load = sync_time() - t0
-        first, _ = decode_steps(engine, loaded, [prompt], 3)
-        ttft_disk = t_load + first  # read + decode to the GPU + first token
-    row.update(
-        ttft_resident_s=ttft_resident,
-        ttft_disk_s=ttft_disk,
-        ttft_reprefill_s=prefill_s + ttft_resident,
-        ttft_disk_over_reprefill=ttft_disk / (prefill_s + ttft_resident),
-    )
+    reprefill = prefill_s + ttft_resident
+    row.update(ttft_resident_s=ttft_resident, ttft_reprefill_s=reprefill)
+    row.update(transfer_rates(blob, t_encode))
+    row.update(ttft_from_storage(engine, blob, prompt, reprefill))
     for batch in (1, 4, 16):
         prompts = [torch.randint(100, 49000, (24,), generator=gen).tolist() for _ in range(batch)]
         _, step = decode_steps(engine, ctx, prompts, 40)
@@ -191,6 +190,100 @@ def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> d
     del full, ctx, blob
     torch.cuda.empty_cache()
     return row
+
+
+def transfer_rates(blob: bytes, encode_s: float, repeats: int = 3) -> dict:
+    """Serialisation and host->device rates of one stored blob (GB/s, 1e9 bytes).
+
+    encode: codec.encode as timed in the ingest; unpack_h2d: tensor_blob.unpack(blob, "cuda")
+    through the pinned staging ring (median of `repeats`); pageable_h2d: one plain pageable
+    copy of the same bytes (what unpack did before); pinned_h2d: the DMA ceiling, from one
+    pinned buffer of the same size.
+    """
+    size = len(blob)
+
+    def median_s(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = sync_time()
+            fn()
+            times.append(sync_time() - t0)
+        return statistics.median(times)
+
+    host = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    unpack_s = median_s(lambda: unpack(blob, "cuda"))
+    pageable_s = median_s(lambda: host.to("cuda"))
+    pinned = host.pin_memory()
+    pinned_s = median_s(lambda: pinned.to("cuda", non_blocking=True))
+    return {
+        "blob_gb": size / 1e9,
+        "encode_gb_s": size / encode_s / 1e9,
+        "unpack_h2d_s": unpack_s,
+        "unpack_h2d_gb_s": size / unpack_s / 1e9,
+        "pageable_h2d_gb_s": size / pageable_s / 1e9,
+        "pinned_h2d_gb_s": size / pinned_s / 1e9,
+    }
+
+
+def ttft_from_storage(engine: KVzipEngine, blob: bytes, prompt: list[int], reprefill: float):
+    """Time to first token from the storage tiers: get + codec.decode to the GPU + first token.
+
+    Disk: a DiskTier in a temp folder (warm page cache, as after the ingest that wrote it),
+    read with get_view (memory map, streamed into the pinned ring) and with get (bytes).
+    Redis: a RedisTier (32 MiB parts, checksums) on a local redis-server.
+    """
+    row: dict = {}
+    skipped: dict[str, str] = {}
+    loop = asyncio.new_event_loop()
+    try:
+        from storage.disk_tier import DiskTier
+    except ImportError as exc:  # storage imports redis-py
+        skipped["disk"] = skipped["redis"] = f"storage does not import: {exc}"
+        print(f"skipping the storage TTFT rows: {exc}", flush=True)
+        return {"skipped": skipped}
+    with tempfile.TemporaryDirectory() as tmp:
+        tier = DiskTier(Path(tmp))
+        loop.run_until_complete(tier.put("ctx", blob))
+        os.sync()
+        for name, read in (("disk", tier.get_view), ("disk_bytes", tier.get)):
+            ttft = _ttft(engine, lambda read=read: loop.run_until_complete(read("ctx")), prompt)
+            row[f"ttft_{name}_s"] = ttft
+            row[f"ttft_{name}_over_reprefill"] = ttft / reprefill
+    try:
+        ttft = _ttft_redis(engine, blob, prompt, loop)
+        row.update(ttft_redis_s=ttft, ttft_redis_over_reprefill=ttft / reprefill)
+    except Exception as exc:  # no redis-py, no redis-server, or it failed: only this row goes
+        skipped["redis"] = f"{type(exc).__name__}: {exc}"
+        print(f"skipping the Redis TTFT row: {skipped['redis']}", flush=True)
+    loop.close()
+    if skipped:
+        row["skipped"] = skipped
+    return row
+
+
+def _ttft(engine: KVzipEngine, get, prompt: list[int]) -> float:
+    """Seconds for get() + codec.decode to the GPU + the first generated token."""
+    t0 = sync_time()
+    data = get()
+    loaded = codec.decode(data, engine.identity, "cuda", torch.bfloat16)
+    t_load = sync_time() - t0
+    first, _ = decode_steps(engine, loaded, [prompt], 3)
+    del data, loaded
+    return t_load + first
+
+
+def _ttft_redis(engine: KVzipEngine, blob: bytes, prompt: list[int], loop) -> float:
+    from bench.gpu.redis_local import LocalRedis
+    from storage.redis_tier import RedisTier, redis_client
+
+    with LocalRedis() as server:
+        client = redis_client(server.url, timeout_s=120.0)  # 1.3 GB replies take a while
+        tier = RedisTier(client, prefix="bench:")
+        try:
+            loop.run_until_complete(tier.put("ctx", blob))
+            return _ttft(engine, lambda: loop.run_until_complete(tier.get("ctx")), prompt)
+        finally:
+            loop.run_until_complete(client.aclose())
 
 
 def profile_ingest(engine: KVzipEngine, n: int) -> None:

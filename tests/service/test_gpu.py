@@ -112,3 +112,61 @@ def test_fused_static_decode_matches_reference(batch, t, n):
         end = int(length[b]) + t
         ot, lt = reference.causal_attention(q[b], tail_k[b, :, :end], tail_v[b, :, :end], d**-0.5)
         assert _rel(out[b], merge_partials(oc, lc, ot, lt)) < 2e-2
+
+
+# -- tensor_blob: pack/unpack through the pinned staging ring ----------------------------------
+
+
+def _blob_tensors(n_big: int, seed: int) -> dict[str, torch.Tensor]:
+    """KV-like tensors on the GPU: big bf16 blocks plus small, unaligned int32/fp32 ones."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for i in range(3):
+        n = n_big + 37 * i  # rows * 128 * 2 bytes: windows split tensors mid-way
+        out[f"layers.{i}.keys"] = torch.randn(n, 128, device="cuda", generator=g).bfloat16()
+        out[f"layers.{i}.values"] = torch.randn(n, 128, device="cuda", generator=g).bfloat16()
+        out[f"layers.{i}.cu_lens"] = torch.arange(9, device="cuda", dtype=torch.int32)  # 36 B
+        out[f"layers.{i}.scores"] = torch.rand(n, device="cuda", generator=g)
+        out[f"layers.{i}.positions"] = torch.arange(n + 1, device="cuda", dtype=torch.int32)
+    out["context_ids"] = torch.arange(1001, dtype=torch.int32)  # on the CPU: mixed devices
+    return out
+
+
+@pytest.mark.parametrize("n_big", [1, 333, 200_003])  # up to ~330 MB: many 32 MiB windows
+def test_tensor_blob_round_trip_on_cuda_is_bit_exact(n_big):
+    from safetensors.torch import load
+
+    from service.tensor_blob import pack, unpack
+
+    tensors = _blob_tensors(n_big, seed=n_big)
+    blob = pack(tensors, {"m": "x"})
+    assert blob == pack({k: v.cpu() for k, v in tensors.items()}, {"m": "x"})  # same bytes
+    for source in (blob, memoryview(blob)):
+        back = unpack(source, "cuda")
+        for name, t in tensors.items():
+            assert back[name].is_cuda and back[name].data_ptr() % 16 == 0
+            assert torch.equal(back[name].cpu(), t.cpu()), name
+    if n_big < 1000:
+        reference = load(blob)
+        assert all(torch.equal(reference[k], v.cpu()) for k, v in tensors.items())
+
+
+def test_tensor_blob_small_ring_on_cuda_back_to_back():
+    """Many tiny windows, calls back to back: a slot is never overwritten while in DMA."""
+    from service.tensor_blob import _download, _Span, _StagingRing, _upload
+
+    ring = _StagingRing(3, 4099)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    sources = [torch.randint(0, 256, (50_001 + i,), device="cuda", generator=g,
+                             dtype=torch.uint8) for i in range(4)]  # fmt: skip
+    outs = [_upload(s.cpu(), torch.device("cuda", torch.cuda.current_device()), ring)
+            for s in sources]  # fmt: skip
+    for s, o in zip(sources, outs, strict=True):
+        assert torch.equal(s, o)
+    spans, start = [], 0
+    for s in sources:
+        spans.append(_Span(start, s))
+        start += s.numel()
+    host = torch.empty(start, dtype=torch.uint8)
+    _download(host, spans, sources[0].device, ring)
+    assert torch.equal(host, torch.cat(sources).cpu())

@@ -135,3 +135,35 @@ async def test_counts_hits_misses_and_bytes(tmp_path: Path) -> None:
     assert (tier.hits, tier.misses, tier.bytes_used) == (1, 1, 3)
     await tier.delete("a")
     assert tier.bytes_used == 0
+
+
+async def test_get_view_maps_the_same_bytes_read_only(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path)
+    data = os.urandom(3 * 4096 + 17)
+    await tier.put("big", data)
+    await tier.put("empty", b"")
+    view = await tier.get_view("big")
+    assert view is not None and view.readonly and bytes(view) == data
+    assert view.tobytes() == await tier.get("big")
+    assert await tier.get_view("empty") == b""
+    assert await tier.get_view("missing") is None
+    assert (tier.hits, tier.misses) == (3, 1)
+
+
+async def test_a_view_keeps_its_bytes_when_the_key_is_replaced_or_deleted(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path)
+    await tier.put("k", b"first version")
+    view = await tier.get_view("k")
+    await tier.put("k", b"second, longer version")
+    assert await tier.get("k") == b"second, longer version"
+    await tier.delete("k")
+    assert view is not None and bytes(view) == b"first version"
+
+
+async def test_get_view_honours_expiry(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path)
+    await tier.put("k", b"x", ttl_s=0.2)
+    assert await tier.get_view("k") == b"x"
+    await asyncio.sleep(0.4)
+    assert await tier.get_view("k") is None
+    assert list(tmp_path.iterdir()) == []
