@@ -73,8 +73,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--kvpress-ratios", help="ratios for kvpress (default: --ratios)")
     p.add_argument("--calibration-paragraphs", type=int, help="kvzip_head: paragraphs per text")
-    p.add_argument("--kvzap-texts", type=int, default=24, help="kvzap: calibration texts")
+    p.add_argument(
+        "--kvzap-texts", type=int, default=24, help="kvzap: calibration texts (0: all there are)"
+    )
     p.add_argument("--kvzap-tokens", type=int, default=4000, help="kvzap: tokens per text")
+    p.add_argument(
+        "--kvzap-positions",
+        type=int,
+        default=None,
+        help="kvzap: sampled positions per calibration text (0: every position)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="grid worker processes on the one device (a launch-bound GPU answers several "
+        "questions at once); QA documents are split into parts of --questions-per-unit",
+    )
+    p.add_argument("--kvpress-workers", type=int, default=1, help="kvpress peer processes")
+    p.add_argument("--questions-per-unit", type=int, default=4, help="with --workers > 1")
+    p.add_argument(
+        "--deadline-min",
+        type=float,
+        default=None,
+        help="stop workers and peers this many minutes after the start and report the "
+        "documents they finished (only with --workers > 1)",
+    )
     p.add_argument("--out", type=Path, help="markdown file whose bench section is rewritten")
     p.add_argument("--plot", type=Path, help="PNG plot path")
     p.add_argument("--results", type=Path, help="raw results JSON path")
@@ -166,23 +190,36 @@ def main(argv: list[str] | None = None) -> int:
         _log(
             f"kvzip_head calibrated on {len(calibration)} texts in {time.perf_counter() - t0:.1f}s"
         )
-    kvzap_line = kvzap.prepare(
-        engine, methods, qa + needles, args.qa_docs, args.kvzap_texts, args.kvzap_tokens
-    )
-    peer = start_kvpress(engine, args, qa + needles, INSTRUCTION) if args.kvpress else None
-    grid = Grid(engine, methods, _floats(args.ratios), MAX_NEW)
-    grid.run(qa + needles)
-    data = grid.to_json()
-    peer_rows: list[dict] = []
-    peer_timings: list[dict] = []
-    peer_meta: dict = {}
-    if peer is not None:
-        _log("waiting for the kvpress peer")
-        peer_rows, peer_timings, peer_meta = kvpress_rows(peer.join(), qa + needles)
-    rows = data["rows"] + peer_rows
+    if args.workers > 1:
+        rows, timings, peer_timings, peer_meta, kvzap_line, coverage = run_parallel(
+            engine, args, methods, qa, needles, INSTRUCTION, started
+        )
+    else:
+        kvzap_line = kvzap.prepare(
+            engine,
+            methods,
+            qa + needles,
+            args.qa_docs,
+            args.kvzap_texts,
+            args.kvzap_tokens,
+            positions=args.kvzap_positions,
+        )
+        peer = start_kvpress(engine, args, qa + needles, INSTRUCTION) if args.kvpress else None
+        grid = Grid(engine, methods, _floats(args.ratios), MAX_NEW)
+        grid.run(qa + needles)
+        data = grid.to_json()
+        peer_rows: list[dict] = []
+        peer_timings: list[dict] = []
+        peer_meta: dict = {}
+        if peer is not None:
+            _log("waiting for the kvpress peer")
+            peer_rows, peer_timings, peer_meta = kvpress_rows(peer.join(), qa + needles)
+        rows, timings, coverage = data["rows"] + peer_rows, data["timings"], ""
+    data = {"timings": timings}
     elapsed = time.perf_counter() - started
     header = _header(args, argv, engine, qa, needles, elapsed, peer_meta)
     header += f"\n{kvzap_line}" if kvzap_line else ""
+    header += f"\n{coverage}" if coverage else ""
     args.results.parent.mkdir(parents=True, exist_ok=True)
     title = f"{engine.identity.name}, {device}: accuracy and fidelity vs kept ratio"
     saved = {
@@ -197,6 +234,102 @@ def main(argv: list[str] | None = None) -> int:
     report.plot(rows, args.plot, title)
     _log(f"done in {elapsed / 60:.1f} min -> {args.out}, {args.plot}, {args.results}")
     return 0
+
+
+def run_parallel(engine, args, methods, qa, needles, instruction, started):  # type: ignore[no-untyped-def]
+    """The grid on `--workers` processes and kvpress on `--kvpress-workers`, kvzap calibrated
+    here meanwhile; with --deadline-min, only the documents (parts) finished in time.
+
+    Returns rows, timings, peer timings, peer meta, the kvzap header line, a coverage line.
+    """
+    from bench.quality import kvzap
+    from bench.quality.parallel import Pool, base_name, shards, split_questions
+    from bench.quality.runner import _log
+
+    units = split_questions(qa, args.questions_per_unit) + needles
+    run_start = time.time() - (time.perf_counter() - started)
+    deadline = None if args.deadline_min is None else run_start + 60 * args.deadline_min
+    peers = []
+    if args.kvpress:
+        for shard in shards(units, args.kvpress_workers):
+            peers.append(start_kvpress(engine, args, shard, instruction))
+    job = {
+        "engine_config": _engine_config(args, str(engine.model.device)),
+        "threads": args.threads,
+        "head_dir": str(engine.head_scores_dir) if "kvzip_head" in methods else None,
+        "kvzap_dir": str(kvzap.CACHE),
+        "methods": methods,
+        "ratios": _floats(args.ratios),
+        "max_new": MAX_NEW,
+    }
+    pool = Pool(job, units, args.workers, ROOT / "bench" / ".cache" / "quality-workers")
+    _log(f"{len(pool.procs)} workers on {len(units)} units, {len(peers)} kvpress peers")
+    kvzap_line = ""
+    try:
+        kvzap_line = kvzap.prepare(
+            engine,
+            methods,
+            qa + needles,
+            args.qa_docs,
+            args.kvzap_texts,
+            args.kvzap_tokens,
+            positions=args.kvzap_positions,
+        )
+        pool.signal(True)
+    except Exception as exc:  # noqa: BLE001 - the rest of the grid still reports
+        _log(f"kvzap calibration failed: {exc!r}")
+        pool.signal(False)
+        kvzap_line = f"- kvzap: calibration failed ({exc!r}); no kvzap rows."
+    all_done = pool.wait(deadline)
+    out = pool.results()
+    _log(f"workers {'finished' if all_done else 'stopped at the deadline'}: {out['done']}")
+    peer_out: dict = {"meta": {}, "results": []}
+    for peer in peers:
+        part, finished = peer.finish(deadline)
+        _log(f"kvpress peer {'finished' if finished else 'stopped'}: {len(part['results'])}")
+        peer_out["meta"] = part["meta"] or peer_out["meta"]
+        peer_out["results"] += part["results"]
+    n_ratios = len(_floats(args.kvpress_ratios))
+    peer_done = {
+        name
+        for name in {r["task"] for r in peer_out["results"]}
+        if sum(r["task"] == name for r in peer_out["results"]) == n_ratios
+    }
+    plain = set(out["done"]["plain"])
+    keep = plain & peer_done if peers else plain
+    learned = keep & set(out["done"]["kvzap"])
+    rows = [
+        r for r in out["rows"] if r["task"] in (learned if kvzap.is_kvzap(r["method"]) else keep)
+    ]
+    timings = [t for t in out["timings"] if t["task"] in keep]
+    peer_out["results"] = [r for r in peer_out["results"] if r["task"] in keep]
+    peer_rows, peer_timings, peer_meta = kvpress_rows(peer_out, units) if peers else ([], [], {})
+    for r in rows + peer_rows:
+        r["task"] = base_name(r["task"])
+    for t in timings + peer_timings:
+        t["task"] = base_name(t["task"])
+    n_q = lambda names: sum(len(u.questions) for u in units if u.name in names)  # noqa: E731
+    has_kvzap = any(kvzap.is_kvzap(m) for m in methods)
+    coverage = (
+        f"- Run: {len(pool.procs)} grid worker processes and {len(peers)} kvpress processes "
+        f"on the one device, {len(units)} units (QA documents in parts of at most "
+        f"{args.questions_per_unit} questions, each part compressing the whole document; "
+        "needles whole). "
+        + (
+            f"Deadline {args.deadline_min:g} min: "
+            if args.deadline_min is not None
+            else "No deadline: "
+        )
+        + f"{len(keep)} of {len(units)} units ({n_q(keep)} of {n_q({u.name for u in units})} "
+        "questions) finished by every side and are in the tables"
+        + (
+            f"; the kvzap rows cover {len(learned)} units ({n_q(learned)} questions)"
+            if has_kvzap
+            else ""
+        )
+        + ". Times in the ingest table were taken with all these processes sharing the device."
+    )
+    return rows + peer_rows, timings, peer_timings, peer_meta, kvzap_line, coverage
 
 
 def start_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-def]

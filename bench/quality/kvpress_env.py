@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGET = ROOT / "bench" / ".venv-kvpress"
+TARGET = Path(os.environ.get("KVPRESS_TARGET") or ROOT / "bench" / ".venv-kvpress")
 STUBS = Path(__file__).resolve().parent / "kvpress_stubs"
 PEER = Path(__file__).resolve().parent / "kvpress_peer.py"
 PINS = [
@@ -57,6 +57,25 @@ class Peer:
         self.job_path.write_text(json.dumps(job), encoding="utf-8")
         cmd = [sys.executable, str(PEER), str(self.job_path), str(self.out_path)]
         self.process = subprocess.Popen(cmd, env=env)
+
+    def finish(self, deadline: float | None) -> tuple[dict, bool]:
+        """Wait until `deadline` (time.time()), then stop the child: (its output so far,
+        whether it finished on its own). The peer rewrites its output after every task."""
+        import time
+
+        left = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            self.process.wait(left)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            self.process.wait(10)
+        finished = self.process.returncode == 0
+        try:
+            if self.out_path.exists():
+                return dict(json.loads(self.out_path.read_text(encoding="utf-8"))), finished
+            return {"meta": {}, "results": []}, finished
+        finally:
+            self._tmp.cleanup()
 
     def join(self, timeout_s: float | None = None) -> dict:
         """Wait for the child; its parsed output (CalledProcessError when it failed)."""

@@ -100,9 +100,17 @@ def main(job_path: str, out_path: str) -> None:
             )
             sys.stderr.write(f"kvpress {task['name']!r} ratio {ratio}: {ingest_s:.1f}s\n")
             sys.stderr.flush()
+        _write(out_path, results)  # after every task: a stopped peer leaves what it finished
+    _write(out_path, results)
+
+
+def _write(out_path: str, results: list[dict]) -> None:
+    import os
+
     meta = {"transformers": transformers.__version__, "kvpress": _version("kvpress")}
-    with open(out_path, "w", encoding="utf-8") as f:
+    with open(out_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "results": results}, f)
+    os.replace(out_path + ".tmp", out_path)
 
 
 def _version(name: str) -> str:

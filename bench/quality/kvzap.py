@@ -29,9 +29,14 @@ import torch
 
 from bench.quality.data import Task, _sentences, load_articles
 from service.config import CompressionConfig
-from service.kvzap.calibration import CalibrationSettings, calibrate_scorer, collect, fit, split
+from service.kvzap.calibration import CalibrationSettings, collect, fit, split
 from service.kvzap.fit import predict_all, r2_score
-from service.kvzap.predictor import load_predictor, predictor_path, save_predictor
+from service.kvzap.predictor import (
+    KVzapPredictor,
+    load_predictor,
+    predictor_path,
+    save_predictor,
+)
 
 if TYPE_CHECKING:
     from service.engine import Document, KVzipEngine
@@ -90,33 +95,96 @@ def prepare(
     texts: int = 24,
     tokens: int = 4000,
     directory: Path = CACHE,
+    positions: int | None = None,
 ) -> str:
     """Calibrate both predictors once (on free articles) into `directory`; a header line.
 
     tokens 4000: the defaults of `kvzip calibrate-scorer` (chunks of 2,000, 2,000 positions
     per text); tokens 1000: the KVzap recipe (one softmax per text, 500 positions).
+    texts 0: every text the free articles give. positions: sampled positions per text
+    (None: the settings' default; 0: every position of every text). On a GPU the fit runs
+    there too (the samples are moved to the device; hidden states are kept in the model's
+    dtype until then, which loses nothing: the model computed them in it).
     """
     if not any(is_kvzap(m) for m in methods):
         return ""
     engine.kvzap_dir = Path(directory)
     free = free_articles(load_articles(), tasks, qa_docs)
-    calibration = pack(free, engine, tokens, texts)
+    calibration = pack(free, engine, tokens, texts or 10**9)
     settings = CalibrationSettings()
     if tokens <= 1000:
         settings = replace(settings, chunk_size=None, tokens_per_text=500)
+    if positions is not None:
+        settings = replace(settings, tokens_per_text=positions or 10**9)
     t0 = time.perf_counter()
-    fitted = calibrate_scorer(engine, calibration, settings)
+    fitted = _calibrate(engine, calibration, settings)
     for kind, predictor in fitted.items():
         save_predictor(predictor_path(engine.kvzap_dir, engine.identity, kind), predictor)
     spent = time.perf_counter() - t0
     r2 = ", ".join(f"{k} {p.meta['heldout_r2']}" for k, p in fitted.items())
+    n_train = int(next(iter(fitted.values())).meta["train_samples"])
+    n_held = int(next(iter(fitted.values())).meta["heldout_samples"])
+    n_tokens = sum(len(engine.tokenizer.encode(t, add_special_tokens=False)) for t in calibration)
     _log(f"kvzap calibrated on {len(calibration)} texts in {spent:.1f}s; held-out R² {r2}")
-    return (
-        f"- kvzap: predictors fitted by `calibrate_scorer` on {len(calibration)} texts of "
-        f"~{tokens:,} tokens from {len(free)} articles no task reads (targets: "
-        f"{settings.describe_target()}, {settings.tokens_per_text} positions per text, last "
-        f"10% of the texts held out) in {spent:.0f} s; held-out R² of log-scores: {r2}."
+    per_text = (
+        "every position of each text"
+        if settings.tokens_per_text >= 10**9
+        else f"{settings.tokens_per_text} positions per text"
     )
+    losses = "; ".join(
+        f"{k}: training MSE {p.meta['train_loss']}, held-out MSE {p.meta.get('heldout_loss')}"
+        for k, p in fitted.items()
+    )
+    return (
+        f"- kvzap: predictors fitted on {len(calibration)} texts of ~{tokens:,} tokens "
+        f"({n_tokens:,} tokens) from {len(free)} articles no task reads (targets: "
+        f"{settings.describe_target()}, {per_text}: {n_train:,} training samples, "
+        f"{n_held:,} held out from the last 10% of the texts) in {spent:.0f} s on "
+        f"{engine.model.device}; held-out R² of log-scores: {r2} ({losses})."
+    )
+
+
+def _calibrate(
+    engine: KVzipEngine, texts: list[str], settings: CalibrationSettings
+) -> dict[str, KVzapPredictor]:
+    """`calibrate_scorer`, with the samples kept compact and the fit on the model's device."""
+    from service.kvzap.calibration import Samples, score_text
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    keep_dtype = engine.model.dtype if engine.model.dtype != torch.float16 else torch.float32
+    xs, ys, ts = [], [], []
+    for i, text in enumerate(texts):
+        x, y = score_text(engine, text, settings.target, settings.chunk_size)
+        pick = torch.randperm(x.shape[0], generator=gen)[: settings.tokens_per_text]
+        xs.append(x[pick].to(keep_dtype))
+        ys.append(y[pick])
+        ts.append(torch.full((len(pick),), i, dtype=torch.int32))
+        if (i + 1) % 10 == 0:
+            _log(f"kvzap calibration: {i + 1}/{len(texts)} texts scored")
+    samples = Samples(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+    del xs, ys, ts
+    train, held = split(samples, settings.heldout)
+    del samples
+    device = engine.model.device
+    if device.type != "cpu":
+        train = Samples(train.x.to(device), train.y.to(device), train.text.to(device))
+        held = Samples(held.x.to(device), held.y.to(device), held.text.to(device))
+    fitted = fit(train, held, settings, bar=False)
+    del train, held
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        kind: p.to("cpu").with_meta(
+            model=engine.identity.name,
+            model_fingerprint=engine.identity.model_fingerprint,
+            target=settings.describe_target(),
+            source="calibrated",
+            texts=len(texts),
+            tokens_per_text=settings.tokens_per_text,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        for kind, p in fitted.items()
+    }
 
 
 def ingest_scored(
