@@ -44,7 +44,7 @@ def _loop(seconds: float, start_at: float, out) -> None:  # type: ignore[no-unty
 def measure(n: int, seconds: float = 3.0) -> float:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    start_at = time.time() + 8.0  # after every process has its CUDA context
+    start_at = time.time() + 6.0  # after every process has its CUDA context
     procs = [ctx.Process(target=_loop, args=(seconds, start_at, q)) for _ in range(n)]
     for p in procs:
         p.start()

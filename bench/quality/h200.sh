@@ -22,7 +22,7 @@ shift || true
 if [ "$mode" = part1 ]; then
     mkdir -p /tmp/q && cp "$Q/p1/gguf.part1" /tmp/q/ && ls -la /tmp/q
     nvidia-smi -L
-    python3 -m bench.quality.gpu_scaling 1 4 8 12 2>&1 | tee "$OUT/gpu-scaling.txt"
+    python3 -m bench.quality.gpu_scaling 1 12 2>&1 | tee "$OUT/gpu-scaling.txt"
     exit 0
 fi
 test -f /tmp/q/gguf.part1 || { echo "part 1 missing: the machine was not the warm one"; exit 3; }
