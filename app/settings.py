@@ -16,6 +16,7 @@ current and that README.md names every variable.
 | `attention_backend` | `KVZIP_ATTENTION_BACKEND` | `auto` | Attention kernel; auto picks |
 | `prefill_chunk_tokens` | `KVZIP_PREFILL_CHUNK_TOKENS` | `16000` | Tokens per prefill forward |
 | `question_reserve_tokens` | `KVZIP_QUESTION_RESERVE_TOKENS` | `384` | Window kept for Q and A |
+| `compile_decode` | `KVZIP_COMPILE_DECODE` | `False` | torch.compile the decode step |
 | `data_dir` | `KVZIP_DATA_DIR` | `data` | Disk tier directory |
 | `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
@@ -107,6 +108,9 @@ class Settings(BaseSettings):
     )
     question_reserve_tokens: int = Field(
         default=_ENGINE.question_reserve_tokens, ge=1, description="Window kept for Q and A"
+    )
+    compile_decode: bool = Field(
+        default=_ENGINE.compile_decode, description="torch.compile the decode step"
     )
     # service
     data_dir: Path = Field(default=_SERVICE.data_dir, description="Disk tier directory")
@@ -235,6 +239,7 @@ class Settings(BaseSettings):
             attention_backend=self.attention_backend,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             question_reserve_tokens=self.question_reserve_tokens,
+            compile_decode=self.compile_decode,
         )
         return ServiceConfig(
             engine=engine,

@@ -10,15 +10,18 @@ replayed, so per-token cost is kernels only, no Python.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
 
-from service.generation import forward, step_logits
+from service.generation import compiled_step_logits, forward, step_logits
 from service.kvcache import CompressedContext
 from service.static_cache import StaticKVzipCache
 from service.types import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class BatchDecoder:
@@ -30,6 +33,7 @@ class BatchDecoder:
         max_new_tokens: int,
         eos_ids: set[int],
         use_graph: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         cfg = model.config
         self.model, self.context, self.prompts, self.eos_ids = model, context, prompts, eos_ids
@@ -39,13 +43,14 @@ class BatchDecoder:
             context,
             cfg.num_hidden_layers,
             len(prompts),
-            max(len(p) for p in prompts) + max_new_tokens + 1,
+            _bucket(max(len(p) for p in prompts) + max_new_tokens + 1),
             cfg.num_key_value_heads,
             getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
             model.dtype,
             device,
         )
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.compiled = compiled
         self.ids = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -61,18 +66,33 @@ class BatchDecoder:
         return torch.stack(rows)
 
     def _run(self) -> torch.Tensor:
+        if self.compiled:
+            return compiled_step_logits(self.model, self.ids, self.pos, self.cache)
         return step_logits(self.model, self.ids, self.pos, self.cache)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up writes slot `length`, rewritten by the real step
-            for _ in range(2):
-                self._run()
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
+
+    def _warm_up(self) -> None:
+        """Two eager runs before capture (compiles when `compiled`; a failed compile falls
+        back to the eager step, logged, so a request never fails for it)."""
+        try:
+            for _ in range(2):
+                self._run()
+        except Exception:  # Inductor/Triton errors vary by version: any of them -> eager
+            if not self.compiled:
+                raise
+            log.exception("torch.compile of the decode step failed; decoding eagerly")
+            self.compiled = False
+            for _ in range(2):
+                self._run()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens (B,) to every row; returns the next logits (B, V) fp32."""
@@ -104,6 +124,11 @@ class BatchDecoder:
                 return
             yield [t if a else None for t, a in zip(host, alive, strict=True)]
             logits = self.step(tokens)
+
+
+def _bucket(tokens: int, granule: int = 256) -> int:
+    """Tail capacity rounded up, so similar requests share one compiled/captured shape."""
+    return -(-tokens // granule) * granule
 
 
 def _sample_rows(

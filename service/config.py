@@ -57,6 +57,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     prefill_chunk_tokens: int = 16000
     question_reserve_tokens: int = 384
+    compile_decode: bool = False  # torch.compile the decode step (fuses small kernels)
 
 
 @dataclass(frozen=True)

@@ -204,10 +204,20 @@ class KVzipEngine:
         prompts: list[list[int]],
         params: SamplingParams,
         use_graph: bool | None = None,
+        compiled: bool | None = None,
     ) -> Iterator[list[int | None]]:
-        """Decode several prompts over one context together; one token list per step."""
+        """Decode several prompts over one context together; one token list per step.
+
+        compiled: torch.compile the step (default: the engine's `compile_decode` setting).
+        """
         decoder = BatchDecoder(
-            self.model, context, prompts, params.max_new_tokens, self.eos_ids, use_graph
+            self.model,
+            context,
+            prompts,
+            params.max_new_tokens,
+            self.eos_ids,
+            use_graph,
+            self.config.compile_decode if compiled is None else compiled,
         )
         with torch.inference_mode():
             yield from decoder.run(params)

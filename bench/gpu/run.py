@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from service import codec
+from service.batch_decode import BatchDecoder
 from service.config import CompressionConfig, EngineConfig
 from service.engine import Document, KVzipEngine
 from service.selection import select
@@ -119,17 +122,73 @@ def hf_decode_ms(model, cache, first: torch.Tensor, start: int, steps: int = 24)
     return 1000 * statistics.median(times[4:])
 
 
-def decode_steps(engine, ctx, prompts, steps: int) -> tuple[float, float]:
-    """(first-token seconds, median seconds per later step) for a batch of prompts."""
+def kernels_per_step(engine: KVzipEngine, ctx, prompt: list[int], compiled: bool) -> int:
+    """CUDA kernels launched by one decode step, outside a graph (eager or compiled)."""
+    decoder = BatchDecoder(engine.model, ctx, [prompt], 4, set(), False, compiled)
+    with torch.inference_mode():
+        logits = decoder.prefill()
+        token = logits.argmax(-1)
+        decoder.step(token)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decoder.step(token)
+            torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
+def hf_static_compiled_ms(engine: KVzipEngine, ids: list[int], steps: int = 30) -> float:
+    """transformers' StaticCache + torch.compile(mode="reduce-overhead"): median ms/token."""
+    model = engine.model
+    model.set_attn_implementation("sdpa")
+    params = inspect.signature(model.forward).parameters
+    kw = "cache" if "cache" in params else "past_key_values"
+    n = len(ids)
+    cache = StaticCache(config=model.config, max_cache_len=n + steps + 8)
+    x = torch.tensor([ids], device="cuda")
+
+    def call(fn: Any, tokens: torch.Tensor, start: int) -> Any:
+        pos = torch.arange(start, start + tokens.shape[1], device="cuda").unsqueeze(0)
+        extra = {"cache_position": pos[0]} if "cache_position" in params else {}
+        return fn(
+            input_ids=tokens,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{kw: cache},
+            **extra,
+        )
+
+    with torch.inference_mode():
+        for a in range(0, n, 8192):  # eager prefill in pieces (the mask is pieces x n)
+            out = call(model, x[:, a : a + 8192], a)
+        step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for i in range(steps):
+            t0 = sync_time()
+            out = call(step, token, n + i)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(sync_time() - t0)
+    model.set_attn_implementation("kvzip")
+    return 1000 * statistics.median(times[8:])
+
+
+def decode_steps(engine, ctx, prompts, steps: int, compiled: bool = False) -> tuple[float, float]:
+    """(first-token seconds, median seconds per later step) for a batch of prompts.
+
+    compiled: the torch.compile'd step, captured in the CUDA graph like the eager one.
+    """
     stamps = []
+    params = SamplingParams(max_new_tokens=steps)
     t0 = sync_time()
-    for _ in engine.generate_batch(ctx, prompts, SamplingParams(max_new_tokens=steps)):
+    for _ in engine.generate_batch(ctx, prompts, params, compiled=compiled):
         stamps.append(time.perf_counter())
     deltas = [b - a for a, b in zip(stamps[2:], stamps[3:], strict=False)]  # after capture
     return stamps[0] - t0, statistics.median(deltas) if deltas else float("nan")
 
 
-def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> dict:
+def bench_length(
+    engine: KVzipEngine, n: int, bw: float, weight_bytes: int, hf_static_lengths=()
+) -> dict:
     gen = torch.Generator().manual_seed(n)
     ids = torch.randint(100, 49000, (n,), generator=gen).tolist()
     prefix = list(engine.encode_document("x").prefix_ids)
@@ -142,6 +201,12 @@ def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> d
     row["hf_decode_ms"] = hf_decode_ms(engine.model, hf_cache, hf_logits, len(doc.all_ids))
     del hf_cache
     torch.cuda.empty_cache()
+    if n in hf_static_lengths:
+        try:
+            row["hf_static_compiled_ms"] = hf_static_compiled_ms(engine, doc.all_ids)
+        except Exception as exc:  # "when it works": say why not
+            row["hf_static_compiled_error"] = f"{type(exc).__name__}: {exc}"[:400]
+        torch.cuda.empty_cache()
 
     torch.cuda.reset_peak_memory_stats()
     t0 = sync_time()
@@ -170,13 +235,26 @@ def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> d
     )
     for ratio in (1.0, 0.3, 0.1):
         c = full if ratio == 1.0 else select(full, ratio)
-        _, step = decode_steps(engine, c, [prompt], 40)
         floor = (weight_bytes + c.nbytes) / bw
-        row[f"decode_ms_r{ratio}"] = 1000 * step
         row[f"floor_ms_r{ratio}"] = 1000 * floor
-        row[f"decode_over_floor_r{ratio}"] = step / floor
-    row["r0.3_over_full_latency"] = row["decode_ms_r0.3"] / row["decode_ms_r1.0"]
+        for tag, compiled in (("", False), ("compiled_", True)):
+            try:
+                _, step = decode_steps(engine, c, [prompt], 40, compiled)
+            except Exception as exc:  # report the failure, keep the run going
+                row[f"decode_{tag}error"] = f"{type(exc).__name__}: {exc}"[:400]
+                continue
+            row[f"decode_{tag}ms_r{ratio}"] = 1000 * step
+            row[f"decode_{tag}over_floor_r{ratio}"] = step / floor
+    for tag in ("", "compiled_"):
+        if f"decode_{tag}ms_r0.3" in row and f"decode_{tag}ms_r1.0" in row:
+            ratio_latency = row[f"decode_{tag}ms_r0.3"] / row[f"decode_{tag}ms_r1.0"]
+            row[f"{tag}r0.3_over_full_latency"] = ratio_latency
 
+    for tag, compiled in (("", False), ("compiled_", True)):
+        try:
+            row[f"{tag}kernels_per_step"] = kernels_per_step(engine, ctx, prompt, compiled)
+        except Exception as exc:
+            row[f"{tag}kernels_per_step_error"] = f"{type(exc).__name__}: {exc}"[:400]
     ttft_resident, _ = decode_steps(engine, ctx, [prompt], 3)
     reprefill = prefill_s + ttft_resident
     row.update(ttft_resident_s=ttft_resident, ttft_reprefill_s=reprefill)
@@ -184,9 +262,17 @@ def bench_length(engine: KVzipEngine, n: int, bw: float, weight_bytes: int) -> d
     row.update(ttft_from_storage(engine, blob, prompt, reprefill))
     for batch in (1, 4, 16):
         prompts = [torch.randint(100, 49000, (24,), generator=gen).tolist() for _ in range(batch)]
-        _, step = decode_steps(engine, ctx, prompts, 40)
-        row[f"tokens_per_s_b{batch}"] = batch / step
-    row["throughput_16_over_1"] = row["tokens_per_s_b16"] / row["tokens_per_s_b1"]
+        for tag, compiled in (("", False), ("compiled_", True)):
+            try:
+                _, step = decode_steps(engine, ctx, prompts, 40, compiled)
+            except Exception as exc:
+                row[f"throughput_{tag}error"] = f"{type(exc).__name__}: {exc}"[:400]
+                continue
+            row[f"{tag}tokens_per_s_b{batch}"] = batch / step
+    for tag in ("", "compiled_"):
+        if f"{tag}tokens_per_s_b16" in row and f"{tag}tokens_per_s_b1" in row:
+            gain = row[f"{tag}tokens_per_s_b16"] / row[f"{tag}tokens_per_s_b1"]
+            row[f"{tag}throughput_16_over_1"] = gain
     del full, ctx, blob
     torch.cuda.empty_cache()
     return row
@@ -308,6 +394,13 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="bench/.cache/tokenizer")
     parser.add_argument("--out", default="bench/results/gpu.json")
     parser.add_argument("--profile", type=int, default=0, help="profile one ingest of N tokens")
+    parser.add_argument(
+        "--hf-static-lengths",
+        type=int,
+        nargs="*",
+        default=[32768],
+        help="lengths at which to time transformers' StaticCache + torch.compile decode",
+    )
     args = parser.parse_args()
     bw = copy_bandwidth()
     engine = build_engine(args.tokenizer)
@@ -322,7 +415,7 @@ def main() -> None:
         "rows": [],
     }
     for n in args.lengths:
-        result["rows"].append(bench_length(engine, n, bw, weight_bytes))
+        result["rows"].append(bench_length(engine, n, bw, weight_bytes, args.hf_static_lengths))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result["rows"][-1]), flush=True)

@@ -92,6 +92,31 @@ def test_graph_decoding_equals_eager_decoding(tiny_model_dir):
     assert graph == eager and len(graph) >= 3
 
 
+def test_compiled_graph_step_matches_eager_step(tiny_model_dir):
+    """torch.compile'd + captured decode step: same logits as the eager step, no fallback."""
+    from service.batch_decode import BatchDecoder
+    from service.config import CompressionConfig, EngineConfig
+    from service.engine import KVzipEngine
+
+    engine = KVzipEngine.load(
+        EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    )
+    doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
+    ctx = engine.ingest(doc, CompressionConfig("kvzip", 0.3, 256))
+    prompts = [engine.encode_question(q) for q in ("When?", "Where is the harbour?")]
+    traces = []
+    for use_graph, compiled in ((False, False), (True, True)):
+        decoder = BatchDecoder(engine.model, ctx, prompts, 8, set(), use_graph, compiled)
+        with torch.inference_mode():
+            logits = [decoder.prefill()]
+            for step in range(6):
+                tokens = torch.full((2,), 100 + step, device="cuda")
+                logits.append(decoder.step(tokens).clone())
+        traces.append(torch.stack(logits))
+        assert decoder.compiled == compiled  # the compiled step did not fall back
+    assert _rel(traces[1], traces[0]) < 2e-2
+
+
 @pytest.mark.parametrize("batch,t,n", [(1, 1, 5000), (4, 1, 70000), (16, 1, 3000), (2, 3, 900)])
 def test_fused_static_decode_matches_reference(batch, t, n):
     """Context + static tail + merge in one pass == reference context ⊕ reference tail."""
