@@ -372,6 +372,47 @@ def _ttft_redis(engine: KVzipEngine, blob: bytes, prompt: list[int], loop) -> fl
             loop.run_until_complete(client.aclose())
 
 
+def attention_kernels(n: int = 32768, repeats: int = 5) -> dict[str, float]:
+    """ms of one causal prefill attention (1 x 32 query heads x n x 128, 8 KV heads) by
+    kernel: what sdpa picks by itself (transformers' prefill), each sdpa backend alone,
+    and the flash varlen call the `cuda` backend makes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from service.backends import cuda as cuda_backend
+
+    q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run_sdpa(backend=None):
+        if backend is None:
+            return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        with sdpa_kernel(backend):
+            return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+
+    variants = {
+        "sdpa_default": lambda: run_sdpa(),
+        "sdpa_flash": lambda: run_sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_cudnn": lambda: run_sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_efficient": lambda: run_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "ours_flash_varlen": lambda: cuda_backend.causal_attention(q[0], k[0], v[0], 128**-0.5),
+    }
+    out: dict[str, float] = {}
+    for name, fn in variants.items():
+        try:
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = sync_time()
+                fn()
+                times.append(sync_time() - t0)
+            out[name] = 1000 * statistics.median(times)
+        except Exception as exc:  # a backend this build/GPU lacks
+            out[name + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
 def profile_ingest(engine: KVzipEngine, n: int) -> None:
     """Top CUDA kernels of one warm KVzip ingest (prefill + scoring) of n tokens."""
     ids = torch.randint(100, 49000, (n,)).tolist()
@@ -407,13 +448,15 @@ def main() -> None:
     if args.profile:
         profile_ingest(engine, args.profile)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    result = {
+    result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "copy_bandwidth_tb_s": bw / 1e12,
         "weight_gb": weight_bytes / 1e9,
+        "attention_kernels_ms_32k": attention_kernels(),
         "rows": [],
     }
+    print(result["attention_kernels_ms_32k"], flush=True)
     for n in args.lengths:
         result["rows"].append(bench_length(engine, n, bw, weight_bytes, args.hf_static_lengths))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
