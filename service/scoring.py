@@ -34,11 +34,24 @@ def local_scores(
     `_local_lse`); since exp is monotonic,
     max_{g,t} p = exp(max_{g,t} (q.k * scale - lse)), so only the (G, T, m) chunk logits
     are formed, in query blocks of QUERY_BLOCK rows; no softmax matrix is materialised.
+    On the CUDA backend one Triton kernel (`service.backends.triton_scores`) does the same
+    without forming the logits at all; this torch code is the reference/CPU path.
     """
+    if lse is None:
+        lse = _local_lse(q, prefix_k, chunk_k, tail_k, scale)
+    if use_triton(q):
+        from service.backends import triton_scores
+
+        return triton_scores.chunk_scores(q, chunk_k, lse, scale)
+    return _torch_local_scores(q, chunk_k, lse, scale)
+
+
+def _torch_local_scores(
+    q: torch.Tensor, chunk_k: torch.Tensor, lse: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The reference path of `local_scores` (CPU and non-CUDA backends)."""
     h, m = chunk_k.shape[0], chunk_k.shape[1]
     hq, t, d = q.shape
-    if lse is None:
-        lse = _local_lse(q, torch.cat([prefix_k, chunk_k], dim=1), tail_k, scale)
     qg = q.view(h, hq // h, t, d)
     lse = lse.view(h, hq // h, t)
     best = torch.full((h, m), float("-inf"), dtype=torch.float32, device=q.device)
@@ -50,30 +63,48 @@ def local_scores(
     return torch.exp(best)
 
 
-def _local_lse(
-    q: torch.Tensor, context_k: torch.Tensor, tail_k: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """log-sum-exp over [context_k (H, c, d), all visible] + [tail_k (H, T, d), causal].
+def use_triton(q: torch.Tensor) -> bool:
+    """The Triton scoring kernels run when the CUDA backend is active and q is on CUDA."""
+    return q.is_cuda and backends.active_backend() == "cuda"
 
-    Two unmasked/causal kernel calls merged in log space: (Hq, T) fp32.
-    """
-    h, c, d = context_k.shape
-    flat = context_k.reshape(h * c, d)
-    cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
-    _, lse_ctx = backends.ragged_attention(q, flat, flat, cu, scale, c)
+
+def _local_lse(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    chunk_k: torch.Tensor,
+    tail_k: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """log-sum-exp over [prefix_k + chunk_k (H, *, d), all visible] + [tail_k (H, T, d),
+    causal]: (Hq, T) fp32, the context part and the tail part merged in log space."""
     _, lse_tail = backends.causal_attention(q, tail_k, tail_k, scale)
-    return torch.logaddexp(lse_ctx, lse_tail)
+    return torch.logaddexp(_two_part_lse(q, prefix_k, chunk_k, scale), lse_tail)
+
+
+def _two_part_lse(
+    q: torch.Tensor, first: torch.Tensor, second: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """lse (Hq, T) of q over the keys first (H, a, d) and second (H, b, d), all visible.
+
+    CUDA backend: one Triton pass over both (strided views, nothing concatenated);
+    otherwise one fused attention call over their concatenation.
+    """
+    if use_triton(q):
+        from service.backends import triton_scores
+
+        return triton_scores.range_lse(q, first, second, scale)
+    part = torch.cat([first, second], dim=1)
+    h, c, d = part.shape
+    flat = part.reshape(h * c, d)
+    cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
+    return backends.ragged_attention(q, flat, flat, cu, scale, c)[1]
 
 
 def _prefix_chunk_lse(
     q: torch.Tensor, keys: torch.Tensor, prefix_len: int, start: int, end: int, scale: float
 ) -> torch.Tensor:
     """lse (Hq, T) of q over [keys[:, :prefix_len], keys[:, start:end]] (all visible)."""
-    part = torch.cat([keys[:, :prefix_len], keys[:, start:end]], dim=1)
-    h, c, d = part.shape
-    flat = part.reshape(h * c, d)
-    cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
-    return backends.ragged_attention(q, flat, flat, cu, scale, c)[1]
+    return _two_part_lse(q, keys[:, :prefix_len], keys[:, start:end], scale)
 
 
 class ChunkScorer:

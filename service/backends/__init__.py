@@ -104,8 +104,14 @@ def merge_partials(
 ) -> torch.Tensor:
     """Exact softmax over the union of two key sets from their partial outputs.
 
-    out_*: (Hq, T, d); lse_*: (Hq, T) fp32. Returns (Hq, T, d) in out_a's dtype.
+    out_*: (Hq, T, d) or (B, Hq, T, d); lse_*: (Hq, T) / (B, Hq, T) fp32. Returns out_a's
+    shape in out_a's dtype. CUDA backend: one fused Triton pass instead of the fp32
+    elementwise chain (its 4-D result is laid out (B, T, Hq, d), what the model reads next).
     """
+    if _active == "cuda" and out_a.is_cuda and 3 <= out_a.dim() <= 4:
+        from service.backends import triton_scores
+
+        return triton_scores.merge(out_a, lse_a, out_b, lse_b)
     lse = torch.logaddexp(lse_a, lse_b)
     w_a = torch.exp(lse_a - lse).unsqueeze(-1)
     w_b = torch.exp(lse_b - lse).unsqueeze(-1)

@@ -21,7 +21,7 @@ import torch
 from service.kvcache import CompressedContext, RaggedLayer
 from service.scorers.base import Progress
 from service.scorers.kvzip import KVzipScorer
-from service.scoring import QUERY_BLOCK, ChunkScorer, _local_lse
+from service.scoring import QUERY_BLOCK, ChunkScorer, _local_lse, use_triton
 
 if TYPE_CHECKING:
     from service.engine import KVzipEngine
@@ -65,10 +65,17 @@ def plus_scores(
     """
     h, m = chunk_k.shape[0], chunk_k.shape[1]
     hq, t, d = q.shape
-    qg = q.view(h, hq // h, t, d)
     log_norms = hidden_norms.float().log()
     log_norms = log_norms.masked_fill(hidden_norms == 0, float("inf"))  # x_t = 0: no signal
     row_shift = lse.view(h, hq // h, t) + log_norms.view(1, 1, t)
+    if use_triton(q):  # the KVzip kernel, max per query head: (Hq, m) -> (H, G, m)
+        from service.backends import triton_scores
+
+        best = triton_scores.max_logits(
+            q, chunk_k, row_shift.view(hq, t), scale, per_query_head=True
+        ).view(h, hq // h, m)
+        return torch.exp((best + value_norms.log()).amax(dim=1))
+    qg = q.view(h, hq // h, t, d)
     best = torch.full((h, hq // h, m), float("-inf"), dtype=torch.float32, device=q.device)
     for r0 in range(0, t, QUERY_BLOCK):
         rows = slice(r0, min(r0 + QUERY_BLOCK, t))
@@ -110,7 +117,7 @@ class PlusChunkScorer(ChunkScorer):
         chunk = keys[:, self.start : self.end]
         lse = self.local_lse(q, keys, scale, lse_context, lse_tail)
         if lse is None:
-            lse = _local_lse(q, torch.cat([prefix, chunk], dim=1), tail_k, scale)
+            lse = _local_lse(q, prefix, chunk, tail_k, scale)
         o_weight = self.modules[layer_idx].o_proj.weight  # type: ignore[union-attr]
         value_norms = value_output_norms(o_weight, values[:, self.start : self.end])  # type: ignore[arg-type]
         norms = self.hidden_norms[layer_idx]
