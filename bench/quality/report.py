@@ -163,6 +163,64 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
     return out
 
 
+def _paired(rows: list[dict], kind: str, a: str, b: str, ratio: float) -> list[float]:
+    """Per-question differences a - b (score, in %) over the questions both answered."""
+
+    def key(r: dict) -> tuple[str, str]:
+        return (r["task"], r["qid"])
+
+    def pick(method: str) -> dict[tuple[str, str], float]:
+        want = ("full", 1.0) if method == "full" else (method, ratio)
+        if method == PEER and ratio == 1.0:
+            want = (PEER, 1.0)
+        return {
+            key(r): r["score"]
+            for r in rows
+            if r["kind"] == kind and (r["method"], r["ratio"]) == want
+        }
+
+    xa, xb = pick(a), pick(b)
+    return [100.0 * (xa[k] - xb[k]) for k in xa if k in xb]
+
+
+def _ci(diffs: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile bootstrap interval of the mean."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(rounds))
+    return mean(diffs), means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def paired_table(rows: list[dict], ratio: float = 0.3) -> str:
+    """kvzip against the full cache and every other method at `ratio`: mean per-question
+    difference with a 95% bootstrap interval (questions resampled), SQuAD F1 and needles."""
+    present = _methods(rows)
+    if "kvzip" not in present:
+        return ""
+    others = ["full"] + [m for m in present if m != "kvzip"]
+    lines = [
+        f"| kvzip at {ratio:g} minus … | SQuAD F1, points [95% CI] (n) "
+        "| needle accuracy, points [95% CI] (n) |",
+        "|---|---|---|",
+    ]
+    for m in others:
+        cells = []
+        for kind in ("qa", "needle"):
+            diffs = _paired(rows, kind, "kvzip", m, ratio)
+            if m == "full":
+                diffs = _paired(rows, kind, "kvzip", "full", ratio)
+            if diffs:
+                avg, lo, hi = _ci(diffs)
+                cells.append(f"{avg:+.1f} [{lo:+.1f}, {hi:+.1f}] ({len(diffs)})")
+            else:
+                cells.append("–")
+        label = "full cache" if m == "full" else f"{m} at {ratio:g}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], timings: list[dict], peer: list[dict], header: str) -> str:
     parts = [BEGIN, header]
     if any(r["kind"] == "qa" for r in rows):
@@ -184,6 +242,11 @@ def markdown(rows: list[dict], timings: list[dict], peer: list[dict], header: st
         _fidelity(rows),
         "### Ingest time",
         _timings(timings, peer),
+        "### Paired differences at ratio 0.3",
+        "Per question (or haystack), kvzip's score minus the other's on the same question; "
+        "mean and 95% bootstrap interval (2,000 resamples of the questions). An interval "
+        "that contains 0 is no evidence of a difference.",
+        paired_table(rows, 0.3),
         "### Targets",
         "\n".join(
             ["| target | measured | met |", "|---|---|---|"]
