@@ -22,6 +22,7 @@ from service.static_cache import StaticKVzipCache
 from service.types import SamplingParams
 
 log = logging.getLogger(__name__)
+_compile_failed = False  # once torch.compile of the step fails, this process stops trying
 
 
 class BatchDecoder:
@@ -50,7 +51,7 @@ class BatchDecoder:
             device,
         )
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
-        self.compiled = compiled
+        self.compiled = compiled and not _compile_failed
         self.ids = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -89,7 +90,9 @@ class BatchDecoder:
         except Exception:  # Inductor/Triton errors vary by version: any of them -> eager
             if not self.compiled:
                 raise
-            log.exception("torch.compile of the decode step failed; decoding eagerly")
+            global _compile_failed
+            _compile_failed = True
+            log.exception("torch.compile of the decode step failed; decoding eagerly from now")
             self.compiled = False
             for _ in range(2):
                 self._run()

@@ -88,8 +88,9 @@ def _raw_step(
 def _compiled() -> Any:
     """`_raw_step` through torch.compile (Inductor fuses the norms, RoPE, activations and
     residual adds that otherwise cost one small kernel each; no CUDA graphs of its own: the
-    caller captures the compiled step in its graph)."""
-    return torch.compile(_raw_step, dynamic=None, fullgraph=False)
+    caller captures the compiled step in its graph). dynamic=True: one compilation serves
+    every batch size, tail capacity and context length."""
+    return torch.compile(_raw_step, dynamic=True, fullgraph=False)
 
 
 def compiled_step_logits(

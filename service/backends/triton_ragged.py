@@ -61,7 +61,7 @@ def _partial_kernel(
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < hi
         k = tl.load(K + (start + offs)[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale.to(tl.float32)
+        s = (tl.dot(q, tl.trans(k)).to(tl.float32) * scale).to(tl.float32)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
@@ -198,7 +198,7 @@ def _fused_partial_kernel(
         k = tl.load(
             k_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
         )
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale.to(tl.float32)
+        s = (tl.dot(q, tl.trans(k)).to(tl.float32) * scale).to(tl.float32)
         ok = valid[None, :] & (offs[None, :] <= limit[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
