@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,28 +188,83 @@ def decode_steps(engine, ctx, prompts, steps: int, compiled: bool = False) -> tu
     return stamps[0] - t0, statistics.median(deltas) if deltas else float("nan")
 
 
+class Recorder:
+    """Writes the result JSON after every phase and logs each phase with its duration, so a
+    run cut short by a time limit still leaves every number measured so far."""
+
+    def __init__(self, result: dict[str, Any], out: Path, compiled: bool, redis: bool) -> None:
+        self.result, self.out, self.compiled, self.redis = result, out, compiled, redis
+        self.t0 = time.perf_counter()
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.result, indent=2))
+
+    @contextlib.contextmanager
+    def phase(self, row: dict, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        print(f"[{start - self.t0:7.1f} s] {row['tokens']}: {name} ...", flush=True)
+        try:
+            yield
+        except Exception as exc:  # one failed phase must not lose the others
+            row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:400]
+            print(f"  {name} failed: {row[f'{name}_error']}", flush=True)
+        finally:
+            row.setdefault("phase_s", {})[name] = time.perf_counter() - start
+            self.save()
+
+    @property
+    def variants(self) -> tuple[tuple[str, bool], ...]:
+        """(key tag, compiled) pairs of the decode variants to measure."""
+        return (("", False), ("compiled_", True)) if self.compiled else (("", False),)
+
+
 def bench_length(
-    engine: KVzipEngine, n: int, bw: float, weight_bytes: int, hf_static_lengths=()
-) -> dict:
+    engine: KVzipEngine, n: int, bw: float, weight_bytes: int, rec: Recorder, hf_static_lengths=()
+) -> None:
+    """Every measurement at context length n, into a row of rec.result (saved per phase)."""
     gen = torch.Generator().manual_seed(n)
     ids = torch.randint(100, 49000, (n,), generator=gen).tolist()
     prefix = list(engine.encode_document("x").prefix_ids)
     doc = Document(prefix, ids[: n - len(prefix)])
     prompt = torch.randint(100, 49000, (24,), generator=gen).tolist()
     row: dict = {"tokens": n}
+    rec.result["rows"].append(row)
+    s: dict[str, Any] = {}  # state shared by the phases
 
-    prefill_s, hf_cache, hf_logits = plain_prefill(engine.model, doc.all_ids)
-    row["plain_prefill_s"] = prefill_s
-    row["hf_decode_ms"] = hf_decode_ms(engine.model, hf_cache, hf_logits, len(doc.all_ids))
-    del hf_cache
-    torch.cuda.empty_cache()
-    if n in hf_static_lengths:
-        try:
-            row["hf_static_compiled_ms"] = hf_static_compiled_ms(engine, doc.all_ids)
-        except Exception as exc:  # "when it works": say why not
-            row["hf_static_compiled_error"] = f"{type(exc).__name__}: {exc}"[:400]
+    with rec.phase(row, "plain_prefill"):
+        prefill_s, hf_cache, hf_logits = plain_prefill(engine.model, doc.all_ids)
+        row["plain_prefill_s"] = prefill_s
+        row["hf_decode_ms"] = hf_decode_ms(engine.model, hf_cache, hf_logits, len(doc.all_ids))
+        del hf_cache
         torch.cuda.empty_cache()
+    if n in hf_static_lengths:
+        with rec.phase(row, "hf_static_compiled"):
+            row["hf_static_compiled_ms"] = hf_static_compiled_ms(engine, doc.all_ids)
+        torch.cuda.empty_cache()
+    with rec.phase(row, "ingest"):
+        ingest_phase(engine, doc, row, s, weight_bytes)
+    with rec.phase(row, "decode"):
+        decode_phase(engine, s["full"], prompt, row, bw, weight_bytes, rec.variants)
+    with rec.phase(row, "kernels_per_step"):
+        for tag, compiled in rec.variants:
+            row[f"{tag}kernels_per_step"] = kernels_per_step(engine, s["ctx"], prompt, compiled)
+    with rec.phase(row, "ttft_resident"):
+        ttft_resident, _ = decode_steps(engine, s["ctx"], [prompt], 3)
+        row.update(ttft_resident_s=ttft_resident, ttft_reprefill_s=prefill_s + ttft_resident)
+    with rec.phase(row, "transfers"):
+        row.update(transfer_rates(s["blob"], row["encode_s"]))
+    with rec.phase(row, "ttft_storage"):
+        row.update(ttft_from_storage(engine, s["blob"], prompt, row["ttft_reprefill_s"], rec.redis))
+    with rec.phase(row, "throughput"):
+        throughput_phase(engine, s["ctx"], gen, row, rec.variants)
+    s.clear()
+    torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
 
+
+def ingest_phase(engine: KVzipEngine, doc: Document, row: dict, s: dict, weight_bytes: int):
+    """prefill + scoring (engine.ingest at ratio 1.0), selection at 0.3, serialisation."""
     torch.cuda.reset_peak_memory_stats()
     t0 = sync_time()
     full = engine.ingest(doc, CompressionConfig("kvzip", 1.0))  # prefill + scoring (+ keep-all)
@@ -220,9 +277,10 @@ def bench_length(
     blob = codec.encode(ctx, engine.identity)
     t_encode = time.perf_counter() - t0
     ingest = timings.prefill_s + timings.scoring_s + t_select + t_encode
+    s.update(full=full, ctx=ctx, blob=blob)
     row.update(
         ingest_s=ingest,
-        ingest_over_prefill=ingest / prefill_s,
+        ingest_over_prefill=ingest / row["plain_prefill_s"],
         our_prefill_s=timings.prefill_s,
         scoring_s=timings.scoring_s,
         select_s=t_select,
@@ -230,52 +288,38 @@ def bench_length(
         ingest_call_s=t_full,
         peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30,
         peak_over_weights_gib=(torch.cuda.max_memory_allocated() - weight_bytes) / 2**30,
-        stored_bytes_per_token=len(blob) / doc.context_ids.__len__(),
+        stored_bytes_per_token=len(blob) / len(doc.context_ids),
         stored_over_full_kv=len(blob) / full.nbytes,
     )
+
+
+def decode_phase(engine, full, prompt, row: dict, bw: float, weight_bytes: int, variants):
+    """Batch-1 ms/token at ratios 1.0 / 0.3 / 0.1 per variant, next to the floor."""
     for ratio in (1.0, 0.3, 0.1):
         c = full if ratio == 1.0 else select(full, ratio)
         floor = (weight_bytes + c.nbytes) / bw
         row[f"floor_ms_r{ratio}"] = 1000 * floor
-        for tag, compiled in (("", False), ("compiled_", True)):
-            try:
-                _, step = decode_steps(engine, c, [prompt], 40, compiled)
-            except Exception as exc:  # report the failure, keep the run going
-                row[f"decode_{tag}error"] = f"{type(exc).__name__}: {exc}"[:400]
-                continue
+        for tag, compiled in variants:
+            _, step = decode_steps(engine, c, [prompt], 40, compiled)
             row[f"decode_{tag}ms_r{ratio}"] = 1000 * step
             row[f"decode_{tag}over_floor_r{ratio}"] = step / floor
-    for tag in ("", "compiled_"):
-        if f"decode_{tag}ms_r0.3" in row and f"decode_{tag}ms_r1.0" in row:
-            ratio_latency = row[f"decode_{tag}ms_r0.3"] / row[f"decode_{tag}ms_r1.0"]
-            row[f"{tag}r0.3_over_full_latency"] = ratio_latency
+    for tag, _ in variants:
+        row[f"{tag}r0.3_over_full_latency"] = (
+            row[f"decode_{tag}ms_r0.3"] / row[f"decode_{tag}ms_r1.0"]
+        )
 
-    for tag, compiled in (("", False), ("compiled_", True)):
-        try:
-            row[f"{tag}kernels_per_step"] = kernels_per_step(engine, ctx, prompt, compiled)
-        except Exception as exc:
-            row[f"{tag}kernels_per_step_error"] = f"{type(exc).__name__}: {exc}"[:400]
-    ttft_resident, _ = decode_steps(engine, ctx, [prompt], 3)
-    reprefill = prefill_s + ttft_resident
-    row.update(ttft_resident_s=ttft_resident, ttft_reprefill_s=reprefill)
-    row.update(transfer_rates(blob, t_encode))
-    row.update(ttft_from_storage(engine, blob, prompt, reprefill))
+
+def throughput_phase(engine, ctx, gen, row: dict, variants) -> None:
+    """Tokens/s with 1, 4 and 16 concurrent requests on one resident context."""
     for batch in (1, 4, 16):
         prompts = [torch.randint(100, 49000, (24,), generator=gen).tolist() for _ in range(batch)]
-        for tag, compiled in (("", False), ("compiled_", True)):
-            try:
-                _, step = decode_steps(engine, ctx, prompts, 40, compiled)
-            except Exception as exc:
-                row[f"throughput_{tag}error"] = f"{type(exc).__name__}: {exc}"[:400]
-                continue
+        for tag, compiled in variants:
+            _, step = decode_steps(engine, ctx, prompts, 40, compiled)
             row[f"{tag}tokens_per_s_b{batch}"] = batch / step
-    for tag in ("", "compiled_"):
-        if f"{tag}tokens_per_s_b16" in row and f"{tag}tokens_per_s_b1" in row:
-            gain = row[f"{tag}tokens_per_s_b16"] / row[f"{tag}tokens_per_s_b1"]
-            row[f"{tag}throughput_16_over_1"] = gain
-    del full, ctx, blob
-    torch.cuda.empty_cache()
-    return row
+    for tag, _ in variants:
+        row[f"{tag}throughput_16_over_1"] = (
+            row[f"{tag}tokens_per_s_b16"] / row[f"{tag}tokens_per_s_b1"]
+        )
 
 
 def transfer_rates(blob: bytes, encode_s: float, repeats: int = 3) -> dict:
@@ -311,7 +355,9 @@ def transfer_rates(blob: bytes, encode_s: float, repeats: int = 3) -> dict:
     }
 
 
-def ttft_from_storage(engine: KVzipEngine, blob: bytes, prompt: list[int], reprefill: float):
+def ttft_from_storage(
+    engine: KVzipEngine, blob: bytes, prompt: list[int], reprefill: float, redis: bool = True
+):
     """Time to first token from the storage tiers: get + codec.decode to the GPU + first token.
 
     Disk: a DiskTier in a temp folder (warm page cache, as after the ingest that wrote it),
@@ -336,6 +382,8 @@ def ttft_from_storage(engine: KVzipEngine, blob: bytes, prompt: list[int], repre
             row[f"ttft_{name}_s"] = ttft
             row[f"ttft_{name}_over_reprefill"] = ttft / reprefill
     try:
+        if not redis:
+            raise RuntimeError("--no-redis")
         ttft = _ttft_redis(engine, blob, prompt, loop)
         row.update(ttft_redis_s=ttft, ttft_redis_over_reprefill=ttft / reprefill)
     except Exception as exc:  # no redis-py, no redis-server, or it failed: only this row goes
@@ -442,6 +490,18 @@ def main() -> None:
         default=[32768],
         help="lengths at which to time transformers' StaticCache + torch.compile decode",
     )
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the torch.compile'd decode step (compiles once, minutes)",
+    )
+    parser.add_argument(
+        "--redis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time TTFT from a local redis-server",
+    )
     args = parser.parse_args()
     bw = copy_bandwidth()
     engine = build_engine(args.tokenizer)
@@ -459,11 +519,10 @@ def main() -> None:
         "rows": [],
     }
     print(result["attention_kernels_ms_32k"], flush=True)
+    rec = Recorder(result, Path(args.out), args.compiled, args.redis)
+    rec.save()
     for n in args.lengths:
-        result["rows"].append(bench_length(engine, n, bw, weight_bytes, args.hf_static_lengths))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(json.dumps(result["rows"][-1]), flush=True)
+        bench_length(engine, n, bw, weight_bytes, rec, args.hf_static_lengths)
 
 
 if __name__ == "__main__":
