@@ -52,16 +52,7 @@ def step_logits(
     model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVzipCache
 ) -> torch.Tensor:
     """input_ids, positions (B, T) -> last-position logits (B, V) fp32. No host sync."""
-    out = model(
-        input_ids=input_ids,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        kvzip_cache=cache,
-        **{_cache_kwarg(model): cache},
-    )
-    logits: torch.Tensor = out.logits[:, -1].float()
-    return logits
+    return _raw_step(model, input_ids, positions, cache, _cache_kwarg(model))
 
 
 def _raw_step(
