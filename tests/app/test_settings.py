@@ -33,6 +33,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_ATTENTION_BACKEND": "flash_attn",
         "KVZIP_PREFILL_CHUNK_TOKENS": "2048",
         "KVZIP_QUESTION_RESERVE_TOKENS": "512",
+        "KVZIP_COMPILE_DECODE": "true",
         "KVZIP_DATA_DIR": "/var/lib/kvzip",
         "KVZIP_MEMORY_CACHE_BYTES": "1GiB",
         "KVZIP_QUEUE_SIZE": "8",
@@ -76,6 +77,8 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.attention_backend == "flash_attn"
     assert settings.prefill_chunk_tokens == 2048
     assert settings.question_reserve_tokens == 512
+    assert settings.compile_decode is True
+    assert settings.to_service_config().engine.compile_decode is True
     assert settings.data_dir == Path("/var/lib/kvzip")
     assert settings.memory_cache_bytes == 1024**3
     assert settings.queue_size == 8
