@@ -240,14 +240,21 @@ def load_predictor(
     InvalidInputError when the model has none (it was never calibrated) or the file was
     fitted for another model.
     """
+    path = stored_predictor_path(directory, identity, kind)
+    predictor = load_predictor_file(path)
+    if predictor.meta.get("model_fingerprint") != identity.model_fingerprint:
+        raise InvalidInputError(f"{path} was fitted for another model")
+    return predictor
+
+
+def stored_predictor_path(directory: Path, identity: ModelIdentity, kind: str | None) -> Path:
+    """The file `load_predictor` reads (`kind`, or the MLP when there is one, else linear),
+    found without reading it; InvalidInputError when the model was never calibrated."""
     kinds = (kind,) if kind else ("mlp", "linear")
     for k in kinds:
         path = predictor_path(directory, identity, k)
         if path.exists():
-            predictor = load_predictor_file(path)
-            if predictor.meta.get("model_fingerprint") != identity.model_fingerprint:
-                raise InvalidInputError(f"{path} was fitted for another model")
-            return predictor
+            return path
     raise InvalidInputError(
         f"method kvzap needs a {kind or 'KVzap'} predictor for model {identity.name!r}: run "
         f"`kvzip calibrate-scorer` once (expected {predictor_path(directory, identity, kinds[0])})"

@@ -28,7 +28,12 @@ import torch
 from service.generation import prefill
 from service.kvcache import CompressedContext, KVzipCache, RaggedLayer
 from service.kvzap.capture import attention_inputs
-from service.kvzap.predictor import KVzapPredictor, check_fits, load_predictor, predictor_path
+from service.kvzap.predictor import (
+    KVzapPredictor,
+    check_fits,
+    load_predictor,
+    stored_predictor_path,
+)
 from service.scorers.base import Progress, Scorer, truncated
 
 if TYPE_CHECKING:
@@ -56,11 +61,12 @@ def engine_predictor(engine: KVzipEngine) -> KVzapPredictor:
 
     InvalidInputError when the model has none or it does not fit the model's shapes.
     """
-    stored = load_predictor(predictor_dir(engine), engine.identity, engine.kvzap_kind)
-    path = predictor_path(predictor_dir(engine), engine.identity, stored.kind)
+    directory = predictor_dir(engine)
+    path = stored_predictor_path(directory, engine.identity, engine.kvzap_kind)
     device, dtype = engine.model.device, engine.model.dtype
     key = (str(path), path.stat().st_mtime_ns, str(device), str(dtype))
-    if key not in _LOADED:
+    if key not in _LOADED:  # read the file only when it is new or changed
+        stored = load_predictor(directory, engine.identity, engine.kvzap_kind)
         config = engine.model.config
         check_fits(stored, engine.n_layers, config.hidden_size, config.num_key_value_heads)
         if len(_LOADED) >= 4:  # a few files at most (a bench alternates linear and mlp)

@@ -440,3 +440,24 @@ def test_predictor_shapes_are_checked():
         KVzapPredictor("cubic", torch.zeros(1, 2, 3), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="mlp predictor has w2"):
         KVzapPredictor("mlp", torch.zeros(1, 2, 3), torch.zeros(1, 2))
+
+
+def test_engine_predictor_reads_the_file_once_until_it_changes(tiny_engine, tmp_path, monkeypatch):
+    """Every kvzap ingest asks for the predictor: only a new or rewritten file is read."""
+    import os
+
+    from service.kvzap import predictor as predictor_module
+    from service.scorers import kvzap as kvzap_scorer
+
+    monkeypatch.setattr(tiny_engine, "kvzap_dir", tmp_path / "kvzap")
+    store_test_predictor(tiny_engine, "linear", seed=3)
+    reads = []
+    real = predictor_module.load_predictor_file
+    monkeypatch.setattr(
+        predictor_module, "load_predictor_file", lambda p: reads.append(p) or real(p)
+    )
+    first = kvzap_scorer.engine_predictor(tiny_engine)
+    assert kvzap_scorer.engine_predictor(tiny_engine) is first and len(reads) == 1
+    path = reads[0]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert kvzap_scorer.engine_predictor(tiny_engine) is not first and len(reads) == 2
