@@ -65,7 +65,7 @@ def _torch_local_scores(
 
 def use_triton(q: torch.Tensor) -> bool:
     """The Triton scoring kernels run when the CUDA backend is active and q is on CUDA."""
-    return q.is_cuda and backends.active_backend() == "cuda"
+    return q.is_cuda and backends.gpu_kernels_active()
 
 
 def _local_lse(

@@ -77,13 +77,15 @@ def copy_bandwidth() -> float:
     return 2 * 2 * 1024**3 / statistics.median(times[5:])
 
 
-def build_engine(tokenizer_dir: str) -> KVzipEngine:
+def build_engine(tokenizer_dir: str, backend: str = "cuda") -> KVzipEngine:
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B)).eval()
     torch.set_default_dtype(torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = EngineConfig(device="cuda", dtype="bfloat16", prefill_chunk_tokens=16000)
+    config = EngineConfig(
+        device="cuda", dtype="bfloat16", prefill_chunk_tokens=16000, attention_backend=backend
+    )
     engine = KVzipEngine(model, tokenizer, "llama-3.1-8b-shaped-random", config)
     engine.eos_ids = set()  # random weights: never stop early
     return engine
@@ -491,6 +493,9 @@ def main() -> None:
         help="lengths at which to time transformers' StaticCache + torch.compile decode",
     )
     parser.add_argument(
+        "--backend", default="cuda", help="attention backend: cuda (flash varlen) or cudnn"
+    )
+    parser.add_argument(
         "--compiled",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -504,7 +509,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     bw = copy_bandwidth()
-    engine = build_engine(args.tokenizer)
+    engine = build_engine(args.tokenizer, args.backend)
     warm = Document(list(engine.encode_document("x").prefix_ids), list(range(1000, 5000)))
     engine.ingest(warm, CompressionConfig("kvzip", 0.3))  # compiles the Triton kernels
     if args.profile:
@@ -513,6 +518,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "backend": args.backend,
         "copy_bandwidth_tb_s": bw / 1e12,
         "weight_gb": weight_bytes / 1e9,
         "attention_kernels_ms_32k": attention_kernels(),

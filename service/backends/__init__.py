@@ -30,6 +30,12 @@ def _register_cuda() -> None:
     except ImportError:  # no triton
         return
     _BACKENDS["cuda"] = (cuda.ragged_attention, cuda.causal_attention)
+    if torch.backends.cudnn.is_available() and hasattr(  # type: ignore[no-untyped-call]
+        torch.ops.aten, "_scaled_dot_product_cudnn_attention"
+    ):
+        from service.backends import cudnn
+
+        _BACKENDS["cudnn"] = (cudnn.ragged_attention, cudnn.causal_attention)
 
 
 _register_cuda()
@@ -54,6 +60,12 @@ def set_backend(name: str, device: torch.device | None = None) -> str:
 
 def active_backend() -> str:
     return _active
+
+
+def gpu_kernels_active() -> bool:
+    """Whether the active backend is one of the GPU ones (`cuda`, or `cudnn` built on it),
+    so the Triton decode, scoring and merge kernels apply."""
+    return _active in ("cuda", "cudnn")
 
 
 def ragged_attention(
@@ -92,7 +104,7 @@ def fused_static_decode(
 
     q (B, Hq, T, d); tail_k/v (B, H, C, d); length (B,). Returns (B, Hq, T, d) or None.
     """
-    if _active != "cuda":
+    if not gpu_kernels_active():
         return None
     from service.backends import cuda
 
@@ -108,7 +120,7 @@ def merge_partials(
     shape in out_a's dtype. CUDA backend: one fused Triton pass instead of the fp32
     elementwise chain (its 4-D result is laid out (B, T, Hq, d), what the model reads next).
     """
-    if _active == "cuda" and out_a.is_cuda and 3 <= out_a.dim() <= 4:
+    if gpu_kernels_active() and out_a.is_cuda and 3 <= out_a.dim() <= 4:
         from service.backends import triton_scores
 
         return triton_scores.merge(out_a, lse_a, out_b, lse_b)
