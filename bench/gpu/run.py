@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, StaticCache
 
+from bench.gpu.shapes import LLAMA_8B
 from service import codec
 from service.batch_decode import BatchDecoder
 from service.config import CompressionConfig, EngineConfig
@@ -44,19 +45,6 @@ from service.engine import Document, KVzipEngine
 from service.selection import select
 from service.tensor_blob import unpack
 from service.types import SamplingParams
-
-LLAMA_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    rope_theta=500000.0,
-    max_position_embeddings=135168,
-    tie_word_embeddings=False,
-)
 
 
 def sync_time() -> float:
@@ -194,8 +182,11 @@ class Recorder:
     """Writes the result JSON after every phase and logs each phase with its duration, so a
     run cut short by a time limit still leaves every number measured so far."""
 
-    def __init__(self, result: dict[str, Any], out: Path, compiled: bool, redis: bool) -> None:
+    def __init__(
+        self, result: dict[str, Any], out: Path, compiled: bool, redis: bool, kvzap: bool = True
+    ) -> None:
         self.result, self.out, self.compiled, self.redis = result, out, compiled, redis
+        self.kvzap = kvzap
         self.t0 = time.perf_counter()
 
     def save(self) -> None:
@@ -246,6 +237,9 @@ def bench_length(
         torch.cuda.empty_cache()
     with rec.phase(row, "ingest"):
         ingest_phase(engine, doc, row, s, weight_bytes)
+    if rec.kvzap:
+        with rec.phase(row, "kvzap_ingest"):
+            kvzap_phase(engine, doc, row)
     with rec.phase(row, "decode"):
         decode_phase(engine, s["full"], prompt, row, bw, weight_bytes, rec.variants)
     with rec.phase(row, "kernels_per_step"):
@@ -293,6 +287,51 @@ def ingest_phase(engine: KVzipEngine, doc: Document, row: dict, s: dict, weight_
         stored_bytes_per_token=len(blob) / len(doc.context_ids),
         stored_over_full_kv=len(blob) / full.nbytes,
     )
+
+
+def random_predictor(engine: KVzipEngine, kind: str, hidden: int = 512):
+    """A KVzap predictor of the model's shapes with random weights (timing only: the
+    random model's scores mean nothing anyway), tagged with the model's fingerprint."""
+    from service.kvzap.predictor import KVzapPredictor
+
+    cfg = engine.model.config
+    layers, dim, heads = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads
+    out = hidden if kind == "mlp" else heads
+    w = dict(w1=torch.randn(layers, out, dim) * dim**-0.5, b1=torch.zeros(layers, out))
+    if kind == "mlp":
+        w.update(
+            w2=torch.randn(layers, heads, hidden) * hidden**-0.5, b2=torch.zeros(layers, heads)
+        )
+    return KVzapPredictor(kind, **w, meta={"model_fingerprint": engine.identity.model_fingerprint})
+
+
+def kvzap_phase(engine: KVzipEngine, doc: Document, row: dict) -> None:
+    """Method kvzap (linear and MLP predictors): ingest = prefill with the predictor hooks +
+    selection at 0.3 + serialisation, over the plain prefill; no reconstruction pass."""
+    from service.kvzap.predictor import predictor_path, save_predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.kvzap_dir = Path(tmp)
+        for kind in ("linear", "mlp"):
+            save_predictor(
+                predictor_path(Path(tmp), engine.identity, kind), random_predictor(engine, kind)
+            )
+            engine.kvzap_kind = kind
+            engine.ingest(
+                Document(doc.prefix_ids, doc.context_ids[:2000]), CompressionConfig("kvzap", 0.3)
+            )
+            passes = engine.reconstruction_passes
+            t0 = sync_time()
+            ctx = engine.ingest(doc, CompressionConfig("kvzap", 0.3))
+            blob = codec.encode(ctx, engine.identity)
+            seconds = sync_time() - t0
+            assert engine.reconstruction_passes == passes, "kvzap ran a reconstruction pass"
+            row[f"kvzap_{kind}_ingest_s"] = seconds
+            row[f"kvzap_{kind}_ingest_over_prefill"] = seconds / row["plain_prefill_s"]
+            row[f"kvzap_{kind}_prefill_s"] = engine.last_timings.prefill_s
+            del ctx, blob
+    engine.kvzap_dir, engine.kvzap_kind = None, None
+    torch.cuda.empty_cache()
 
 
 def decode_phase(engine, full, prompt, row: dict, bw: float, weight_bytes: int, variants):
@@ -507,6 +546,12 @@ def main() -> None:
         default=True,
         help="time TTFT from a local redis-server",
     )
+    parser.add_argument(
+        "--kvzap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time method kvzap's ingest (random linear and MLP predictors)",
+    )
     args = parser.parse_args()
     bw = copy_bandwidth()
     engine = build_engine(args.tokenizer, args.backend)
@@ -525,7 +570,7 @@ def main() -> None:
         "rows": [],
     }
     print(result["attention_kernels_ms_32k"], flush=True)
-    rec = Recorder(result, Path(args.out), args.compiled, args.redis)
+    rec = Recorder(result, Path(args.out), args.compiled, args.redis, args.kvzap)
     rec.save()
     for n in args.lengths:
         bench_length(engine, n, bw, weight_bytes, rec, args.hf_static_lengths)

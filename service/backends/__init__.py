@@ -22,7 +22,9 @@ _active = "reference"
 
 
 def _register_cuda() -> None:
-    """Add the CUDA backend when a GPU and Triton are present."""
+    """Add the CUDA backends when a GPU and Triton are present: `cuda` (PyTorch's flash
+    kernel), `cudnn` when this torch has cuDNN attention, `flash_attn` when that package
+    imports."""
     if not torch.cuda.is_available():
         return
     try:
@@ -36,6 +38,11 @@ def _register_cuda() -> None:
         from service.backends import cudnn
 
         _BACKENDS["cudnn"] = (cudnn.ragged_attention, cudnn.causal_attention)
+    try:
+        from service.backends import flash_attn
+    except ImportError:  # the flash-attn package is not installed
+        return
+    _BACKENDS["flash_attn"] = (flash_attn.ragged_attention, flash_attn.causal_attention)
 
 
 _register_cuda()
@@ -63,9 +70,9 @@ def active_backend() -> str:
 
 
 def gpu_kernels_active() -> bool:
-    """Whether the active backend is one of the GPU ones (`cuda`, or `cudnn` built on it),
+    """Whether the active backend is one of the GPU ones (`cuda`, or one built on it),
     so the Triton decode, scoring and merge kernels apply."""
-    return _active in ("cuda", "cudnn")
+    return _active in ("cuda", "cudnn", "flash_attn")
 
 
 def ragged_attention(

@@ -8,9 +8,28 @@ split-K kernel, which is CUDA-graph capturable; larger blocks (prefill, scoring)
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from service.backends import triton_ragged
+
+
+class VarlenKernel(Protocol):
+    """A varlen flash kernel: q (Tq, Hq, d), k/v (Tk, Hk, d) -> out (Tq, Hq, d), lse (Hq, Tq)."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        causal: bool,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _flash_varlen(
@@ -37,11 +56,18 @@ def _cu(length: int, device: torch.device) -> torch.Tensor:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    varlen: VarlenKernel = _flash_varlen,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (Hq, T, d) over k/v (H, S, d), bottom-right causal -> out (Hq, T, d), lse (Hq, T)."""
+    """q (Hq, T, d) over k/v (H, S, d), bottom-right causal -> out (Hq, T, d), lse (Hq, T).
+
+    varlen: the flash kernel (PyTorch's by default; the `flash_attn` backend passes its own).
+    """
     t, s = q.shape[1], k.shape[1]
-    out, lse = _flash_varlen(
+    out, lse = varlen(
         q.transpose(0, 1).contiguous(),
         k.transpose(0, 1).contiguous(),
         v.transpose(0, 1).contiguous(),
@@ -62,10 +88,12 @@ def ragged_attention(
     cu_lens: torch.Tensor,
     scale: float,
     max_len: int | None = None,
+    varlen: VarlenKernel = _flash_varlen,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Hq, T, d) over ragged keys/values (N, d), cu_lens (H+1,) -> out, lse (Hq, T).
 
     max_len: the longest head, when the caller knows it (saves a device sync).
+    varlen: the flash kernel for blocks bigger than decode-sized.
     """
     hq, t, d = q.shape
     h = cu_lens.numel() - 1
@@ -79,7 +107,7 @@ def ragged_attention(
     max_k = max_len if max_len is not None else int((cu_lens[1:] - cu_lens[:-1]).max())
     qv = q.reshape(h, g, t, d).permute(0, 2, 1, 3).reshape(h * t, g, d)
     cu_q = torch.arange(h + 1, dtype=torch.int32, device=q.device) * t
-    out, lse = _flash_varlen(
+    out, lse = varlen(
         qv,
         keys.unsqueeze(1),
         values.unsqueeze(1),

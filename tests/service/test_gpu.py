@@ -32,11 +32,23 @@ def _ragged(h, n, d, keep_p, dtype, seed):
     )
 
 
+def _flash_module(name: str):
+    """The backend module of one flash-kernel backend (`cuda`: PyTorch's kernel;
+    `flash_attn`: the flash-attn package, skipped where it is not installed)."""
+    from service import backends
+
+    if name not in backends.available_backends():
+        pytest.skip(f"backend {name} is not available here (package not installed)")
+    import importlib
+
+    return importlib.import_module(f"service.backends.{name}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "flash_attn"])
 @pytest.mark.parametrize("g,t", [(4, 1), (4, 16), (8, 1), (4, 3), (4, 40), (6, 500)])
 @pytest.mark.parametrize("n", [37, 3000, 70000])
-def test_cuda_ragged_attention_matches_reference(g, t, n):
-    from service.backends import cuda
-
+def test_cuda_ragged_attention_matches_reference(g, t, n, backend):
+    cuda = _flash_module(backend)
     h, d = 8, 128
     layer = _ragged(h, n, d, 0.3, torch.bfloat16, seed=n + t)
     q = torch.randn(h * g, t, d, device="cuda", dtype=torch.bfloat16)
@@ -48,10 +60,10 @@ def test_cuda_ragged_attention_matches_reference(g, t, n):
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "flash_attn"])
 @pytest.mark.parametrize("t,s", [(1, 1), (1, 50), (7, 7), (5, 300), (2048, 2048), (1000, 5000)])
-def test_cuda_causal_attention_matches_reference(t, s):
-    from service.backends import cuda
-
+def test_cuda_causal_attention_matches_reference(t, s, backend):
+    cuda = _flash_module(backend)
     hq, h, d = 32, 8, 128
     q = torch.randn(hq, t, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(h, s, d, device="cuda", dtype=torch.bfloat16)
@@ -62,9 +74,9 @@ def test_cuda_causal_attention_matches_reference(t, s):
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
 
-def test_empty_heads_give_neg_inf_lse():
-    from service.backends import cuda
-
+@pytest.mark.parametrize("backend", ["cuda", "flash_attn"])
+def test_empty_heads_give_neg_inf_lse(backend):
+    cuda = _flash_module(backend)
     h, d = 4, 64
     cu = torch.tensor([0, 0, 10, 10, 30], dtype=torch.int32, device="cuda")
     keys = torch.randn(30, d, device="cuda", dtype=torch.bfloat16)
