@@ -187,6 +187,7 @@ class Recorder:
     ) -> None:
         self.result, self.out, self.compiled, self.redis = result, out, compiled, redis
         self.kvzap = kvzap
+        self.variant_lengths: tuple[int, ...] = ()
         self.t0 = time.perf_counter()
 
     def save(self) -> None:
@@ -237,6 +238,9 @@ def bench_length(
         torch.cuda.empty_cache()
     with rec.phase(row, "ingest"):
         ingest_phase(engine, doc, row, s, weight_bytes)
+    if n in rec.variant_lengths:
+        with rec.phase(row, "ingest_variants"):
+            row["ingest_variants_s"] = ingest_variants(engine, doc)
     if rec.kvzap:
         with rec.phase(row, "kvzap_ingest"):
             kvzap_phase(engine, doc, row)
@@ -287,6 +291,27 @@ def ingest_phase(engine: KVzipEngine, doc: Document, row: dict, s: dict, weight_
         stored_bytes_per_token=len(blob) / len(doc.context_ids),
         stored_over_full_kv=len(blob) / full.nbytes,
     )
+
+
+def ingest_variants(engine: KVzipEngine, doc: Document) -> dict[str, float]:
+    """Seconds of engine.ingest (prefill + KVzip scoring, keep 0.3) per attention backend,
+    with the Triton scoring kernels and with the plain-torch scoring, side by side."""
+    from unittest import mock
+
+    from service import backends, scoring
+
+    active = backends.active_backend()
+    out: dict[str, float] = {}
+    for name in [b for b in ("cuda", "cudnn") if b in backends.available_backends()]:
+        backends.set_backend(name)
+        for tag, triton in (("triton", True), ("torch", False)):
+            with mock.patch.object(scoring, "use_triton", lambda q, t=triton: q.is_cuda and t):
+                t0 = sync_time()
+                engine.ingest(doc, CompressionConfig("kvzip", 0.3))
+                out[f"{name}_{tag}_scores"] = sync_time() - t0
+            torch.cuda.empty_cache()
+    backends.set_backend(active)
+    return out
 
 
 def random_predictor(engine: KVzipEngine, kind: str, hidden: int = 512):
@@ -547,6 +572,13 @@ def main() -> None:
         help="time TTFT from a local redis-server",
     )
     parser.add_argument(
+        "--variant-lengths",
+        type=int,
+        nargs="*",
+        default=[32768],
+        help="lengths at which to time the ingest per backend and scoring-kernel variant",
+    )
+    parser.add_argument(
         "--kvzap",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -555,7 +587,7 @@ def main() -> None:
     args = parser.parse_args()
     bw = copy_bandwidth()
     engine = build_engine(args.tokenizer, args.backend)
-    warm = Document(list(engine.encode_document("x").prefix_ids), list(range(1000, 5000)))
+    warm = Document(list(engine.encode_document("x").prefix_ids), list(range(1000, 9000)))
     engine.ingest(warm, CompressionConfig("kvzip", 0.3))  # compiles the Triton kernels
     if args.profile:
         profile_ingest(engine, args.profile)
@@ -571,6 +603,7 @@ def main() -> None:
     }
     print(result["attention_kernels_ms_32k"], flush=True)
     rec = Recorder(result, Path(args.out), args.compiled, args.redis, args.kvzap)
+    rec.variant_lengths = tuple(args.variant_lengths)
     rec.save()
     for n in args.lengths:
         bench_length(engine, n, bw, weight_bytes, rec, args.hf_static_lengths)
