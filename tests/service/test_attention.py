@@ -52,3 +52,18 @@ def test_empty_context_head_contributes_nothing():
     assert torch.isneginf(lse).all() and (out == 0).all()
     out_t, lse_t = backends.causal_attention(q, torch.randn(h, 3, d), torch.randn(h, 3, d), 0.3)
     torch.testing.assert_close(backends.merge_partials(out, lse, out_t, lse_t), out_t)
+
+
+@pytest.mark.parametrize(
+    "device,available,capability,want",
+    [
+        ("cpu", ["reference", "sdpa"], None, "sdpa"),
+        ("cuda", ["cuda", "cudnn", "flash_attn", "reference", "sdpa"], (9, 0), "cudnn"),
+        ("cuda", ["cuda", "cudnn", "flash_attn", "reference", "sdpa"], (8, 0), "flash_attn"),
+        ("cuda", ["cuda", "cudnn", "reference", "sdpa"], (8, 6), "cuda"),
+        ("cuda", ["cuda", "reference", "sdpa"], (9, 0), "cuda"),
+        ("cuda", ["reference", "sdpa"], (9, 0), "reference"),
+    ],
+)
+def test_auto_backend_choice(device, available, capability, want):
+    assert backends.pick_auto(torch.device(device), available, capability) == want

@@ -74,6 +74,22 @@ def test_cuda_causal_attention_matches_reference(t, s, backend):
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
 
+def test_auto_backend_on_this_gpu():
+    """auto on this GPU: cudnn on Hopper+ (when this torch has it), else a flash backend."""
+    from service import backends
+
+    try:
+        chosen = backends.set_backend("auto", torch.device("cuda"))
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        if hopper and "cudnn" in backends.available_backends():
+            assert chosen == "cudnn"
+        else:
+            assert chosen in ("flash_attn", "cuda")
+        assert backends.gpu_kernels_active()
+    finally:
+        backends.set_backend("cuda")
+
+
 @pytest.mark.parametrize("backend", ["cuda", "flash_attn"])
 def test_empty_heads_give_neg_inf_lse(backend):
     cuda = _flash_module(backend)
@@ -304,7 +320,9 @@ def test_engine_scores_cuda_backend_match_reference_backend(tiny_model_dir, meth
     from service.engine import KVzipEngine
 
     engine = KVzipEngine.load(
-        EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16")
+        EngineConfig(
+            model=str(tiny_model_dir), device="cuda", dtype="bfloat16", attention_backend="cuda"
+        )
     )
     assert backends.active_backend() == "cuda"
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
