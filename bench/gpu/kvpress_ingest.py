@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     model.config.name_or_path = args.tokenizer  # KVzipPress loads its tokenizer from here
     result = {
+        "command": "python -m bench.gpu.kvpress_ingest " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(),
         "transformers": transformers.__version__,
         "kvpress": version("kvpress"),

@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -605,6 +606,7 @@ def main() -> None:
         profile_ingest(engine, args.profile)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     result: dict[str, Any] = {
+        "command": "python -m bench.gpu.run " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "backend": args.backend,
