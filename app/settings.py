@@ -13,7 +13,7 @@ current and that README.md names every variable.
 | `gguf_file` | `KVZIP_GGUF_FILE` | unset | GGUF file inside the model path |
 | `device` | `KVZIP_DEVICE` | `auto` | auto, cpu, cuda, cuda:N or mps |
 | `dtype` | `KVZIP_DTYPE` | `auto` | auto, float32, float16 or bfloat16 |
-| `attention_backend` | `KVZIP_ATTENTION_BACKEND` | `auto` | auto, cudnn, flash_attn, cuda, sdpa, reference |
+| `attention_backend` | `KVZIP_ATTENTION_BACKEND` | `auto` | auto or a kernel name (.env.example) |
 | `prefill_chunk_tokens` | `KVZIP_PREFILL_CHUNK_TOKENS` | `16000` | Tokens per prefill forward |
 | `question_reserve_tokens` | `KVZIP_QUESTION_RESERVE_TOKENS` | `384` | Window kept for Q and A |
 | `compile_decode` | `KVZIP_COMPILE_DECODE` | `False` | torch.compile the decode step |
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     attention_backend: str = Field(
         default=_ENGINE.attention_backend,
         pattern=r"^[a-z][a-z0-9_]*$",
-        description="auto, cudnn, flash_attn, cuda, sdpa, reference",
+        description="auto or a kernel name (.env.example)",
     )
     prefill_chunk_tokens: int = Field(
         default=_ENGINE.prefill_chunk_tokens, ge=16, description="Tokens per prefill forward"
