@@ -24,7 +24,7 @@ from service.config import CompressionConfig
 from service.engine import Document
 
 GEMM_MARKS = ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "cublas")
-ATTENTION_MARKS = ("ragged", "fused_decode", "_merge", "split")
+ATTENTION_MARKS = ("_partial_kernel", "_combine_kernel", "_merge", "ragged")  # our Triton decode
 
 
 def _group(name: str) -> str:
