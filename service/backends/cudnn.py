@@ -9,7 +9,7 @@ On an H200 (torch 2.11) one causal 32K prefill layer (32 query / 8 KV heads, d 1
 - ragged context blocks whose layer is uniform (every head holds `max_len` keys: the
   all-kept context during ingest, so KVzip's reconstruction passes): one dense GQA call.
 Everything else (decode-sized blocks, compressed ragged layers) goes to the `cuda` backend.
-Selected by KVZIP_ATTENTION_BACKEND=cudnn; `auto` still picks `cuda`.
+`auto` picks it on Hopper and newer GPUs (KVZIP_ATTENTION_BACKEND=cudnn forces it).
 """
 
 from __future__ import annotations
