@@ -153,6 +153,21 @@ def build_tasks(engine, args):  # type: ignore[no-untyped-def]
     return qa, needles, calibration
 
 
+def _prepare_kvzap(engine, args, methods, tasks) -> str:  # type: ignore[no-untyped-def]
+    """kvzap.prepare with this run's settings (predictors for the kvzap methods, if any)."""
+    from bench.quality import kvzap
+
+    return kvzap.prepare(
+        engine,
+        methods,
+        tasks,
+        args.qa_docs,
+        args.kvzap_texts,
+        args.kvzap_tokens,
+        positions=args.kvzap_positions,
+    )
+
+
 def render(args: argparse.Namespace) -> int:
     """Tables and plot from a saved run (results JSON), without running anything."""
     from bench.quality import report
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return render(args)
     import torch
 
-    from bench.quality import kvzap, report
+    from bench.quality import report
     from bench.quality.runner import Grid, _log
     from service.engine import KVzipEngine
     from service.prompt import INSTRUCTION
@@ -195,15 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             engine, args, methods, qa, needles, INSTRUCTION, started
         )
     else:
-        kvzap_line = kvzap.prepare(
-            engine,
-            methods,
-            qa + needles,
-            args.qa_docs,
-            args.kvzap_texts,
-            args.kvzap_tokens,
-            positions=args.kvzap_positions,
-        )
+        kvzap_line = _prepare_kvzap(engine, args, methods, qa + needles)
         peer = start_kvpress(engine, args, qa + needles, INSTRUCTION) if args.kvpress else None
         grid = Grid(engine, methods, _floats(args.ratios), MAX_NEW)
         grid.run(qa + needles)
@@ -266,15 +273,7 @@ def run_parallel(engine, args, methods, qa, needles, instruction, started):  # t
     _log(f"{len(pool.procs)} workers on {len(units)} units, {len(peers)} kvpress peers")
     kvzap_line = ""
     try:
-        kvzap_line = kvzap.prepare(
-            engine,
-            methods,
-            qa + needles,
-            args.qa_docs,
-            args.kvzap_texts,
-            args.kvzap_tokens,
-            positions=args.kvzap_positions,
-        )
+        kvzap_line = _prepare_kvzap(engine, args, methods, qa + needles)
         pool.signal(True)
     except Exception as exc:  # noqa: BLE001 - the rest of the grid still reports
         _log(f"kvzap calibration failed: {exc!r}")

@@ -8,28 +8,15 @@ split-K kernel, which is CUDA-graph capturable; larger blocks (prefill, scoring)
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 
 from service.backends import triton_ragged
 
-
-class VarlenKernel(Protocol):
-    """A varlen flash kernel: q (Tq, Hq, d), k/v (Tk, Hk, d) -> out (Tq, Hq, d), lse (Hq, Tq)."""
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        max_q: int,
-        max_k: int,
-        causal: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+VarlenKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""A varlen flash kernel with `_flash_varlen`'s signature: q (Tq, Hq, d), k/v (Tk, Hk, d),
+cu_q, cu_k, max_q, max_k, causal, scale -> out (Tq, Hq, d), lse (Hq, Tq) fp32."""
 
 
 def _flash_varlen(
