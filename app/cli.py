@@ -216,11 +216,11 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     settings = Settings()
     try:
-        worker_main = importlib.import_module("service.distributed.worker_main")
+        worker_main = importlib.import_module("service.serving.distributed.worker_main")
     except ImportError as exc:
         raise CommandError(
             f"the distributed worker is not available here ({exc}); it needs the full package "
-            "(torch, transformers) and service.distributed",
+            "(torch, transformers) and service.serving.distributed",
             status=2,
         ) from exc
     configure_logging(settings.log_level, settings.log_format)
@@ -229,9 +229,9 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _calibrate(argv: Sequence[str]) -> int:
-    """`kvzip calibrate[-scorer] ...` are the engine's own command line (service.cli)."""
+    """`kvzip calibrate[-scorer] ...` are the engine's own command line (service.commands)."""
     try:
-        engine_cli = importlib.import_module("service.cli")
+        engine_cli = importlib.import_module("service.commands")
     except ImportError as exc:
         raise CommandError(f"{argv[0]} needs the engine (torch): {exc}", status=2) from exc
     return int(engine_cli.main(list(argv)))

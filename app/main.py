@@ -78,15 +78,15 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
 def build_default_service(settings: Settings) -> ContextService:
     """The service `settings.mode` names, built only when the app starts.
 
-    embedded: the model in this process. `service.embedded` imports torch, so it is imported
+    embedded: the model in this process. `service.serving.embedded` imports torch, so it is imported
     here and by name: neither importing nor type-checking app/ reaches the engine; the facade
-    Protocol is the contract. distributed: `service.distributed.remote` (no torch), which
+    Protocol is the contract. distributed: `service.serving.distributed.remote` (no torch), which
     hands every job to the workers through Redis.
     """
     if settings.mode == "distributed":
-        remote = importlib.import_module("service.distributed.remote")
+        remote = importlib.import_module("service.serving.distributed.remote")
         built: ContextService = remote.build_remote_service(settings.to_service_config())
         return built
-    embedded = importlib.import_module("service.embedded")
+    embedded = importlib.import_module("service.serving.embedded")
     service: ContextService = embedded.build_embedded_service(settings.to_service_config())
     return service

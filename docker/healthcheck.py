@@ -31,8 +31,8 @@ def worker() -> int:
     import redis
 
     from app.settings import Settings
-    from service.distributed.heartbeat import default_worker_name
-    from service.distributed.keys import RedisKeys
+    from service.serving.distributed.heartbeat import default_worker_name
+    from service.serving.distributed.keys import RedisKeys
 
     settings = Settings()
     if not settings.redis_url:

@@ -14,10 +14,10 @@ import struct
 
 import torch
 
+from service.engine.fingerprints import FORMAT_VERSION, ModelIdentity
+from service.engine.kvcache import CompressedContext, RaggedLayer
+from service.engine.tensor_blob import ByteSource, pack, unpack
 from service.errors import CorruptContextError, IncompatibleContextError
-from service.identity import FORMAT_VERSION, ModelIdentity
-from service.kvcache import CompressedContext, RaggedLayer
-from service.tensor_blob import ByteSource, pack, unpack
 
 _FIELDS = ("keys", "values", "cu_lens", "scores", "positions")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from service.errors import InvalidInputError
 
 METHODS = ("kvzip", "kvzip_plus", "kvzip_head", "kvzap", "streaming", "snapkv", "h2o", "none")
-"""Every `compression.method`: the scorers of service.scorers, and `none` (keep all)."""
+"""Every `compression.method`: the scorers of service.compression.scorers, and `none` (keep all)."""
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -62,7 +62,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Distributed mode (service.distributed): API processes and workers joined by Redis.
+    """Distributed mode (service.serving.distributed): API processes and workers joined by Redis.
 
     Every key lives under `redis_prefix`. A worker heartbeats a key that lives
     `heartbeat_ttl_s`; a job idle (not kept alive by its worker) longer than `claim_idle_s`

@@ -1,4 +1,4 @@
-"""The one facade app/ talks to. Implementations: service.embedded (model in process)."""
+"""The one facade app/ talks to. Implementations: service.serving.embedded (model in process)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.environ.get("KVZIP_TEST_TOKENIZER_DIR"):
         return Path(os.environ["KVZIP_TEST_TOKENIZER_DIR"])
     from service.config import EngineConfig
-    from service.model_loader import load_tokenizer, resolve_source
+    from service.engine.loading import load_tokenizer, resolve_source
 
     folder = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer(resolve_source(EngineConfig())).save_pretrained(folder)
@@ -73,6 +73,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 def tiny_engine(tiny_model_dir: Path):
     """A KVzipEngine over the tiny random model (CPU, fp32, reference attention)."""
     from service.config import EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
 
     return KVzipEngine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))

@@ -53,7 +53,7 @@ def test_pass_key_survives_compression_and_restart(tmp_path):
         engine = client.app.state.service.engine
         _ENGINE["default"] = engine
 
-    from service.embedded import EmbeddedContextService
+    from service.serving.embedded import EmbeddedContextService
 
     restarted = EmbeddedContextService(settings.to_service_config(), engine=engine)
     passes = engine.reconstruction_passes
@@ -75,8 +75,8 @@ def _readme_document() -> str:
 
 
 def test_readme_session_answers_the_short_question(tmp_path):
-    from service.embedded import EmbeddedContextService
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
+    from service.serving.embedded import EmbeddedContextService
 
     settings = Settings(data_dir=tmp_path)
     engine = _ENGINE.get("default") or KVzipEngine.load(settings.to_service_config().engine)

@@ -15,7 +15,7 @@ CACHE=bench/.cache
 mkdir -p "$CACHE/whl" "$CACHE/redis/lib" "$CACHE/kvpress"
 $PY - <<'PYEOF'
 from service.config import EngineConfig
-from service.model_loader import load_tokenizer, resolve_source
+from service.engine.loading import load_tokenizer, resolve_source
 load_tokenizer(resolve_source(EngineConfig())).save_pretrained("bench/.cache/tokenizer")
 PYEOF
 .venv/bin/pip download -q --no-deps -d "$CACHE/whl" pytest pluggy iniconfig packaging redis

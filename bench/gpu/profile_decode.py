@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from bench.gpu.run import build_engine, sync_time
-from service.batch_decode import BatchDecoder
 from service.config import CompressionConfig
-from service.engine import Document
+from service.engine.batch_decode import BatchDecoder
+from service.engine.kvzip_engine import Document
 
 GEMM_MARKS = ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "cublas")
 ATTENTION_MARKS = ("_partial_kernel", "_combine_kernel", "_merge", "ragged")  # our Triton decode

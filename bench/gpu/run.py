@@ -40,11 +40,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, StaticCac
 
 from bench.gpu.shapes import LLAMA_8B
 from service import codec
-from service.batch_decode import BatchDecoder
+from service.compression.selection import select
 from service.config import CompressionConfig, EngineConfig
-from service.engine import Document, KVzipEngine
-from service.selection import select
-from service.tensor_blob import unpack
+from service.engine.batch_decode import BatchDecoder
+from service.engine.kvzip_engine import Document, KVzipEngine
+from service.engine.tensor_blob import unpack
 from service.types import SamplingParams
 
 
@@ -311,7 +311,8 @@ def ingest_variants(engine: KVzipEngine, doc: Document) -> dict[str, float]:
     with the Triton scoring kernels and with the plain-torch scoring, side by side."""
     from unittest import mock
 
-    from service import backends, scoring
+    from service.compression import reconstruction as scoring
+    from service.engine import backends
 
     active = backends.active_backend()
     out: dict[str, float] = {}
@@ -330,7 +331,7 @@ def ingest_variants(engine: KVzipEngine, doc: Document) -> dict[str, float]:
 def random_predictor(engine: KVzipEngine, kind: str, hidden: int = 512):
     """A KVzap predictor of the model's shapes with random weights (timing only: the
     random model's scores mean nothing anyway), tagged with the model's fingerprint."""
-    from service.kvzap.predictor import KVzapPredictor
+    from service.compression.learned.predictor import KVzapPredictor
 
     cfg = engine.model.config
     layers, dim, heads = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads
@@ -346,7 +347,7 @@ def random_predictor(engine: KVzipEngine, kind: str, hidden: int = 512):
 def kvzap_phase(engine: KVzipEngine, doc: Document, row: dict) -> None:
     """Method kvzap (linear and MLP predictors): ingest = prefill with the predictor hooks +
     selection at 0.3 + serialisation, over the plain prefill; no reconstruction pass."""
-    from service.kvzap.predictor import predictor_path, save_predictor
+    from service.compression.learned.predictor import predictor_path, save_predictor
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.kvzap_dir = Path(tmp)
@@ -505,7 +506,7 @@ def attention_kernels(n: int = 32768, repeats: int = 5) -> dict[str, float]:
     and the flash varlen call the `cuda` backend makes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from service.backends import cuda as cuda_backend
+    from service.engine.backends import cuda as cuda_backend
 
     q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)

@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.quality import report
     from bench.quality.runner import Grid, _log
-    from service.engine import KVzipEngine
-    from service.prompt import INSTRUCTION
-    from service.scorers.kvzip_head import calibrate, save_head_scores
+    from service.compression.scorers.kvzip_head import calibrate, save_head_scores
+    from service.engine.kvzip_engine import KVzipEngine
+    from service.engine.prompt import INSTRUCTION
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -334,7 +334,7 @@ def run_parallel(engine, args, methods, qa, needles, instruction, started):  # t
 def start_kvpress(engine, args, tasks, instruction):  # type: ignore[no-untyped-def]
     """Start kvpress KVzipPress on the same tasks in its own process (see kvpress_env)."""
     from bench.quality import kvpress_env
-    from service.model_loader import resolve_source
+    from service.engine.loading import resolve_source
 
     source = resolve_source(_engine_config(args))
     tok_dir = kvpress_env.save_tokenizer(

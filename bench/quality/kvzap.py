@@ -28,19 +28,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from bench.quality.data import Task, _sentences, load_articles
-from service.config import CompressionConfig
-from service.kvzap.calibration import CalibrationSettings, collect, fit, split
-from service.kvzap.fit import predict_all, r2_score
-from service.kvzap.predictor import (
+from service.compression.learned.calibration import CalibrationSettings, collect, fit, split
+from service.compression.learned.fit import predict_all, r2_score
+from service.compression.learned.predictor import (
     KVzapPredictor,
     load_predictor,
     predictor_path,
     save_predictor,
 )
+from service.config import CompressionConfig
 
 if TYPE_CHECKING:
-    from service.engine import Document, KVzipEngine
-    from service.kvcache import CompressedContext
+    from service.engine.kvcache import CompressedContext
+    from service.engine.kvzip_engine import Document, KVzipEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"kvzap": None, "kvzap-linear": "linear", "kvzap-mlp": "mlp"}
@@ -75,7 +75,7 @@ def free_articles(articles: list[dict], tasks: list[Task], skip: int) -> list[di
 
 def pack(articles: list[dict], engine: KVzipEngine, tokens: int, limit: int) -> list[str]:
     """~`tokens`-token texts of consecutive paragraphs, from the LAST articles backwards."""
-    from service.kvzap.calibration import _pack
+    from service.compression.learned.calibration import _pack
 
     out: list[str] = []
     for article in reversed(articles):
@@ -148,7 +148,7 @@ def _calibrate(
     engine: KVzipEngine, texts: list[str], settings: CalibrationSettings
 ) -> dict[str, KVzapPredictor]:
     """`calibrate_scorer`, with the samples kept compact and the fit on the model's device."""
-    from service.kvzap.calibration import Samples, score_text
+    from service.compression.learned.calibration import Samples, score_text
 
     gen = torch.Generator().manual_seed(settings.seed)
     keep_dtype = engine.model.dtype if engine.model.dtype != torch.float16 else torch.float32
@@ -214,8 +214,8 @@ def compare_targets(engine: KVzipEngine, args: argparse.Namespace) -> dict:
     """Fit on (A) ~1K-token texts, one softmax each (the KVzap recipe) and (B) ~4K-token
     texts in chunks of 2,000 (what `kvzip_plus` computes at ingest); evaluate both on
     held-out ~4K-token documents against the service's chunked kvzip_plus and kvzip scores."""
-    from service.scorers.kvzip import KVzipScorer
-    from service.scorers.kvzip_plus import KVzipPlusScorer
+    from service.compression.scorers.kvzip import KVzipScorer
+    from service.compression.scorers.kvzip_plus import KVzipPlusScorer
 
     articles = load_articles()
     test_articles, train_articles = articles[args.test_from :], articles[: args.test_from]
@@ -267,7 +267,7 @@ def compare_targets(engine: KVzipEngine, args: argparse.Namespace) -> dict:
 
 def _inputs(engine: KVzipEngine, doc: Document) -> torch.Tensor:
     """(n, L, D) attention inputs of the context tokens of one plain prefill."""
-    from service.kvzap.capture import attention_inputs
+    from service.compression.learned.capture import attention_inputs
 
     rec: dict[int, torch.Tensor] = {}
     with attention_inputs(engine.model, lambda i, x: rec.__setitem__(i, x[0].float().cpu())):
@@ -336,7 +336,7 @@ def _stored(engine: KVzipEngine, kind: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from service.config import EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
 
     p = argparse.ArgumentParser(prog="python -m bench.quality.kvzap", description=__doc__)
     p.add_argument("command", choices=("targets", "timing"))

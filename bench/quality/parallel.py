@@ -73,7 +73,7 @@ def worker(job: dict, tasks: list[Task], out_path: str) -> None:
 
     from bench.quality import kvzap
     from bench.quality.runner import Grid, _log
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
 
     torch.set_num_threads(job["threads"] or 1)
     engine = KVzipEngine.load(job["engine_config"])

@@ -19,10 +19,10 @@ import torch
 
 from bench.quality import kvzap, metrics
 from bench.quality.data import Task
+from service.compression.selection import select
 from service.config import CompressionConfig
-from service.engine import KVzipEngine
-from service.kvcache import CompressedContext, KVzipCache
-from service.selection import select
+from service.engine.kvcache import CompressedContext, KVzipCache
+from service.engine.kvzip_engine import KVzipEngine
 from service.types import SamplingParams
 
 FULL = "full"

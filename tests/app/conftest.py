@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from service.errors import ContextNotFoundError, DocumentTooLongError, ServiceError
-from service.records import paginate
+from service.serving.records import paginate
 from service.types import (
     ANY_TENANT,
     CompressionStats,
@@ -145,9 +145,7 @@ class FakeContextService:
         self._enter("list_contexts")
         self.listings.append((tenant, page_size, page_token))
         visible = [
-            info
-            for cid, info in self.contexts.items()
-            if tenant in (self.tenants[cid], ANY_TENANT)
+            info for cid, info in self.contexts.items() if tenant in (self.tenants[cid], ANY_TENANT)
         ]
         return paginate(visible, page_size, page_token)
 

@@ -25,7 +25,7 @@ TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at 
 
 @pytest.fixture(scope="module")
 def live(tiny_engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from service.embedded import EmbeddedContextService
+    from service.serving.embedded import EmbeddedContextService
 
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
@@ -320,7 +320,7 @@ def test_cli_worker_without_the_distributed_package_says_so(
     real = importlib.import_module
 
     def missing(name: str, *args: Any) -> Any:
-        if name == "service.distributed.worker_main":
+        if name == "service.serving.distributed.worker_main":
             raise ModuleNotFoundError("No module named 'torch'")
         return real(name, *args)
 

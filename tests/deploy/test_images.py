@@ -118,7 +118,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context(image: str) -> Non
                 assert not dockerignore_excludes(source), f"{source} is in .dockerignore"
     assert dockerignore_excludes(".venv") and dockerignore_excludes(".git")
     assert dockerignore_excludes("data/contexts/x") and dockerignore_excludes("tests/conftest.py")
-    assert not dockerignore_excludes("service/engine.py")
+    assert not dockerignore_excludes("service/engine/kvzip_engine.py")
 
 
 def lock(path: Path) -> dict[str, Requirement]:

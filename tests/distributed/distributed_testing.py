@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from service.config import DistributedConfig, ServiceConfig
-from service.distributed.jobs import IngestJob, QueryJob
-from service.distributed.keys import RedisKeys
-from service.distributed.remote import RemoteContextService
-from service.distributed.worker import Executor, Progress, StreamWorker
 from service.errors import DocumentTooLongError
-from service.records import ContextRecord
+from service.serving.distributed.jobs import IngestJob, QueryJob
+from service.serving.distributed.keys import RedisKeys
+from service.serving.distributed.remote import RemoteContextService
+from service.serving.distributed.stream_worker import Executor, Progress, StreamWorker
+from service.serving.records import ContextRecord
 from service.types import QueryEvent, QueryResult, QueryTimings
 from storage import redis_client
 from tests.storage.storage_testing import RedisEnv

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from service.config import CompressionConfig, EngineConfig
-from service.distributed.executor import EngineExecutor, build_shared_store
-from service.embedded import EmbeddedContextService
+from service.serving.distributed.executor import EngineExecutor, build_shared_store
+from service.serving.embedded import EmbeddedContextService
 from service.types import CreateContextRequest, QueryRequest, SamplingParams
 from storage import redis_client
 from tests.distributed.distributed_testing import REDIS_URL, Cluster

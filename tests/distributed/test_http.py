@@ -25,7 +25,8 @@ CONTEXT = "ctx_" + "0" * 32
 PROGRAM = """
 import sys
 from fastapi.testclient import TestClient
-import service.distributed, service.distributed.remote, service.distributed.worker
+import service.serving.distributed.remote
+import service.serving.distributed.stream_worker
 from app.main import create_app
 from app.settings import Settings
 

@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from service.config import CompressionConfig
-from service.distributed.jobs import (
+from service.errors import ContextNotFoundError, DocumentTooLongError, QueueFullError
+from service.serving.distributed.jobs import (
     RESULT,
     IngestJob,
     MalformedJobError,
@@ -21,10 +22,9 @@ from service.distributed.jobs import (
     error_from_payload,
     error_payload,
 )
-from service.distributed.keys import RedisKeys
-from service.distributed.records import RecordStore, RemoteRecord, remote_context_id
-from service.errors import ContextNotFoundError, DocumentTooLongError, QueueFullError
-from service.records import ContextRecord
+from service.serving.distributed.keys import RedisKeys
+from service.serving.distributed.redis_records import RecordStore, RemoteRecord, remote_context_id
+from service.serving.records import ContextRecord
 from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams
 from tests.distributed.distributed_testing import IDENTITY
 from tests.storage.storage_testing import RedisEnv

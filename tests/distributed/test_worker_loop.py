@@ -9,8 +9,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.distributed.jobs import INGEST, IngestJob, decode_job
-from service.distributed.keys import GROUP
 from service.errors import (
     ContextNotFoundError,
     ContextNotReadyError,
@@ -19,6 +17,8 @@ from service.errors import (
     InvalidInputError,
     QueueFullError,
 )
+from service.serving.distributed.jobs import INGEST, IngestJob, decode_job
+from service.serving.distributed.keys import GROUP
 from service.types import ANY_TENANT, CreateContextRequest, QueryRequest
 from tests.distributed.distributed_testing import Cluster, FakeExecutor
 from tests.storage.storage_testing import RedisEnv

@@ -47,9 +47,9 @@ TENANT_KEY = "sk-fuzz-tenant-0001"
 
 def main(argv: list[str]) -> int:
     from service.config import EngineConfig
-    from service.embedded import EmbeddedContextService
-    from service.engine import KVzipEngine
-    from service.model_loader import load_tokenizer, resolve_source
+    from service.engine.kvzip_engine import KVzipEngine
+    from service.engine.loading import load_tokenizer, resolve_source
+    from service.serving.embedded import EmbeddedContextService
 
     for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
         del os.environ[name]
@@ -57,9 +57,7 @@ def main(argv: list[str]) -> int:
         root = Path(tmp)
         load_tokenizer(resolve_source(EngineConfig())).save_pretrained(root / "tokenizer")
         model_dir = build_tiny_model_dir(root / "tiny", root / "tokenizer")
-        engine = KVzipEngine.load(
-            EngineConfig(model=str(model_dir), device="cpu", dtype="float32")
-        )
+        engine = KVzipEngine.load(EngineConfig(model=str(model_dir), device="cpu", dtype="float32"))
         keyed = KEYED_FLAG in argv
         argv = [arg for arg in argv if arg != KEYED_FLAG]
         settings = Settings(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from service.kvzap.predictor import KVzapPredictor, predictor_path, save_predictor
-from service.scorers.kvzap import predictor_dir
+from service.compression.learned.predictor import KVzapPredictor, predictor_path, save_predictor
+from service.compression.scorers.kvzap import predictor_dir
 
 
 def random_predictor(

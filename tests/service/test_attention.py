@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service import backends
-from service.kvcache import RaggedLayer
+from service.engine import backends
+from service.engine.kvcache import RaggedLayer
 
 
 def _dense_masked(q, keys, values, keep, tail_k, tail_v, scale):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from service.config import CompressionConfig, EngineConfig, ServiceConfig
-from service.embedded import EmbeddedContextService
 from service.errors import (
     ContextNotFoundError,
     DocumentTooLongError,
     InvalidInputError,
     QueueFullError,
 )
+from service.serving.embedded import EmbeddedContextService
 from service.types import CreateContextRequest, QueryRequest, SamplingParams
 
 TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at five. " * 8
@@ -149,7 +149,7 @@ def _stored(data_dir: Path, cid: str) -> list[Path]:
 
 
 async def test_system_instruction_joins_the_prefix_and_the_id(tiny_engine, tmp_path):
-    from service.prompt import build_layout, question_ids
+    from service.engine.prompt import build_layout, question_ids
 
     svc = await _started(tiny_engine, tmp_path)
     plain, _ = await svc.create_context(CreateContextRequest(TEXT))

@@ -76,7 +76,7 @@ def test_batched_static_decoding_equals_one_by_one(tiny_engine):
 def test_compiled_decode_step_gives_the_same_tokens(tiny_engine):
     """The torch.compile'd decode step (CPU Inductor here) decodes exactly like the eager
     step (fp32, greedy), without falling back."""
-    from service.batch_decode import BatchDecoder
+    from service.engine.batch_decode import BatchDecoder
 
     doc = tiny_engine.encode_document(TEXT)
     ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.backends import reference
-from service.kvcache import RaggedLayer
+from service.engine.backends import reference
+from service.engine.kvcache import RaggedLayer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,13 +35,13 @@ def _ragged(h, n, d, keep_p, dtype, seed):
 def _flash_module(name: str):
     """The backend module of one flash-kernel backend (`cuda`: PyTorch's kernel;
     `flash_attn`: the flash-attn package, skipped where it is not installed)."""
-    from service import backends
+    from service.engine import backends
 
     if name not in backends.available_backends():
         pytest.skip(f"backend {name} is not available here (package not installed)")
     import importlib
 
-    return importlib.import_module(f"service.backends.{name}")
+    return importlib.import_module(f"service.engine.backends.{name}")
 
 
 @pytest.mark.parametrize("backend", ["cuda", "flash_attn"])
@@ -76,7 +76,7 @@ def test_cuda_causal_attention_matches_reference(t, s, backend):
 
 def test_auto_backend_on_this_gpu():
     """auto on this GPU: cudnn on Hopper+ (when this torch has it), else a flash backend."""
-    from service import backends
+    from service.engine import backends
 
     try:
         chosen = backends.set_backend("auto", torch.device("cuda"))
@@ -105,7 +105,7 @@ def test_empty_heads_give_neg_inf_lse(backend):
 
 def test_graph_decoding_equals_eager_decoding(tiny_model_dir):
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
     from service.types import SamplingParams
 
     engine = KVzipEngine.load(
@@ -122,9 +122,9 @@ def test_graph_decoding_equals_eager_decoding(tiny_model_dir):
 
 def test_compiled_graph_step_matches_eager_step(tiny_model_dir):
     """torch.compile'd + captured decode step: same logits as the eager step, no fallback."""
-    from service.batch_decode import BatchDecoder
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine.batch_decode import BatchDecoder
+    from service.engine.kvzip_engine import KVzipEngine
 
     engine = KVzipEngine.load(
         EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16")
@@ -148,7 +148,7 @@ def test_compiled_graph_step_matches_eager_step(tiny_model_dir):
 @pytest.mark.parametrize("batch,t,n", [(1, 1, 5000), (4, 1, 70000), (16, 1, 3000), (2, 3, 900)])
 def test_fused_static_decode_matches_reference(batch, t, n):
     """Context + static tail + merge in one pass == reference context ⊕ reference tail."""
-    from service.backends import cuda, merge_partials
+    from service.engine.backends import cuda, merge_partials
 
     h, g, d, cap = 8, 4, 128, 64
     layer = _ragged(h, n, d, 0.3, torch.bfloat16, seed=batch * 7 + n)
@@ -189,7 +189,7 @@ def _blob_tensors(n_big: int, seed: int) -> dict[str, torch.Tensor]:
 def test_tensor_blob_round_trip_on_cuda_is_bit_exact(n_big):
     from safetensors.torch import load
 
-    from service.tensor_blob import pack, unpack
+    from service.engine.tensor_blob import pack, unpack
 
     tensors = _blob_tensors(n_big, seed=n_big)
     blob = pack(tensors, {"m": "x"})
@@ -206,7 +206,7 @@ def test_tensor_blob_round_trip_on_cuda_is_bit_exact(n_big):
 
 def test_tensor_blob_small_ring_on_cuda_back_to_back():
     """Many tiny windows, calls back to back: a slot is never overwritten while in DMA."""
-    from service.tensor_blob import _download, _Span, _StagingRing, _upload
+    from service.engine.tensor_blob import _download, _Span, _StagingRing, _upload
 
     ring = _StagingRing(3, 4099)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -225,7 +225,7 @@ def test_tensor_blob_small_ring_on_cuda_back_to_back():
     assert torch.equal(host, torch.cat(sources).cpu())
 
 
-# --- Triton scoring kernels (service.backends.triton_scores) -------------------------------
+# --- Triton scoring kernels (service.engine.backends.triton_scores) -------------------------------
 
 
 def _score_inputs(h, g, t, d, m, s, start, dtype, seed):
@@ -250,7 +250,7 @@ def _exact_max_logits(q, chunk, shift, scale, per_query_head=False):
     [(8, 4, 2100, 128, 2000), (8, 4, 37, 128, 70), (2, 7, 5, 64, 1), (4, 2, 300, 80, 999)],
 )
 def test_triton_max_logits_match_reference(dtype, h, g, t, d, m):
-    from service.backends import triton_scores
+    from service.engine.backends import triton_scores
 
     q, _, chunk, lse = _score_inputs(h, g, t, d, m, m + 3000, 1234, dtype, seed=t + m)
     for per_head in (False, True):
@@ -261,8 +261,8 @@ def test_triton_max_logits_match_reference(dtype, h, g, t, d, m):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_chunk_scores_match_torch_path(dtype):
-    from service.backends import triton_scores
-    from service.scoring import _torch_local_scores
+    from service.compression.reconstruction import _torch_local_scores
+    from service.engine.backends import triton_scores
 
     h, g, t, d, m = 8, 4, 2048, 128, 2000
     q, _, chunk, lse = _score_inputs(h, g, t, d, m, 9000, 4000, dtype, seed=7)
@@ -276,7 +276,7 @@ def test_triton_chunk_scores_match_torch_path(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n1,n2", [(4, 2000), (0, 2000), (300, 77), (0, 0)])
 def test_triton_range_lse_matches_reference(dtype, n1, n2):
-    from service.backends import triton_scores
+    from service.engine.backends import triton_scores
 
     h, g, t, d = 8, 4, 530, 128
     q, keys, _, _ = _score_inputs(h, g, t, d, 1, 6000, 0, dtype, seed=n1 + n2)
@@ -293,7 +293,7 @@ def test_triton_range_lse_matches_reference(dtype, n1, n2):
 
 @pytest.mark.parametrize("shape", [(32, 1, 128), (32, 2000, 128), (3, 32, 517, 128), (2, 8, 5, 64)])
 def test_triton_merge_matches_torch_merge(shape):
-    from service.backends import triton_scores
+    from service.engine.backends import triton_scores
 
     out_a = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     out_b = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -315,9 +315,9 @@ def test_triton_merge_matches_torch_merge(shape):
 def test_engine_scores_cuda_backend_match_reference_backend(tiny_model_dir, method):
     """Whole scoring runs on CUDA: the cuda backend (flash + Triton scoring kernels + fused
     merge) against the reference backend (plain torch) on the same prefilled context."""
-    from service import backends
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine import backends
+    from service.engine.kvzip_engine import KVzipEngine
 
     engine = KVzipEngine.load(
         EngineConfig(
@@ -343,9 +343,9 @@ def test_engine_scores_cuda_backend_match_reference_backend(tiny_model_dir, meth
 
 def test_engine_scores_triton_path_match_torch_path(tiny_model_dir, monkeypatch):
     """Same cuda backend, same forward: only the scoring kernels differ."""
-    from service import scoring
+    from service.compression import reconstruction
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
 
     engine = KVzipEngine.load(
         EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16")
@@ -353,7 +353,7 @@ def test_engine_scores_triton_path_match_torch_path(tiny_model_dir, monkeypatch)
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
     full = engine.prefill_context(doc, CompressionConfig("kvzip", 0.3, 128))
     got = torch.cat([layer.scores for layer in engine.score(full).layers])
-    monkeypatch.setattr(scoring, "use_triton", lambda q: False)
+    monkeypatch.setattr(reconstruction, "use_triton", lambda q: False)
     want = torch.cat([layer.scores for layer in engine.score(full).layers])
     finite = got.isfinite()
     assert torch.equal(finite, want.isfinite())
@@ -361,11 +361,11 @@ def test_engine_scores_triton_path_match_torch_path(tiny_model_dir, monkeypatch)
 
 
 def _cudnn():
-    from service import backends
+    from service.engine import backends
 
     if "cudnn" not in backends.available_backends():
         pytest.skip("no cuDNN attention in this torch build")
-    from service.backends import cudnn
+    from service.engine.backends import cudnn
 
     return cudnn
 
@@ -403,9 +403,9 @@ def test_cudnn_ragged_attention_matches_reference(keep_p, t):
 
 def test_engine_scores_cudnn_backend_match_reference_backend(tiny_model_dir):
     """Prefill + KVzip scoring with the cudnn backend against the reference backend."""
-    from service import backends
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine import backends
+    from service.engine.kvzip_engine import KVzipEngine
 
     _cudnn()
     engine = KVzipEngine.load(

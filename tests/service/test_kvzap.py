@@ -15,23 +15,23 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.config import CompressionConfig
-from service.errors import InvalidInputError
-from service.identity import ModelIdentity, context_id
-from service.kvzap.calibration import CalibrationSettings, collect, score_text, split
-from service.kvzap.capture import attention_inputs
-from service.kvzap.fit import MLPSettings, fit_mlp, fit_ridge, predict_all, r2_score
-from service.kvzap.predictor import (
+from service.compression.learned.calibration import CalibrationSettings, collect, score_text, split
+from service.compression.learned.capture import attention_inputs
+from service.compression.learned.fit import MLPSettings, fit_mlp, fit_ridge, predict_all, r2_score
+from service.compression.learned.predictor import (
     KVzapPredictor,
     load_predictor,
     load_predictor_file,
     predictor_path,
     save_predictor,
 )
-from service.kvzap.released import load_released
-from service.scorers.kvzap import WINDOW, KVzapScorer, predictor_dir
-from service.scorers.kvzip_plus import KVzipPlusScorer
-from service.selection import budget, select
+from service.compression.learned.released import load_released
+from service.compression.scorers.kvzap import WINDOW, KVzapScorer, predictor_dir
+from service.compression.scorers.kvzip_plus import KVzipPlusScorer
+from service.compression.selection import budget, select
+from service.config import CompressionConfig
+from service.engine.fingerprints import ModelIdentity, context_id
+from service.errors import InvalidInputError
 from tests.service.kvzap_testing import random_predictor, store_test_predictor
 
 TEXT = (
@@ -384,7 +384,7 @@ def test_collect_samples_per_text_and_splits_by_text(tiny_engine):
 
 
 def test_calibrate_scorer_command_writes_both_predictors(tiny_model_dir, tiny_engine, tmp_path):
-    from service.cli import main
+    from service.commands import main
 
     paths = []
     for i, text in enumerate([TEXT, TEXT[200:], TEXT[:500]]):
@@ -407,7 +407,7 @@ def test_calibrate_scorer_command_writes_both_predictors(tiny_model_dir, tiny_en
 def test_calibrate_scorer_command_stores_a_released_checkpoint(
     tiny_model_dir, tiny_engine, tmp_path
 ):
-    from service.cli import main
+    from service.commands import main
 
     config = tiny_engine.model.config
     _write_released(
@@ -426,7 +426,7 @@ def test_calibrate_scorer_command_stores_a_released_checkpoint(
 
 
 def test_released_checkpoint_for_another_model_is_refused(tiny_model_dir, tmp_path, capsys):
-    from service.cli import main
+    from service.commands import main
 
     _write_released(tmp_path / "KVzap-mlp-other", "mlp", d=32)
     argv = ["calibrate-scorer", "--released", str(tmp_path / "KVzap-mlp-other")]
@@ -446,8 +446,8 @@ def test_engine_predictor_reads_the_file_once_until_it_changes(tiny_engine, tmp_
     """Every kvzap ingest asks for the predictor: only a new or rewritten file is read."""
     import os
 
-    from service.kvzap import predictor as predictor_module
-    from service.scorers import kvzap as kvzap_scorer
+    from service.compression.learned import predictor as predictor_module
+    from service.compression.scorers import kvzap as kvzap_scorer
 
     monkeypatch.setattr(tiny_engine, "kvzap_dir", tmp_path / "kvzap")
     store_test_predictor(tiny_engine, "linear", seed=3)

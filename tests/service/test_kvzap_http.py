@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from service.config import EngineConfig, ServiceConfig
-from service.embedded import EmbeddedContextService
+from service.serving.embedded import EmbeddedContextService
 from tests.service.kvzap_testing import store_test_predictor
 
 TEXT = (

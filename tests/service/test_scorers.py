@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from service.config import METHODS, CompressionConfig
-from service.errors import InvalidInputError
-from service.prompt import build_layout
-from service.scorers import SCORERS, build_scorer
-from service.scorers.kvzip_head import (
+from service.compression.scorers import SCORERS, build_scorer
+from service.compression.scorers.kvzip_head import (
     calibrate,
     head_scores_path,
     load_head_scores,
     save_head_scores,
 )
-from service.selection import select
+from service.compression.selection import select
+from service.config import METHODS, CompressionConfig
+from service.engine.prompt import build_layout
+from service.errors import InvalidInputError
 from tests.service.kvzap_testing import store_test_predictor
 
 TEXT = (
@@ -199,7 +199,7 @@ def test_h2o_matches_dense_reference(tiny_engine, doc, recorder):
 
 
 def test_snapkv_matches_dense_reference(tiny_engine, doc, recorder):
-    from service.scorers.snapkv import POOL, WINDOW
+    from service.compression.scorers.snapkv import POOL, WINDOW
 
     ours = _ours(tiny_engine, doc, "snapkv")
     s, n = len(doc.prefix_ids), len(doc.context_ids)
@@ -286,7 +286,7 @@ def test_http_schema_lists_every_method():
 
 
 def test_calibrate_command_writes_the_store(tiny_model_dir, tiny_engine, tmp_path):
-    from service.cli import main
+    from service.commands import main
 
     text = tmp_path / "calibration.txt"
     text.write_text(CALIBRATION, encoding="utf-8")

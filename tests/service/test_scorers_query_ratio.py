@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from service.compression.scorers.kvzip_head import calibrate, save_head_scores
 from service.config import EngineConfig, ServiceConfig
-from service.embedded import EmbeddedContextService
-from service.scorers.kvzip_head import calibrate, save_head_scores
+from service.serving.embedded import EmbeddedContextService
 
 TEXT = (
     "The observatory opened in 1891 on the hill above the town. Its first director, Anna "

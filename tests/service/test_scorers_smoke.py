@@ -17,7 +17,7 @@ DEPTHS = [0.1, 0.35, 0.6]
 def test_kvzip_beats_streaming_on_needles_at_ratio_0_3():
     from bench.quality.data import load_articles
     from service.config import EngineConfig
-    from service.engine import KVzipEngine
+    from service.engine.kvzip_engine import KVzipEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see bench.quality --threads: 1 is faster on a shared machine

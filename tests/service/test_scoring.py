@@ -6,7 +6,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from service.config import CompressionConfig
-from service.prompt import build_layout
+from service.engine.prompt import build_layout
 
 TEXT = (
     "Marie Curie was a physicist and chemist who conducted pioneering research on "

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from service.compression.selection import select
 from service.config import CompressionConfig
-from service.selection import select
 
 TEXT = "Alpha beta gamma delta. The river flows to the sea, and the sea to the sky. " * 12
 

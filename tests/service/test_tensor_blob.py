@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save
 
-from service.tensor_blob import (
+from service.engine.tensor_blob import (
     _download,
     _gather,
     _host_bytes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.textstream import TextStream
+from service.serving.textstream import TextStream
 
 PIECES = ["Hel", "lo", " wor", "ld", ".\n\n", "Bye"]
 

@@ -1,4 +1,4 @@
-"""The Triton decode kernels (service.backends.triton_ragged) against the reference, on CPU
+"""The Triton decode kernels (service.engine.backends.triton_ragged) against the reference, on CPU
 under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
 
 fp32 inputs: the interpreter's bf16 dot is not faithful. The compiled kernels are tested on
@@ -13,13 +13,13 @@ import os
 import pytest
 import torch
 
-from service.backends import reference
-from service.kvcache import RaggedLayer
-from service.static_cache import static_tail_attention
+from service.engine.backends import reference
+from service.engine.kvcache import RaggedLayer
+from service.engine.static_cache import static_tail_attention
 
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests (the GPU runs the compiled kernels)", allow_module_level=True)
-triton_ragged = pytest.importorskip("service.backends.triton_ragged")
+triton_ragged = pytest.importorskip("service.engine.backends.triton_ragged")
 
 
 def _layer(h: int, n: int, d: int, keep_p: float, seed: int) -> RaggedLayer:

@@ -1,4 +1,4 @@
-"""The Triton scoring kernels (service.backends.triton_scores) against the torch code they
+"""The Triton scoring kernels (service.engine.backends.triton_scores) against the torch code they
 replace, on CPU under the Triton interpreter (TRITON_INTERPRET=1).
 
 The kernels' module is (re)imported with the variable set, and it stays set while this
@@ -32,7 +32,7 @@ def _interpreted_module():
             pytest.skip(
                 "triton was imported before without TRITON_INTERPRET", allow_module_level=True
             )
-        name = "service.backends.triton_scores"
+        name = "service.engine.backends.triton_scores"
         if name in sys.modules:
             return importlib.reload(sys.modules[name])
         return importlib.import_module(name)
@@ -58,16 +58,16 @@ def _interpreter_env():
         os.environ["TRITON_INTERPRET"] = saved
 
 
-from service import scoring  # noqa: E402
+from service.compression import reconstruction  # noqa: E402
+from service.compression.scorers import kvzip_plus  # noqa: E402
 from service.config import CompressionConfig  # noqa: E402
-from service.scorers import kvzip_plus  # noqa: E402
 
 
 @pytest.fixture
 def on_triton(monkeypatch):
     """Route scoring through the (interpreted) Triton kernels, as on the CUDA backend."""
-    monkeypatch.setitem(sys.modules, "service.backends.triton_scores", ts)
-    monkeypatch.setattr(scoring, "use_triton", lambda q: True)
+    monkeypatch.setitem(sys.modules, "service.engine.backends.triton_scores", ts)
+    monkeypatch.setattr(reconstruction, "use_triton", lambda q: True)
     monkeypatch.setattr(kvzip_plus, "use_triton", lambda q: True)
     for name in ("BLOCK_R", "LSE_BLOCK_R", "LSE_BLOCK_N"):  # fewer interpreted steps
         monkeypatch.setattr(ts, name, 256)
@@ -111,7 +111,7 @@ def test_chunk_scores_match_torch_local_scores(dtype):
     h, g, t, d, m = 2, 4, 45, 16, 83
     q, _, chunk, lse = _inputs(h, g, t, d, m, 200, 60, dtype, seed=1)
     got = ts.chunk_scores(q, chunk, lse, d**-0.5)
-    want = scoring._torch_local_scores(q, chunk, lse, d**-0.5)
+    want = reconstruction._torch_local_scores(q, chunk, lse, d**-0.5)
     # the torch path rounds its logits to the input dtype; the kernel keeps fp32
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
@@ -135,7 +135,7 @@ def test_range_lse_matches_logsumexp(dtype, n1, n2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 9, 16), (2, 6, 9, 16), (3, 1, 24)])
 def test_merge_matches_merge_partials(dtype, shape):
-    from service.backends import merge_partials  # the torch path on the reference backend
+    from service.engine.backends import merge_partials  # the torch path on the reference backend
 
     gen = torch.Generator().manual_seed(3)
     out_a = torch.randn(shape, generator=gen).to(dtype)
@@ -158,13 +158,13 @@ def test_local_scores_without_lse_uses_range_lse(on_triton):
     h, g, t, d, m = 2, 3, 21, 16, 50
     q, keys, _, _ = _inputs(h, g, t, d, 1, 120, 0, torch.float32, seed=4)
     prefix, chunk, tail = keys[:, :6], keys[:, 30 : 30 + m], keys[:, 100 : 100 + t]
-    got = scoring.local_scores(q, prefix, chunk, tail, d**-0.5)
+    got = reconstruction.local_scores(q, prefix, chunk, tail, d**-0.5)
     cat = torch.cat([prefix, chunk], 1)
-    _, lse_ctx = scoring.backends.ragged_attention(
+    _, lse_ctx = reconstruction.backends.ragged_attention(
         q, cat.reshape(-1, d), cat.reshape(-1, d), torch.arange(h + 1, dtype=torch.int32) * 56, 0.25
     )
-    _, lse_tail = scoring.backends.causal_attention(q, tail, tail, 0.25)
-    want = scoring._torch_local_scores(q, chunk, torch.logaddexp(lse_ctx, lse_tail), 0.25)
+    _, lse_tail = reconstruction.backends.causal_attention(q, tail, tail, 0.25)
+    want = reconstruction._torch_local_scores(q, chunk, torch.logaddexp(lse_ctx, lse_tail), 0.25)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 

@@ -1,0 +1,241 @@
+"""`calibrate-scorer`: fit KVzap predictors of one model on its own KVzip+ scores.
+
+For every calibration text:
+
+1. prefill it exactly as an ingest does (the service's prompt layout) while forward
+   pre-hooks record every layer's attention input x (n, D) of the context tokens;
+2. score it with the service's own KVzip+ scorer (`kvzip_plus`, or `kvzip`) in chunks of
+   `chunk_size` tokens, exactly the scores an ingest computes; `chunk_size=None` scores each
+   text as ONE chunk, so every probability is a softmax over the whole sequence (the KVzap
+   recipe, on texts of ~1,000 tokens);
+3. sample `tokens_per_text` context positions: x (L, D) and y = log(score) (L, H) each.
+
+Which target predicts better was measured (docs/quality.md, "kvzap"): on held-out ~4K-token
+documents, predictors fitted on the service's own chunked scores of ~4K-token texts keep
+81% of the true KVzip+ top-30% pairs, those fitted the recipe's way on ~1K-token texts 75-76%
+(and their log-scores sit at the wrong level for longer documents). Hence the defaults:
+~4,000-token texts, chunks of 2,000.
+
+Texts are then split (the last `heldout` fraction held out, whole texts), a ridge map and
+an MLP are fitted per layer on the rest, and each gets its training loss (MSE) and
+held-out R² in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from service.compression.learned.capture import attention_inputs
+from service.compression.learned.fit import (
+    MLPSettings,
+    fit_mlp,
+    fit_ridge,
+    predict_all,
+    r2_per_layer,
+    r2_score,
+)
+from service.compression.learned.predictor import KINDS, KVzapPredictor
+from service.compression.scorers.kvzip import KVzipScorer
+from service.compression.scorers.kvzip_plus import KVzipPlusScorer
+from service.config import CompressionConfig
+from service.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from service.engine.kvzip_engine import KVzipEngine
+
+DEFAULT_JSONL = Path(__file__).resolve().parents[2] / "bench" / "data" / "squad_train_sample.jsonl"
+SCORE_FLOOR = 1e-30  # log(0) guard: a score that underflowed becomes log(1e-30) = -69
+TARGETS = {"kvzip_plus": KVzipPlusScorer, "kvzip": KVzipScorer}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What `calibrate_scorer` does; the defaults follow the KVzap recipe."""
+
+    target: str = "kvzip_plus"
+    chunk_size: int | None = 2000  # the service's own chunks; None: one softmax per text
+    tokens_per_text: int = 2000
+    heldout: float = 0.1  # fraction of the texts held out for R²
+    kinds: tuple[str, ...] = KINDS
+    mlp: MLPSettings = field(default_factory=MLPSettings)
+    seed: int = 0
+
+    def describe_target(self) -> str:
+        chunks = "full softmax" if self.chunk_size is None else f"chunks of {self.chunk_size}"
+        return f"{self.target}, {chunks}"
+
+
+@dataclass
+class Samples:
+    """x (N, L, D) attention inputs, y (N, L, H) log-scores, text (N,) index of the text."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    text: torch.Tensor
+
+    def where(self, mask: torch.Tensor) -> Samples:
+        return Samples(self.x[mask], self.y[mask], self.text[mask])
+
+
+def texts_from_jsonl(
+    path: Path,
+    tokenizer: object,
+    tokens: int = 1000,
+    limit: int | None = None,
+    articles: slice | None = None,
+) -> list[str]:
+    """Consecutive paragraphs of SQuAD-style articles ({"paragraphs": [{"context"}]}, one
+    per line) packed into texts of about `tokens` tokens (0.75-1.25x), article by article."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    out: list[str] = []
+    for article in rows[articles] if articles is not None else rows:
+        paragraphs = [p["context"] for p in article["paragraphs"]]
+        counts = [len(tokenizer.encode(p, add_special_tokens=False)) for p in paragraphs]  # type: ignore[attr-defined]
+        out.extend(_pack(paragraphs, counts, tokens))
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
+    return out
+
+
+def _pack(paragraphs: list[str], counts: list[int], tokens: int) -> Iterator[str]:
+    """Greedy packing; a paragraph that would overshoot 1.25x closes the text before it."""
+    current: list[str] = []
+    total = 0
+    for paragraph, n in zip(paragraphs, counts, strict=True):
+        if current and total + n > 1.25 * tokens:
+            if total >= 0.75 * tokens:
+                yield "\n\n".join(current)
+            current, total = [], 0
+        if n > 1.25 * tokens:
+            continue
+        current.append(paragraph)
+        total += n + 1
+        if total >= tokens:
+            yield "\n\n".join(current)
+            current, total = [], 0
+
+
+def score_text(
+    engine: KVzipEngine, text: str, target: str = "kvzip_plus", chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One text -> x (n, L, D) attention inputs and y (n, L, H) log target scores (fp32)."""
+    doc = engine.encode_document(text)
+    n = len(doc.context_ids)
+    if n == 0:
+        raise InvalidInputError("a calibration text has no tokens")
+    inputs: dict[int, list[torch.Tensor]] = {}
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:
+        inputs.setdefault(layer, []).append(hidden[0].float().cpu())
+
+    with attention_inputs(engine.model, keep):
+        full = engine.prefill_context(doc, CompressionConfig(target, 1.0, chunk_size or n))
+    x = torch.stack([torch.cat(inputs[i])[-n:] for i in range(engine.n_layers)], dim=1)
+    scores = TARGETS[target]().score(engine, full)  # per layer (H, n)
+    y = torch.stack([s.float().cpu().clamp_min(SCORE_FLOOR).log().T for s in scores], dim=1)
+    return x, y
+
+
+def collect(
+    engine: KVzipEngine,
+    texts: Sequence[str],
+    settings: CalibrationSettings | None = None,
+    bar: bool = True,
+) -> Samples:
+    """Score every text and sample `tokens_per_text` positions of each (seeded)."""
+    s = settings or CalibrationSettings()
+    if s.target not in TARGETS:
+        raise InvalidInputError(f"target must be one of {sorted(TARGETS)}, not {s.target!r}")
+    gen = torch.Generator().manual_seed(s.seed)
+    xs, ys, ts = [], [], []
+    for i, text in enumerate(tqdm(texts, desc="KVzip+ scores", unit="text", disable=not bar)):
+        x, y = score_text(engine, text, s.target, s.chunk_size)
+        pick = torch.randperm(x.shape[0], generator=gen)[: s.tokens_per_text]
+        xs.append(x[pick])
+        ys.append(y[pick])
+        ts.append(torch.full((len(pick),), i, dtype=torch.int32))
+    if not xs:
+        raise InvalidInputError("calibration needs at least one text")
+    return Samples(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+
+
+def split(samples: Samples, heldout: float) -> tuple[Samples, Samples]:
+    """(train, held-out): the last round(heldout * texts) texts are held out (at least one
+    text stays for training)."""
+    n_texts = int(samples.text.max()) + 1
+    held = min(max(1, round(heldout * n_texts)), n_texts - 1) if heldout > 0 else 0
+    first_held = n_texts - held
+    return samples.where(samples.text < first_held), samples.where(samples.text >= first_held)
+
+
+def fit(
+    train: Samples,
+    test: Samples,
+    settings: CalibrationSettings | None = None,
+    bar: bool = True,
+) -> dict[str, KVzapPredictor]:
+    """Fit every kind of `settings.kinds` on `train`; metadata gets loss and held-out R²."""
+    s = settings or CalibrationSettings()
+    out: dict[str, KVzapPredictor] = {}
+    for kind in s.kinds:
+        steps = train.x.shape[1] if kind == "linear" else s.mlp.epochs
+        t0 = time.perf_counter()
+        with tqdm(total=steps, desc=f"fit {kind}", disable=not bar) as progress:
+            if kind == "linear":
+                predictor = fit_ridge(train.x, train.y, tick=progress.update)
+            else:
+                predictor = fit_mlp(train.x, train.y, s.mlp, tick=progress.update)
+        out[kind] = predictor.with_meta(
+            **evaluate(predictor, train, test), fit_s=round(time.perf_counter() - t0, 1)
+        )
+    return out
+
+
+def evaluate(predictor: KVzapPredictor, train: Samples, test: Samples) -> dict[str, object]:
+    """Training loss (MSE, log units) and held-out R² (pooled, and per layer)."""
+    train_pred = predict_all(predictor, train.x)
+    meta: dict[str, object] = {
+        "train_loss": round(float((train_pred - train.y).pow(2).mean()), 6),
+        "train_samples": train.x.shape[0],
+        "heldout_samples": test.x.shape[0],
+    }
+    if test.x.shape[0]:
+        test_pred = predict_all(predictor, test.x)
+        meta["heldout_r2"] = round(r2_score(test.y, test_pred), 6)
+        meta["heldout_loss"] = round(float((test_pred - test.y).pow(2).mean()), 6)
+        meta["heldout_r2_per_layer"] = [round(v, 4) for v in r2_per_layer(test.y, test_pred)]
+    return meta
+
+
+def calibrate_scorer(
+    engine: KVzipEngine,
+    texts: Iterable[str],
+    settings: CalibrationSettings | None = None,
+    bar: bool = True,
+) -> dict[str, KVzapPredictor]:
+    """Collect, split, fit: one predictor per kind, stamped with this model's identity."""
+    s = settings or CalibrationSettings()
+    texts = list(texts)
+    samples = collect(engine, texts, s, bar)
+    train, test = split(samples, s.heldout)
+    fitted = fit(train, test, s, bar)
+    return {
+        kind: p.with_meta(
+            model=engine.identity.name,
+            model_fingerprint=engine.identity.model_fingerprint,
+            target=s.describe_target(),
+            source="calibrated",
+            texts=len(texts),
+            tokens_per_text=s.tokens_per_text,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        for kind, p in fitted.items()
+    }

@@ -1,0 +1,101 @@
+"""The `kvzip` attention function registered with transformers' AttentionInterface.
+
+The model calls it in every layer with post-RoPE queries and the tail keys/values that
+the cache's `update` returned. It attends to the ragged context and to the dense tail,
+merges the two by log-sum-exp and, when a scorer is attached, reports the queries on the
+side so KVzip scores are computed from the very same tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from service.engine import backends
+from service.engine.kvcache import KVzipCache, RaggedLayer
+from service.engine.static_cache import StaticKVzipCache, static_tail_attention
+
+ATTENTION_NAME = "kvzip"
+
+
+def _tail_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: KVzipCache | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Hq, T, d) over the tail -> out (B, Hq, T, d), lse (B, Hq, T)."""
+    if isinstance(cache, StaticKVzipCache):
+        return static_tail_attention(query, key, value, cache.length, scale)
+    parts = [
+        backends.causal_attention(query[b], key[b], value[b], scale) for b in range(len(query))
+    ]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def _context_attention(
+    query: torch.Tensor, context: RaggedLayer, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All B rows share one context: fold the batch into the query axis (no mask needed,
+    every context key precedes every query). -> out (B, Hq, T, d), lse (B, Hq, T)."""
+    b, hq, t, d = query.shape
+    folded = query.permute(1, 0, 2, 3).reshape(hq, b * t, d)
+    out, lse = backends.ragged_attention(
+        folded, context.keys, context.values, context.cu_lens, scale, context.max_len
+    )
+    return out.view(hq, b, t, d).permute(1, 0, 2, 3), lse.view(hq, b, t).permute(1, 0, 2)
+
+
+def kvzip_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kvzip_cache: KVzipCache | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """query (B, Hq, T, d), key/value (B, H, S, d) -> output (B, T, Hq, d)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+    context = None
+    if kvzip_cache is not None and kvzip_cache.context is not None:
+        context = kvzip_cache.context.layers[layer_idx]
+    if isinstance(kvzip_cache, StaticKVzipCache) and context is not None:
+        fused = backends.fused_static_decode(
+            query,
+            context.keys,
+            context.values,
+            context.cu_lens,
+            key,
+            value,
+            kvzip_cache.length,
+            scale,
+        )
+        if fused is not None:
+            return fused.transpose(1, 2).contiguous(), None
+    out, lse = _tail_attention(query, key, value, kvzip_cache, scale)
+    lse_c = None
+    if context is not None:
+        out_c, lse_c = _context_attention(query, context, scale)
+        out = backends.merge_partials(out_c, lse_c, out, lse)
+    if kvzip_cache is not None and kvzip_cache.scorer is not None:
+        kvzip_cache.scorer.observe(  # type: ignore[attr-defined]
+            layer_idx,
+            query[0],
+            context,
+            key[0],
+            scale,
+            None if lse_c is None else lse_c[0],
+            lse[0],
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the function under ATTENTION_NAME (idempotent) and return the name."""
+    AttentionInterface.register(ATTENTION_NAME, kvzip_attention)
+    return ATTENTION_NAME

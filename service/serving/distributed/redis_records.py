@@ -1,0 +1,334 @@
+"""Context records in Redis, and the content-hash id the API gives a new document.
+
+A record is one JSON value under `{p}ctx:<id>`: the `service.serving.records.ContextRecord` the API
+shows, plus which tiers hold the bytes, the failure (a domain error's payload) and the
+worker that finished it. The record key expires with the context (PX = time to its
+expire_time), so an expired context is a 404 the moment it expires; `{p}expiry` remembers
+when each context's bytes may be purged, and a worker's sweep removes them from the tiers.
+
+State changes are optimistic transactions (WATCH / MULTI): PROCESSING -> READY | FAILED
+happens at most once per registration, however many workers finish the same job, and each
+transition is appended to the `{p}events` stream in the same transaction.
+
+Ids: the API has no tokenizer, so the id hashes the text itself (sha256 of a canonical JSON
+of format version, model and tokenizer fingerprints (from the workers' heartbeats),
+compression settings, tenant, system instruction and the sha256 of the text). The same
+document registered again, through any API process, is the same context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from service.config import CompressionConfig
+from service.errors import InvalidInputError
+from service.serving.distributed.keys import RedisKeys
+from service.serving.records import (
+    ContextRecord,
+    decode_page_token,
+    encode_page_token,
+    listing_order,
+)
+from service.types import ANY_TENANT, ContextInfo, ContextPage
+
+PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
+EVENTS_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class RemoteRecord:
+    """A context record as the distributed mode stores it."""
+
+    record: ContextRecord
+    tiers: tuple[str, ...] = ()  # where the bytes were written ("disk", "redis")
+    failure: dict[str, Any] | None = None  # jobs.error_payload of why it FAILED
+    worker: str | None = None  # the worker that made it READY or FAILED
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def state(self) -> str:
+        return self.record.state
+
+    def info(self) -> ContextInfo:
+        return self.record.info()
+
+    def to_json(self) -> bytes:
+        body = {
+            "record": asdict(self.record),
+            "tiers": list(self.tiers),
+            "failure": self.failure,
+            "worker": self.worker,
+        }
+        return json.dumps(body, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes | str) -> RemoteRecord:
+        body = json.loads(data)
+        return RemoteRecord(
+            record=ContextRecord(**body["record"]),
+            tiers=tuple(body.get("tiers") or ()),
+            failure=body.get("failure"),
+            worker=body.get("worker"),
+        )
+
+
+def remote_context_id(
+    identity: dict[str, str],
+    compression: CompressionConfig,
+    tenant: str,
+    system: str | None,
+    text: str,
+) -> str:
+    """`ctx_` + 32 hex digits of sha256 over everything that determines the stored object."""
+    payload = {
+        "format": identity["format_version"],
+        "model": identity["model_fingerprint"],
+        "tokenizer": identity["tokenizer_fingerprint"],
+        "compression": {**asdict(compression), "ratio": round(compression.ratio, 6)},
+        "tenant": tenant,
+        "system": system,
+        "text": hashlib.sha256(text.encode()).hexdigest(),
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return "ctx_" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _expires_at(record: ContextRecord) -> float:
+    """Unix seconds of the record's expiry (+inf for never)."""
+    if record.expire_time is None:
+        return math.inf
+    return datetime.fromisoformat(record.expire_time).timestamp()
+
+
+def _px(record: ContextRecord) -> int | None:
+    """Milliseconds the record key should live (None: no expiry)."""
+    at = _expires_at(record)
+    return None if math.isinf(at) else max(1, int((at - time.time()) * 1000))
+
+
+Change = Callable[[RemoteRecord], RemoteRecord | None]
+
+
+class RecordStore:
+    """Context records in Redis; every change is a WATCH/MULTI transaction."""
+
+    def __init__(self, client: Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    async def get(self, context_id: str) -> RemoteRecord | None:
+        raw = await self.client.get(self.keys.context(context_id))
+        return None if raw is None else RemoteRecord.from_json(raw)
+
+    async def create(self, new: RemoteRecord) -> tuple[RemoteRecord, bool]:
+        """Store `new` unless a live record exists (then return it, False). A FAILED record
+        is replaced: registering a failed document again retries it."""
+        key = self.keys.context(new.id)
+        while True:
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is not None:
+                        old = RemoteRecord.from_json(raw)
+                        if old.state != FAILED:
+                            return old, False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, new.to_json(), px=_px(new.record))
+                    created = datetime.fromisoformat(new.record.create_time).timestamp()
+                    pipe.zadd(self.keys.index(new.record.tenant), {new.id: created})
+                    pipe.zadd(self.keys.index_all, {new.id: created})
+                    pipe.zadd(self.keys.expiry, {new.id: _expires_at(new.record)})
+                    await pipe.execute()
+                    return new, True
+                except WatchError:
+                    continue
+
+    async def update(self, context_id: str, change: Change, event: str | None = None) -> bool:
+        """Apply `change` to the record atomically; False when there is no record or
+        `change` returns None (nothing to do). `event` is appended to the events stream."""
+        key = self.keys.context(context_id)
+        while True:
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return False
+                    old = RemoteRecord.from_json(raw)
+                    new = change(old)
+                    if new is None:
+                        return False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if new.record.expire_time == old.record.expire_time:
+                        pipe.set(key, new.to_json(), keepttl=True)
+                    else:
+                        pipe.set(key, new.to_json(), px=_px(new.record))
+                        pipe.zadd(self.keys.expiry, {context_id: _expires_at(new.record)})
+                    if event is not None:
+                        fields = {"event": event, "id": context_id, "worker": new.worker or ""}
+                        pipe.xadd(
+                            self.keys.events,
+                            fields,  # type: ignore[arg-type]
+                            maxlen=EVENTS_MAXLEN,
+                            approximate=True,
+                        )
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    async def mark_ready(
+        self, context_id: str, ready: ContextRecord, tiers: tuple[str, ...], worker: str
+    ) -> bool:
+        """PROCESSING -> READY with the stored object's stats; False if it was not PROCESSING."""
+
+        def change(old: RemoteRecord) -> RemoteRecord | None:
+            if old.state != PROCESSING:
+                return None
+            record = replace(
+                ready,
+                display_name=old.record.display_name,
+                create_time=old.record.create_time,
+                expire_time=old.record.expire_time,
+                tenant=old.record.tenant,
+                state=READY,
+                progress=1.0,
+                error=None,
+            )
+            return RemoteRecord(record, tiers, None, worker)
+
+        return await self.update(context_id, change, event=READY)
+
+    async def mark_failed(
+        self,
+        context_id: str,
+        failure: dict[str, Any],
+        worker: str,
+        from_state: str = PROCESSING,
+    ) -> bool:
+        """`from_state` -> FAILED with the reason; False if the record was in another state."""
+
+        def change(old: RemoteRecord) -> RemoteRecord | None:
+            if old.state != from_state:
+                return None
+            record = replace(old.record, state=FAILED, error=str(failure.get("message")))
+            return replace(old, record=record, failure=failure, worker=worker)
+
+        return await self.update(context_id, change, event=FAILED)
+
+    async def set_progress(self, context_id: str, progress: float) -> bool:
+        def change(old: RemoteRecord) -> RemoteRecord | None:
+            if old.state != PROCESSING or old.record.progress >= progress:
+                return None
+            return replace(old, record=replace(old.record, progress=progress))
+
+        return await self.update(context_id, change)
+
+    async def set_expiry(self, context_id: str, expire_time: datetime, tenant: str) -> bool:
+        def change(old: RemoteRecord) -> RemoteRecord | None:
+            if not old.record.visible_to(tenant):
+                return None
+            return replace(old, record=replace(old.record, expire_time=expire_time.isoformat()))
+
+        return await self.update(context_id, change)
+
+    async def delete(self, record: RemoteRecord) -> None:
+        """Remove the record now; its bytes are purged from the tiers by the next sweep."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.context(record.id))
+            pipe.zrem(self.keys.index(record.record.tenant), record.id)
+            pipe.zrem(self.keys.index_all, record.id)
+            pipe.zadd(self.keys.expiry, {record.id: 0})
+            await pipe.execute()
+
+    async def schedule_purge(self, context_id: str) -> None:
+        """Let the next sweep purge this context's bytes (its record is gone)."""
+        await self.client.zadd(self.keys.expiry, {context_id: 0})
+
+    # -- listing ---------------------------------------------------------------------------
+
+    async def page(self, tenant: str, page_size: int, page_token: str | None) -> ContextPage:
+        """The tenant's contexts (every tenant's for ANY_TENANT), oldest first, one page."""
+        if page_size < 1:
+            raise InvalidInputError(f"page_size must be >= 1. Given: {page_size}")
+        index = self.keys.index_all if tenant == ANY_TENANT else self.keys.index(tenant)
+        after = decode_page_token(page_token) if page_token else (-math.inf, "")
+        found: list[ContextInfo] = []
+        start = 0
+        batch = max(page_size + 1, 64)
+        while len(found) <= page_size:
+            rows = await self.client.zrangebyscore(
+                index, after[0], "+inf", start=start, num=batch, withscores=True
+            )
+            if not rows:
+                break
+            infos, removed = await self._visible(index, rows, tenant, after)
+            found += infos
+            start += len(rows) - removed
+        found.sort(key=listing_order)
+        page = found[:page_size]
+        more = len(found) > page_size
+        return ContextPage(page, encode_page_token(listing_order(page[-1])) if more else None)
+
+    async def _visible(
+        self, index: str, rows: list[Any], tenant: str, after: tuple[float, str]
+    ) -> tuple[list[ContextInfo], int]:
+        """The rows' contexts the tenant sees after `after`, and how many expired rows were
+        dropped from the index."""
+        ids = [_text(row[0]) for row in rows]
+        raws = await self.client.mget([self.keys.context(cid) for cid in ids])
+        infos, gone = [], []
+        for cid, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                gone.append(cid)  # expired: its record key is gone
+                continue
+            record = RemoteRecord.from_json(raw).record
+            info = record.info()
+            if record.visible_to(tenant) and listing_order(info) > after:
+                infos.append(info)
+        if gone:
+            await self.client.zrem(index, *gone)
+        return infos, len(gone)
+
+    # -- expiry sweep ----------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int = 100) -> list[str]:
+        """Ids whose bytes may be purged (expired or deleted), oldest expiry first."""
+        rows = await self.client.zrangebyscore(self.keys.expiry, "-inf", now, start=0, num=limit)
+        return [_text(row) for row in rows]
+
+    async def claim_purge(self, context_id: str, now: float) -> bool:
+        """Take the purge of `context_id` (True for exactly one caller, while still due)."""
+        claimed = await self.client.eval(_CLAIM_PURGE, 1, self.keys.expiry, context_id, repr(now))
+        return bool(claimed)
+
+    async def reschedule(self, record: RemoteRecord) -> None:
+        """The record outlives its entry in the expiry set (clock skew): put it right."""
+        await self.client.zadd(self.keys.expiry, {record.id: _expires_at(record.record)})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_CLAIM_PURGE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""

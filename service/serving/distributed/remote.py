@@ -1,0 +1,442 @@
+"""RemoteContextService: the ContextService of an API process in distributed mode.
+
+It never loads a model (nor torch): every registration becomes an ingest job and every
+question a query job on the Redis streams; records live in Redis (service.serving.distributed.
+records), answers come back token by token over a per-request stream. Readiness = Redis
+answers and at least one worker heartbeat is live (checked in the background, so that
+`is_ready` stays a cheap, synchronous call). Redis down = EngineUnavailableError (503) with
+the reason, within the client's short socket timeouts, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service.config import CompressionConfig, ServiceConfig
+from service.errors import (
+    ContextNotFoundError,
+    ContextNotReadyError,
+    EngineUnavailableError,
+    InvalidInputError,
+    QueueFullError,
+)
+from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
+from service.serving.distributed.jobs import (
+    DELTA,
+    ERROR,
+    INGEST,
+    QUERY,
+    RESULT,
+    START,
+    IngestJob,
+    QueryJob,
+    Reply,
+    error_from_payload,
+)
+from service.serving.distributed.keys import RedisKeys
+from service.serving.distributed.redis_records import (
+    FAILED,
+    PROCESSING,
+    RecordStore,
+    RemoteRecord,
+    remote_context_id,
+)
+from service.serving.distributed.transport import JobQueue, ReplyReader
+from service.serving.records import ContextRecord
+from service.serving.validation import checked_expiry, validated_compression
+from service.types import (
+    ANY_TENANT,
+    ContextInfo,
+    ContextPage,
+    CreateContextRequest,
+    QueryEvent,
+    QueryRequest,
+    QueryResult,
+)
+from storage import redis_client
+
+log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 2.0  # per socket operation (a Redis that is down costs at most this)
+REPLY_BLOCK_MS = 250  # one blocking read of a reply stream, well inside the socket timeout
+WAIT_POLL_S = (0.05, 0.5)  # first and longest pause between looks at a PROCESSING record
+
+
+class RemoteContextService:
+    """ContextService over Redis (see service.facade and the package docstring)."""
+
+    def __init__(self, config: ServiceConfig, client: Redis | None = None) -> None:
+        distributed = config.distributed
+        if client is None and not distributed.redis_url:
+            raise ValueError("distributed mode needs a Redis URL (KVZIP_REDIS_URL)")
+        self.config = config
+        self.model_name = config.engine.model
+        self.redis_url = _redacted(distributed.redis_url or "redis://(given client)")
+        self.client = client or redis_client(
+            distributed.redis_url or "", timeout_s=REDIS_TIMEOUT_S, retries=0
+        )
+        self._owns_client = client is None
+        self.keys = RedisKeys(distributed.redis_prefix)
+        self.records = RecordStore(self.client, self.keys)
+        self.queue = JobQueue(self.client, self.keys)
+        self.heartbeats = Heartbeats(self.client, self.keys, distributed.heartbeat_ttl_s)
+        self.workers: list[WorkerBeat] = []
+        self.redis_error: str | None = "not checked yet"
+        self.last_worker_seen = -math.inf  # time.monotonic() of the last live heartbeat seen
+        self._last_identity: dict[str, str] | None = None
+        self.poll_s = min(1.0, distributed.heartbeat_ttl_s / 3)
+        self._monitor: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Look at Redis and the workers once, then keep looking in the background. Never
+        fails for a Redis that is down: requests answer 503 until it is back."""
+        await self.refresh()
+        if self.redis_error is not None:
+            log.warning("Redis at %s is unreachable: %s", self.redis_url, self.redis_error)
+        self._monitor = asyncio.create_task(self._monitor_forever())
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self._owns_client:
+            await self.client.aclose()
+
+    def is_ready(self) -> bool:
+        """Redis answered at the last look and at least one worker heartbeat is live."""
+        return self.redis_error is None and bool(self.workers)
+
+    async def refresh(self) -> None:
+        """Update `workers` and `redis_error` (and the model name the workers serve)."""
+        try:
+            workers = await self.heartbeats.live()
+        except (RedisError, OSError) as exc:
+            self.redis_error, self.workers = str(exc) or repr(exc), []
+            return
+        self.redis_error, self.workers = None, workers
+        if workers:
+            self.last_worker_seen = time.monotonic()
+            self._last_identity = self._identity()
+            self.model_name = self._last_identity["model"]
+
+    def _workers_gone(self) -> bool:
+        """No heartbeat seen for two heartbeat lifetimes (a short lapse under load is fine)."""
+        grace = 2 * self.config.distributed.heartbeat_ttl_s
+        return self.redis_error is None and time.monotonic() - self.last_worker_seen > grace
+
+    async def _monitor_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self.refresh()
+
+    @contextlib.contextmanager
+    def _redis(self) -> Iterator[None]:
+        """Turn a Redis failure into a 503 that says what is wrong."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            self.redis_error = str(exc) or repr(exc)
+            raise EngineUnavailableError(
+                f"Redis at {self.redis_url} is unreachable ({self.redis_error}); the service "
+                "cannot take requests until it is back"
+            ) from exc
+
+    async def _require_worker(self) -> dict[str, str]:
+        """The model identity of the live workers; 503 when Redis or every worker is gone."""
+        if self.redis_error is not None or not self.workers:
+            await self.refresh()
+        if self.redis_error is not None:
+            raise EngineUnavailableError(
+                f"Redis at {self.redis_url} is unreachable ({self.redis_error}); the service "
+                "cannot take requests until it is back"
+            )
+        if self.workers:
+            return self._identity()
+        if self._last_identity is None or self._workers_gone():
+            raise EngineUnavailableError(
+                "no live worker: start one with `kvzip worker` (KVZIP_MODE=distributed, the "
+                f"same KVZIP_REDIS_URL and KVZIP_REDIS_PREFIX={self.keys.prefix!r})"
+            )
+        return self._last_identity  # a heartbeat late by less than the grace: still fine
+
+    def _identity(self) -> dict[str, str]:
+        """The model identity most live workers serve (they should all agree)."""
+        counts = Counter(tuple(sorted(w.identity.items())) for w in self.workers)
+        if len(counts) > 1:
+            log.warning("live workers serve %d models; using the most common", len(counts))
+        return dict(counts.most_common(1)[0][0])
+
+    async def _admit(self, kind: str) -> None:
+        """QueueFullError when the stream of `kind` already holds its share of jobs."""
+        limit = self.config.queue_size * max(1, len(self.workers))
+        if await self.queue.backlog(kind) >= limit:
+            raise QueueFullError(retry_after=1.0)
+
+    # -- contexts ----------------------------------------------------------------------------
+
+    async def create_context(self, request: CreateContextRequest) -> tuple[ContextInfo, bool]:
+        compression = validated_compression(request.compression)
+        ttl = self._ttl(request.ttl_seconds)
+        if request.tenant == ANY_TENANT:
+            raise InvalidInputError(f"tenant {ANY_TENANT!r} cannot own a context")
+        if not request.text.strip():
+            raise InvalidInputError("text must contain at least one non-whitespace character")
+        with self._redis():
+            identity = await self._require_worker()
+            cid = remote_context_id(
+                identity, compression, request.tenant, request.system, request.text
+            )
+            existing = await self.records.get(cid)
+            if existing is None or existing.state == FAILED:
+                await self._admit(INGEST)
+            new = _processing(cid, request, compression, identity["model"], ttl)
+            record, created = await self.records.create(new)
+            if created:
+                await self._submit_ingest(record, request, compression)
+            else:
+                record = await self._extend(record, ttl)
+            if request.wait and record.state == PROCESSING:
+                record = await self._wait(cid)
+        if request.wait and record.state == FAILED and record.failure is not None:
+            raise error_from_payload(record.failure)
+        return record.info(), created
+
+    async def _submit_ingest(
+        self, record: RemoteRecord, request: CreateContextRequest, compression: CompressionConfig
+    ) -> None:
+        job = IngestJob(
+            context_id=record.id,
+            tenant=request.tenant,
+            text=request.text,
+            compression=compression,
+            display_name=request.display_name,
+            system=request.system,
+        )
+        try:
+            await self.queue.submit(job)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await self.records.delete(record)  # no job, no record
+            raise
+
+    async def _extend(self, record: RemoteRecord, ttl: float) -> RemoteRecord:
+        """Registering a document again keeps it alive at least `ttl` more seconds."""
+        wanted = datetime.now(UTC) + timedelta(seconds=ttl)
+        expire = record.record.expire_time
+        if expire is not None and datetime.fromisoformat(expire) >= wanted:
+            return record
+        await self.records.set_expiry(record.id, wanted, record.record.tenant)
+        return await self.records.get(record.id) or record
+
+    async def _wait(self, cid: str) -> RemoteRecord:
+        """The record once it leaves PROCESSING, or as it is after `wait_timeout_s`."""
+        deadline = time.monotonic() + self.config.distributed.wait_timeout_s
+        pause = WAIT_POLL_S[0]
+        while True:
+            record = await self.records.get(cid)
+            if record is None:
+                raise ContextNotFoundError(cid)  # deleted (or expired) while we waited
+            if record.state != PROCESSING or time.monotonic() >= deadline:
+                return record
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 1.5, WAIT_POLL_S[1])
+
+    def _ttl(self, ttl_seconds: float | None) -> float:
+        ttl = self.config.default_ttl_s if ttl_seconds is None else ttl_seconds
+        if not 0 < ttl <= self.config.max_ttl_s:
+            raise InvalidInputError(
+                f"ttl_seconds must be in (0, {self.config.max_ttl_s:g}]. Given: {ttl:g}"
+            )
+        return ttl
+
+    async def _visible(self, context_id: str, tenant: str) -> RemoteRecord:
+        with self._redis():
+            record = await self.records.get(context_id)
+        if record is None or not record.record.visible_to(tenant):
+            raise ContextNotFoundError(context_id)
+        return record
+
+    async def get_context(self, context_id: str, tenant: str = "") -> ContextInfo:
+        return (await self._visible(context_id, tenant)).info()
+
+    async def delete_context(self, context_id: str, tenant: str = "") -> None:
+        record = await self._visible(context_id, tenant)
+        with self._redis():
+            await self.records.delete(record)
+
+    async def update_context(
+        self, context_id: str, expire_time: datetime, tenant: str = ""
+    ) -> ContextInfo:
+        expire = checked_expiry(expire_time, self.config.max_ttl_s)
+        await self._visible(context_id, tenant)
+        with self._redis():
+            if not await self.records.set_expiry(context_id, expire, tenant):
+                raise ContextNotFoundError(context_id)
+        return (await self._visible(context_id, tenant)).info()
+
+    async def list_contexts(
+        self, tenant: str = "", page_size: int = 50, page_token: str | None = None
+    ) -> ContextPage:
+        with self._redis():
+            return await self.records.page(tenant, page_size, page_token)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def _submit_query(self, context_id: str, request: QueryRequest) -> QueryJob:
+        if not request.question.strip():
+            raise InvalidInputError("question must contain at least one non-whitespace character")
+        limit = self.config.max_new_tokens_limit
+        if request.sampling.max_new_tokens > limit:
+            raise InvalidInputError(
+                f"max_new_tokens must be <= {limit}. Given: {request.sampling.max_new_tokens}"
+            )
+        record = await self._visible(context_id, request.tenant)
+        if record.state == PROCESSING:
+            raise ContextNotReadyError(
+                f"context {context_id!r} is still processing ({record.record.progress:.0%} of "
+                "its tokens scored); retry when its state is READY"
+            )
+        if record.state == FAILED:
+            raise ContextNotReadyError(f"context {context_id!r} failed: {record.record.error}")
+        with self._redis():
+            await self._require_worker()
+            await self._admit(QUERY)
+            deadline = time.time() + self.config.distributed.wait_timeout_s
+            job = QueryJob(uuid.uuid4().hex, context_id, request, deadline)
+            await self.queue.submit(job)
+        return job
+
+    async def _replies(self, job: QueryJob) -> AsyncIterator[Reply]:
+        """The job's replies as they arrive; EngineUnavailableError when none can come."""
+        reader = ReplyReader(self.client, self.keys.reply(job.request_id))
+        while True:
+            remaining = job.deadline - time.time()
+            if remaining <= 0:
+                raise EngineUnavailableError(
+                    f"no worker answered within {self.config.distributed.wait_timeout_s:g} s"
+                )
+            with self._redis():
+                replies = await reader.read(max(1, min(REPLY_BLOCK_MS, int(remaining * 1000))))
+            for reply in replies:
+                yield reply
+            if not replies and self._workers_gone():
+                raise EngineUnavailableError("no live worker is left to answer this question")
+
+    async def _forget(self, job: QueryJob, cancel: bool) -> None:
+        """Drop the reply stream; tell the worker to stop when the asker went away."""
+        with contextlib.suppress(RedisError, OSError):
+            async with self.client.pipeline(transaction=False) as pipe:
+                if cancel:
+                    pipe.set(self.keys.cancel(job.request_id), b"1", px=60_000)
+                pipe.unlink(self.keys.reply(job.request_id))
+                await pipe.execute()
+
+    async def query(self, context_id: str, request: QueryRequest) -> QueryResult:
+        """The whole answer (a worker that restarts the job after a crash is fine here)."""
+        job = await self._submit_query(context_id, request)
+        done = False
+        try:
+            async for reply in self._replies(job):
+                if reply.type == ERROR:
+                    done = True
+                    raise error_from_payload(reply.error or {})
+                if reply.type == RESULT and reply.result is not None:
+                    done = True
+                    return reply.result
+        finally:
+            await self._forget(job, cancel=not done)
+        raise AssertionError("unreachable: _replies ends only by raising")  # pragma: no cover
+
+    async def stream_query(
+        self, context_id: str, request: QueryRequest
+    ) -> AsyncIterator[QueryEvent]:
+        """Text deltas as the worker produces them, then the result. Closing early cancels
+        the generation on the worker."""
+        job = await self._submit_query(context_id, request)
+        done = False
+        attempt: str | None = None
+        sent = False
+        try:
+            async for reply in self._replies(job):
+                if reply.type == ERROR:
+                    done = True
+                    raise error_from_payload(reply.error or {})
+                if reply.type == START:
+                    if sent and reply.attempt != attempt:
+                        raise EngineUnavailableError(
+                            "the worker answering this question stopped mid-answer; ask again"
+                        )
+                    attempt = reply.attempt
+                elif reply.attempt != attempt:
+                    continue  # a stale event of an abandoned attempt
+                elif reply.type == DELTA:
+                    sent = True
+                    yield QueryEvent(delta=reply.delta)
+                elif reply.type == RESULT:
+                    done = True
+                    yield QueryEvent(result=reply.result)
+                    return
+        finally:
+            await self._forget(job, cancel=not done)
+
+
+def _processing(
+    cid: str,
+    request: CreateContextRequest,
+    compression: CompressionConfig,
+    model: str,
+    ttl: float,
+) -> RemoteRecord:
+    now = datetime.now(UTC)
+    record = ContextRecord(
+        id=cid,
+        tenant=request.tenant,
+        display_name=request.display_name,
+        model=model,
+        state=PROCESSING,
+        create_time=now.isoformat(),
+        context_tokens=0,
+        prefix_tokens=0,
+        method=compression.method,
+        ratio=compression.ratio,
+        chunk_size=compression.chunk_size,
+        kept_kv_pairs=0,
+        total_kv_pairs=0,
+        bytes=0,
+        expire_time=(now + timedelta(seconds=ttl)).isoformat(),
+        progress=0.0,
+        system=request.system,
+    )
+    return RemoteRecord(record)
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password (it goes into error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def build_remote_service(config: ServiceConfig) -> RemoteContextService:
+    """The factory app/ imports by name when KVZIP_MODE=distributed."""
+    return RemoteContextService(config)
+
+
+__all__ = ["RemoteContextService", "build_remote_service"]

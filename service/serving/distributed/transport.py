@@ -1,0 +1,192 @@
+"""The job streams and their consumer group (Redis Streams), and the per-request replies.
+
+Delivery is at least once. A worker:
+1. after a (re)start reads its own pending entries first (XREADGROUP ... 0): the jobs it had
+   taken and not acknowledged when it stopped;
+2. then new entries (XREADGROUP ... >), query jobs before ingest jobs;
+3. every so often takes over entries idle longer than a bound (XAUTOCLAIM): the jobs of
+   a worker that died. A live worker keeps its running job fresh (`keep_alive`, XCLAIM
+   JUSTID, which resets the idle time without counting a delivery), so only the jobs of
+   dead or hung workers move;
+4. acknowledges (XACK + XDEL) only once the result is durable; an entry delivered more than
+   `max_deliveries` times goes to the dead-letter stream instead (`dead_letter`).
+Entries are deleted once acknowledged, so XLEN of a job stream is its backlog.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from service.serving.distributed.jobs import KINDS, Job, Reply, decode_job, encode_job
+from service.serving.distributed.keys import GROUP, RedisKeys
+
+DEAD_LETTER_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job entry handed to this consumer, with how often it has been delivered."""
+
+    stream: str
+    entry_id: str
+    fields: Mapping[bytes, bytes] | None  # None: the entry was deleted meanwhile
+    deliveries: int
+
+    def job(self) -> Job:
+        return decode_job(self.fields or {})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobQueue:
+    """Submit jobs (API side); read, claim, keep alive, acknowledge them (worker side)."""
+
+    def __init__(self, client: Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+        self.streams = [keys.stream(kind) for kind in KINDS]
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group on every job stream (from the start; idempotent)."""
+        for stream in self.streams:
+            try:
+                await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def submit(self, job: Job) -> str:
+        entry_id = await self.client.xadd(self.keys.stream(job.kind), encode_job(job))  # type: ignore[arg-type]
+        return _text(entry_id)
+
+    async def backlog(self, kind: str) -> int:
+        """Jobs of `kind` submitted and not yet acknowledged."""
+        return int(await self.client.xlen(self.keys.stream(kind)))
+
+    # -- worker side -------------------------------------------------------------------------
+
+    async def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery]:
+        """The entries this consumer took and never acknowledged (after a restart)."""
+        found: list[Delivery] = []
+        for stream in self.streams:
+            reply = await self.client.xreadgroup(GROUP, consumer, {stream: "0"}, count=count)
+            entries = _entries(reply)
+            if entries:
+                counts = await self._delivery_counts(stream, consumer)
+                found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in entries]
+        return found
+
+    async def read_new(self, consumer: str, block_ms: int) -> list[Delivery]:
+        """At most one new entry per stream (queries first), waiting up to `block_ms`."""
+        reply = await self.client.xreadgroup(
+            GROUP, consumer, {s: ">" for s in self.streams}, count=1, block=block_ms
+        )
+        rows: list[Any] = list(reply or [])
+        by_stream: dict[str, list[Any]] = {_text(row[0]): row[1] for row in rows}
+        return [
+            Delivery(stream, _text(i), f or None, 1)
+            for stream in self.streams
+            for i, f in by_stream.get(stream, [])
+        ]
+
+    async def claim_idle(self, consumer: str, min_idle_ms: int, count: int = 16) -> list[Delivery]:
+        """Take over entries idle for at least `min_idle_ms` (their worker died or hung)."""
+        found: list[Delivery] = []
+        for stream in self.streams:
+            reply = await self.client.xautoclaim(
+                stream, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+            )
+            rows: list[Any] = list(reply)
+            claimed = [(_text(i), f) for i, f in rows[1]]
+            gone = [_text(i) for i in (rows[2] if len(rows) > 2 else [])]
+            if gone:  # deleted entries still pending: nothing left to do for them
+                await self.client.xack(stream, GROUP, *gone)
+            if claimed:
+                counts = await self._delivery_counts(stream, consumer)
+                found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in claimed]
+        return found
+
+    async def keep_alive(self, delivery: Delivery, consumer: str) -> None:
+        """Reset the entry's idle time so that no other worker claims it while it runs."""
+        await self.client.xclaim(
+            delivery.stream, GROUP, consumer, 0, [delivery.entry_id], justid=True
+        )
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Done for good: acknowledge and delete the entry."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(delivery.stream, GROUP, delivery.entry_id)
+            pipe.xdel(delivery.stream, delivery.entry_id)
+            await pipe.execute()
+
+    async def dead_letter(self, delivery: Delivery, reason: str, consumer: str) -> None:
+        """Move the entry to the dead-letter stream (with why), then acknowledge it."""
+        fields: dict[str, bytes | str] = {_text(k): v for k, v in (delivery.fields or {}).items()}
+        fields |= {
+            "reason": reason,
+            "stream": delivery.stream,
+            "entry_id": delivery.entry_id,
+            "deliveries": str(delivery.deliveries),
+            "consumer": consumer,
+            "at": repr(time.time()),
+        }
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self.keys.dead_letter,
+                fields,  # type: ignore[arg-type]
+                maxlen=DEAD_LETTER_MAXLEN,
+                approximate=True,
+            )
+            pipe.xack(delivery.stream, GROUP, delivery.entry_id)
+            pipe.xdel(delivery.stream, delivery.entry_id)
+            await pipe.execute()
+
+    async def _delivery_counts(self, stream: str, consumer: str) -> dict[str, int]:
+        rows = await self.client.xpending_range(stream, GROUP, "-", "+", 10_000, consumer)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+
+def _entries(reply: Any) -> list[tuple[str, Mapping[bytes, bytes] | None]]:
+    return [(_text(i), f or None) for _, items in reply or [] for i, f in items]
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+class ReplyWriter:
+    """The worker's end of one request's reply stream (which expires after `ttl_s`)."""
+
+    def __init__(self, client: Redis, key: str, attempt: str, ttl_s: float) -> None:
+        self.client, self.key, self.attempt = client, key, attempt
+        self.ttl_ms = max(1000, int(ttl_s * 1000))
+
+    async def send(self, reply: Reply) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.key, reply.encode())  # type: ignore[arg-type]
+            pipe.pexpire(self.key, self.ttl_ms)
+            await pipe.execute()
+
+
+class ReplyReader:
+    """The API's end: the replies of one request, in order, waiting `block_ms` at a time."""
+
+    def __init__(self, client: Redis, key: str) -> None:
+        self.client, self.key = client, key
+        self._last = "0-0"
+
+    async def read(self, block_ms: int) -> list[Reply]:
+        reply = await self.client.xread({self.key: self._last}, count=256, block=block_ms)
+        events = []
+        for entry_id, fields in _entries(reply):
+            self._last = entry_id
+            if fields is not None:
+                events.append(Reply.decode(fields))
+        return events
