@@ -53,9 +53,9 @@ def test_pass_key_survives_compression_and_restart(tmp_path):
         engine = client.app.state.service.engine
         _ENGINE["default"] = engine
 
-    from service.serving.embedded import EmbeddedContextService
+    from service.serving.embedded import build_embedded_service
 
-    restarted = EmbeddedContextService(settings.to_service_config(), engine=engine)
+    restarted = build_embedded_service(settings.to_service_config(), engine=engine)
     passes = engine.reconstruction_passes
     with TestClient(create_app(settings, service=restarted)) as client:
         answer = client.post(f"/contexts/{ctx['id']}/query", json={"question": QUESTION})
@@ -76,11 +76,11 @@ def _readme_document() -> str:
 
 def test_readme_session_answers_the_short_question(tmp_path):
     from service.engine.kvzip_engine import KVzipEngine
-    from service.serving.embedded import EmbeddedContextService
+    from service.serving.embedded import build_embedded_service
 
     settings = Settings(data_dir=tmp_path)
     engine = _ENGINE.get("default") or KVzipEngine.load(settings.to_service_config().engine)
-    service = EmbeddedContextService(settings.to_service_config(), engine=engine)  # type: ignore[arg-type]
+    service = build_embedded_service(settings.to_service_config(), engine=engine)  # type: ignore[arg-type]
     body = {"text": _readme_document(), "compression": {"method": "kvzip", "ratio": 0.3}}
     with TestClient(create_app(settings, service=service)) as client:
         ctx = client.post("/contexts", json=body).json()

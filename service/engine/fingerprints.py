@@ -1,4 +1,4 @@
-"""Fingerprints of the model and tokenizer, and content-hash context ids (DESIGN.md, "Keys").
+"""Fingerprints of the model and tokenizer (what a stored context must match; DESIGN.md).
 
 Never Python's `hash()`: every id is a sha256 over a canonical JSON encoding.
 """
@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from service.config import CompressionConfig
 
 FORMAT_VERSION = "1"
 _SAMPLE = 4096
@@ -68,27 +66,3 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
             "template": tokenizer.chat_template,
         }
     )
-
-
-def context_id(
-    identity: ModelIdentity, compression: CompressionConfig, token_ids: list[int], tenant: str = ""
-) -> str:
-    """`ctx_` + 32 hex chars of sha256 over everything that determines the stored object."""
-    digest = _sha(
-        {
-            "format": FORMAT_VERSION,
-            "model": identity.model_fingerprint,
-            "tokenizer": identity.tokenizer_fingerprint,
-            "compression": [
-                compression.method,
-                round(compression.ratio, 6),
-                compression.chunk_size,
-            ]
-            + ([] if compression.threshold is None else [round(compression.threshold, 6)]),
-            "tenant": tenant,
-            "tokens": hashlib.sha256(
-                torch.tensor(token_ids, dtype=torch.int32).numpy().tobytes()
-            ).hexdigest(),
-        }
-    )
-    return "ctx_" + digest[:32]

@@ -73,10 +73,6 @@ class ContextRecord:
         )
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
-
-
 def blob_key(context_id: str) -> str:
     return f"{context_id}.safetensors"
 
@@ -95,11 +91,25 @@ def encode_page_token(position: tuple[float, str]) -> str:
 
 
 def decode_page_token(token: str) -> tuple[float, str]:
+    """The listing position a token names: a finite, in-range POSIX time and a context id.
+
+    Anything else (NaN, a huge integer, a bool, an id not shaped `ctx_<32 hex>`) is
+    InvalidInputError, so no such value ever reaches a comparison or a Redis range query.
+    """
+    latest = 253402300799.0  # 9999-12-31T23:59:59Z, the last instant datetime can hold
+    refused = InvalidInputError("page_token is not a token this service issued")
     try:
         stamp, cid = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return float(stamp), str(cid)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise InvalidInputError("page_token is not a token this service issued") from exc
+    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
+        raise refused from exc
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not isinstance(cid, str):
+        raise refused
+    if not 0.0 <= stamp <= latest:  # also False for NaN, and no float() of a huge int
+        raise refused
+    hex_digits = cid.removeprefix("ctx_")
+    if len(cid) != 36 or len(hex_digits) != 32 or hex_digits.strip("0123456789abcdef"):
+        raise refused
+    return float(stamp), cid
 
 
 def paginate(

@@ -1,23 +1,85 @@
-"""Request checks shared by every ContextService implementation (no torch here, so the
-torch-free distributed API runs exactly the same checks as the embedded service)."""
+"""Request checks shared by every ContextService implementation, run before any work is
+queued (no torch here, so the torch-free distributed API runs exactly the same checks as
+the embedded service)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from service.config import METHODS, CompressionConfig
+from service.config import METHODS, CompressionConfig, ServiceConfig
 from service.errors import InvalidInputError
+from service.types import ANY_TENANT, CreateContextRequest, QueryRequest, SamplingParams
+
+MIN_TEMPERATURE = 1e-5
+"""Below this, sampling is greedy decoding (its limit); logits / T would overflow float32."""
+
+
+@dataclass(frozen=True)
+class CheckedCreate:
+    """A registration that passed every check: its normalised compression and lifetime."""
+
+    request: CreateContextRequest
+    compression: CompressionConfig
+    ttl_s: float
 
 
 def validated_compression(compression: CompressionConfig) -> CompressionConfig:
     """The settings normalised (`none` keeps everything), or InvalidInputError."""
     if compression.method not in METHODS:
         raise InvalidInputError(f"unknown compression method {compression.method!r}; use {METHODS}")
-    if not 0.0 < compression.ratio <= 1.0:
+    if not (math.isfinite(compression.ratio) and 0.0 < compression.ratio <= 1.0):
         raise InvalidInputError(f"ratio must be in (0, 1]. Given: {compression.ratio}")
     if compression.chunk_size < 16:
         raise InvalidInputError(f"chunk_size must be >= 16. Given: {compression.chunk_size}")
     return compression.normalized()
+
+
+def checked_ttl(ttl_seconds: float | None, config: ServiceConfig) -> float:
+    """The lifetime a registration asks for (the default when None), within the bounds."""
+    ttl = config.default_ttl_s if ttl_seconds is None else ttl_seconds
+    if not (math.isfinite(ttl) and 0 < ttl <= config.max_ttl_s):
+        raise InvalidInputError(f"ttl_seconds must be in (0, {config.max_ttl_s:g}]. Given: {ttl:g}")
+    return ttl
+
+
+def validated_create(request: CreateContextRequest, config: ServiceConfig) -> CheckedCreate:
+    """Every check of `POST /contexts` that needs no model."""
+    compression = validated_compression(request.compression)
+    ttl = checked_ttl(request.ttl_seconds, config)
+    if request.tenant == ANY_TENANT:
+        raise InvalidInputError(f"tenant {ANY_TENANT!r} cannot own a context")
+    if not request.text.strip():
+        raise InvalidInputError("text must contain at least one non-whitespace character")
+    return CheckedCreate(request, compression, ttl)
+
+
+def checked_sampling(sampling: SamplingParams, max_new_tokens_limit: int) -> SamplingParams:
+    """The sampling settings within bounds; a temperature below MIN_TEMPERATURE is greedy."""
+    if sampling.max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be >= 1. Given: {sampling.max_new_tokens}")
+    if sampling.max_new_tokens > max_new_tokens_limit:
+        raise InvalidInputError(
+            f"max_new_tokens must be <= {max_new_tokens_limit}. Given: {sampling.max_new_tokens}"
+        )
+    if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise InvalidInputError(f"temperature must be >= 0. Given: {sampling.temperature}")
+    if not (math.isfinite(sampling.top_p) and 0 < sampling.top_p <= 1):
+        raise InvalidInputError(f"top_p must be in (0, 1]. Given: {sampling.top_p}")
+    if 0 < sampling.temperature < MIN_TEMPERATURE:
+        return replace(sampling, temperature=0.0)
+    return sampling
+
+
+def validated_query(request: QueryRequest, config: ServiceConfig) -> QueryRequest:
+    """Every check of a question that needs neither the model nor the context."""
+    if not request.question.strip():
+        raise InvalidInputError("question must contain at least one non-whitespace character")
+    if request.ratio is not None and not (math.isfinite(request.ratio) and 0 < request.ratio <= 1):
+        raise InvalidInputError(f"ratio must be in (0, 1]. Given: {request.ratio}")
+    sampling = checked_sampling(request.sampling, config.max_new_tokens_limit)
+    return replace(request, sampling=sampling)
 
 
 def checked_expiry(expire_time: datetime, max_ttl_s: float) -> datetime:

@@ -25,7 +25,7 @@ TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at 
 
 @pytest.fixture(scope="module")
 def live(tiny_engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from service.serving.embedded import EmbeddedContextService
+    from service.serving.embedded import build_embedded_service
 
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
@@ -36,7 +36,7 @@ def live(tiny_engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             chunk_size=64,
             data_dir=tmp_path_factory.mktemp("live"),
         )
-    service = EmbeddedContextService(settings.to_service_config(), engine=tiny_engine)
+    service = build_embedded_service(settings.to_service_config(), engine=tiny_engine)
     with serving(create_app(settings, service)) as url:
         yield {"url": url, "service": service}
 

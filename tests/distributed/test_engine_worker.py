@@ -10,7 +10,7 @@ import pytest
 
 from service.config import CompressionConfig, EngineConfig
 from service.serving.distributed.executor import EngineExecutor, build_shared_store
-from service.serving.embedded import EmbeddedContextService
+from service.serving.embedded import build_embedded_service
 from service.types import CreateContextRequest, QueryRequest, SamplingParams
 from storage import redis_client
 from tests.distributed.distributed_testing import REDIS_URL, Cluster
@@ -59,7 +59,7 @@ async def test_answers_match_the_embedded_service(
             streamed = [e async for e in cluster.api.stream_query(info.id, QUESTION)]
     finally:
         await executor.close()
-    embedded = EmbeddedContextService(
+    embedded = build_embedded_service(
         replace(cluster.config, data_dir=tmp_path / "embedded"),
         engine=tiny_engine,  # type: ignore[arg-type]
     )
@@ -69,6 +69,7 @@ async def test_answers_match_the_embedded_service(
         expected = await embedded.query(local.id, QUESTION)
     finally:
         await embedded.close()
+    assert info.id == local.id  # one context id in both modes
     assert info.context_tokens == local.context_tokens
     same = ("method", "ratio", "kept_kv_pairs", "total_kv_pairs")  # bytes: metadata may differ
     assert [getattr(info.compression, f) for f in same] == [

@@ -23,10 +23,9 @@ from service.serving.distributed.jobs import (
     error_payload,
 )
 from service.serving.distributed.keys import RedisKeys
-from service.serving.distributed.redis_records import RecordStore, RemoteRecord, remote_context_id
+from service.serving.distributed.redis_records import RecordStore, RemoteRecord
 from service.serving.records import ContextRecord
 from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams
-from tests.distributed.distributed_testing import IDENTITY
 from tests.storage.storage_testing import RedisEnv
 
 
@@ -125,21 +124,3 @@ def test_replies_round_trip() -> None:
     result = QueryResult("48213", 120, 3, 100, QueryTimings(0.1, 0.2, 0.3), "length")
     reply = Reply(RESULT, "w1:abc", result=result)
     assert Reply.decode({k.encode(): v.encode() for k, v in reply.encode().items()}) == reply
-
-
-def test_ids_hash_the_model_the_settings_the_tenant_and_the_text() -> None:
-    base = dict(compression=CompressionConfig(), tenant="", system=None, text="doc")
-    first = remote_context_id(IDENTITY, **base)  # type: ignore[arg-type]
-    assert first == remote_context_id(IDENTITY, **base)  # type: ignore[arg-type]
-    assert first.startswith("ctx_") and len(first) == 36
-    other_model = {**IDENTITY, "model_fingerprint": "x" * 64}
-    variants = [
-        remote_context_id(other_model, **base),  # type: ignore[arg-type]
-        remote_context_id(IDENTITY, **{**base, "tenant": "acme"}),  # type: ignore[arg-type]
-        remote_context_id(IDENTITY, **{**base, "system": "Be brief."}),  # type: ignore[arg-type]
-        remote_context_id(IDENTITY, **{**base, "text": "doc!"}),  # type: ignore[arg-type]
-        remote_context_id(  # type: ignore[arg-type]
-            IDENTITY, **{**base, "compression": CompressionConfig(ratio=0.2)}
-        ),
-    ]
-    assert len({first, *variants}) == 6

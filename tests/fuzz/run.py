@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     from service.config import EngineConfig
     from service.engine.kvzip_engine import KVzipEngine
     from service.engine.loading import load_tokenizer, resolve_source
-    from service.serving.embedded import EmbeddedContextService
+    from service.serving.embedded import build_embedded_service
 
     for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
         del os.environ[name]
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         )
         if keyed:
             argv = ["--header", f"Authorization: Bearer {TENANT_KEY}", *argv]
-        service = EmbeddedContextService(settings.to_service_config(), engine=engine)
+        service = build_embedded_service(settings.to_service_config(), engine=engine)
         st = Path(sys.executable).with_name("st")
         with serving(create_app(settings, service)) as url:
             config = Path(__file__).with_name("schemathesis.toml")

@@ -14,7 +14,7 @@ from service.errors import (
     InvalidInputError,
     QueueFullError,
 )
-from service.serving.embedded import EmbeddedContextService
+from service.serving.embedded import EmbeddedContextService, build_embedded_service
 from service.types import CreateContextRequest, QueryRequest, SamplingParams
 
 TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at five. " * 8
@@ -22,7 +22,7 @@ TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at 
 
 def _service(tiny_engine, data_dir: Path, **overrides) -> EmbeddedContextService:
     config = ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=data_dir, **overrides)
-    return EmbeddedContextService(config, engine=tiny_engine)
+    return build_embedded_service(config, engine=tiny_engine)
 
 
 async def test_register_is_idempotent_and_survives_restart(tiny_engine, tmp_path):
@@ -161,12 +161,12 @@ async def test_system_instruction_joins_the_prefix_and_the_id(tiny_engine, tmp_p
     prefix = len(prefix_ids)
     assert system in tiny_engine.tokenizer.decode(prefix_ids)
     assert system not in tiny_engine.tokenizer.decode(tiny_engine.encode_document("").prefix_ids)
-    record = await svc._record(guided.id, "")
+    record = await svc.registry.record(guided.id, "")
     assert record is not None and record.system == system and record.prefix_tokens == prefix
     expected = question_ids(
         build_layout(tiny_engine.tokenizer, system), tiny_engine.tokenizer, "Q?"
     )
-    assert svc._question_ids(system, "Q?") == expected
+    assert svc.pipeline.question_ids(system, "Q?") == expected
     result = await svc.query(guided.id, QueryRequest("When?", SamplingParams(max_new_tokens=4)))
     assert result.cached_tokens == prefix + guided.context_tokens
     again, created_again = await svc.create_context(CreateContextRequest(TEXT, system=system))
@@ -364,7 +364,11 @@ async def test_stream_query_deltas_add_up_to_the_answer(tiny_engine, tmp_path):
     deltas, final = events[:-1], events[-1]
     assert final.result is not None and all(e.result is None and e.delta for e in deltas)
     assert "".join(e.delta for e in deltas) == final.result.answer
-    assert final.result == final.result  # frozen dataclass
+    whole = await svc.query(cid, request)  # greedy: the same answer without streaming
+    assert (whole.answer, whole.completion_tokens) == (
+        final.result.answer,
+        final.result.completion_tokens,
+    )
     plain = await svc.query(cid, request)
     assert plain.answer == final.result.answer
     assert plain.completion_tokens == final.result.completion_tokens
@@ -419,3 +423,40 @@ async def test_sampling_is_validated_and_seeded(tiny_engine, tmp_path):
     b = await svc.query(cid, QueryRequest("Say something.", sampled))
     assert a.answer == b.answer
     await svc.close()
+
+
+async def test_a_context_stored_under_a_pre_0_2_id_still_answers(tiny_engine, tmp_path):
+    """The embedded id used to hash token ids; such a stored context keeps its id: lookups,
+    queries and a new registration of the same document all find it."""
+    from dataclasses import replace
+
+    from service.serving.records import blob_key, record_key
+    from service.serving.validation import validated_create
+
+    svc = await _started(tiny_engine, tmp_path)
+    request = CreateContextRequest(TEXT, compression=CompressionConfig("kvzip", 0.3, 64))
+    info, _ = await svc.create_context(request)
+    question = QueryRequest("When does the museum open?", SamplingParams(max_new_tokens=6))
+    expected = await svc.query(info.id, question)
+    await svc.close()
+
+    old = _service(tiny_engine, tmp_path)  # the layout the previous code left on disk
+    checked = validated_create(request, old.config)
+    doc = tiny_engine.encode_document(TEXT)
+    await old.start()
+    legacy = old.pipeline.legacy_id(checked, doc)
+    assert legacy != info.id
+    record = await old.registry.record(info.id, "")
+    blob = await old.store.get(blob_key(info.id))
+    assert record is not None and blob is not None
+    await old.registry.purge(info.id)
+    await old.store.put(blob_key(legacy), blob)
+    await old.store.put(record_key(legacy), replace(record, id=legacy).to_json())
+    await old.close()
+
+    upgraded = await _started(tiny_engine, tmp_path)
+    assert (await upgraded.get_context(legacy)).state == "READY"
+    assert (await upgraded.query(legacy, question)).answer == expected.answer
+    again, created = await upgraded.create_context(request)
+    assert (again.id, created) == (legacy, False)
+    await upgraded.close()

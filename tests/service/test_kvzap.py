@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.compression.learned.calibration import CalibrationSettings, collect, score_text, split
-from service.compression.learned.capture import attention_inputs
 from service.compression.learned.fit import MLPSettings, fit_mlp, fit_ridge, predict_all, r2_score
 from service.compression.learned.predictor import (
     KVzapPredictor,
@@ -26,11 +25,12 @@ from service.compression.learned.predictor import (
     save_predictor,
 )
 from service.compression.learned.released import load_released
-from service.compression.scorers.kvzap import WINDOW, KVzapScorer, predictor_dir
+from service.compression.scorers.kvzap import KVzapScorer, predictor_dir
 from service.compression.scorers.kvzip_plus import KVzipPlusScorer
-from service.compression.selection import budget, select
+from service.compression.selection import WINDOW, budget, select
 from service.config import CompressionConfig
-from service.engine.fingerprints import ModelIdentity, context_id
+from service.engine.attention_hook import attention_inputs
+from service.engine.fingerprints import ModelIdentity
 from service.errors import InvalidInputError
 from tests.service.kvzap_testing import random_predictor, store_test_predictor
 
@@ -220,11 +220,8 @@ def test_released_checkpoint_that_disagrees_with_its_config_is_refused(tmp_path)
 @pytest.fixture()
 def kvzap_engine(tiny_engine, tmp_path):
     """The tiny engine with a random MLP predictor stored in a fresh kvzap folder."""
-    previous = tiny_engine.kvzap_dir
-    tiny_engine.kvzap_dir = tmp_path / "kvzap"
-    predictor = store_test_predictor(tiny_engine, "mlp", seed=4)
-    yield tiny_engine, predictor
-    tiny_engine.kvzap_dir = previous
+    engine = tiny_engine.with_config(kvzap_dir=tmp_path / "kvzap")
+    return engine, store_test_predictor(engine, "mlp", seed=4)
 
 
 def _recorded_inputs(engine, ids):
@@ -242,10 +239,11 @@ def test_ingest_scores_inside_the_prefill_without_reconstruction(kvzap_engine):
     handle = engine.model.register_forward_hook(lambda *a: forwards.append(1))
     passes = engine.reconstruction_passes
     try:
-        ctx = engine.ingest(doc, CompressionConfig("kvzap", 0.3))
+        ctx, timings = engine.ingest(doc, CompressionConfig("kvzap", 0.3))
     finally:
         handle.remove()
     assert engine.reconstruction_passes == passes  # counted: no reconstruction pass
+    assert timings.prefill_s > 0 and timings.scoring_s >= 0 and timings.selection_s > 0
     assert len(forwards) == math.ceil(len(doc.all_ids) / engine.config.prefill_chunk_tokens)
     assert ctx.method == "kvzap" and ctx.ratio == 0.3
     assert ctx.kept_pairs == budget(0.3, ctx.total_pairs)
@@ -265,7 +263,7 @@ def test_ingest_scores_inside_the_prefill_without_reconstruction(kvzap_engine):
 def test_ingest_scores_equal_rescoring_a_stored_context(kvzap_engine):
     engine, _ = kvzap_engine
     doc = engine.encode_document(TEXT)
-    ingested = engine.ingest(doc, CompressionConfig("kvzap", 1.0))
+    ingested, _ = engine.ingest(doc, CompressionConfig("kvzap", 1.0))
     full = engine.prefill_context(doc, CompressionConfig("kvzap", 1.0))
     rescored = engine.score(full, method="kvzap")  # the fallback: context run over its prefix
     for a, b in zip(ingested.layers, rescored.layers, strict=True):
@@ -275,7 +273,7 @@ def test_ingest_scores_equal_rescoring_a_stored_context(kvzap_engine):
 def test_threshold_keeps_the_window_and_reports_the_achieved_ratio(kvzap_engine):
     engine, predictor = kvzap_engine
     doc = engine.encode_document(TEXT * 2)
-    ctx = engine.ingest(doc, CompressionConfig("kvzap", 0.3, threshold=-3.0).normalized())
+    ctx, _ = engine.ingest(doc, CompressionConfig("kvzap", 0.3, threshold=-3.0).normalized())
     s, n = ctx.prefix_len, ctx.context_len
     assert n > WINDOW + 50
     inputs = _recorded_inputs(engine, doc.all_ids)
@@ -294,51 +292,39 @@ def test_threshold_keeps_the_window_and_reports_the_achieved_ratio(kvzap_engine)
     # query-time re-selection: the recent window goes last
     smaller = engine.reselect(ctx, ctx.ratio / 2)
     assert smaller.kept_pairs == budget(ctx.ratio / 2, ctx.total_pairs)
-    high = engine.ingest(doc, CompressionConfig("kvzap", 1.0, threshold=90.0))
+    high, _ = engine.ingest(doc, CompressionConfig("kvzap", 1.0, threshold=90.0))
     for layer in high.layers:
         for h in range(layer.n_heads):
             assert layer.positions[layer.head(h)][s:].tolist() == list(range(s + n - WINDOW, s + n))
 
 
-def test_threshold_belongs_to_kvzap_and_changes_the_context_id():
+def test_threshold_belongs_to_kvzap():
     with pytest.raises(InvalidInputError, match="kvzap only"):
         CompressionConfig("kvzip", 0.3, threshold=-4.0).normalized()
     with pytest.raises(InvalidInputError, match="finite"):
         CompressionConfig("kvzap", 0.3, threshold=float("nan")).normalized()
     assert CompressionConfig("kvzap", 0.3, threshold=-4.0).normalized().ratio == 1.0
-    ids = [1, 2, 3]
-    a = context_id(IDENTITY, CompressionConfig("kvzap", 1.0, threshold=-4.0), ids)
-    b = context_id(IDENTITY, CompressionConfig("kvzap", 1.0, threshold=-5.0), ids)
-    c = context_id(IDENTITY, CompressionConfig("kvzap", 1.0), ids)
-    assert len({a, b, c}) == 3
-    legacy = context_id(IDENTITY, CompressionConfig("kvzip", 0.3), ids)  # unchanged by the field
-    assert legacy == context_id(IDENTITY, CompressionConfig("kvzip", 0.3, 2000, None), ids)
 
 
 def test_kvzap_needs_a_predictor_that_fits_the_model(tiny_engine, tmp_path):
-    previous = tiny_engine.kvzap_dir
-    tiny_engine.kvzap_dir = tmp_path
-    try:
-        with pytest.raises(InvalidInputError, match="calibrate-scorer"):
-            tiny_engine.check_method("kvzap")
-        wrong = random_predictor(tiny_engine.n_layers, 5, 2).with_meta(
-            model_fingerprint=tiny_engine.identity.model_fingerprint
-        )
-        save_predictor(predictor_path(tmp_path, tiny_engine.identity, "linear"), wrong)
-        with pytest.raises(InvalidInputError, match="input dim"):
-            tiny_engine.check_method("kvzap")
-    finally:
-        tiny_engine.kvzap_dir = previous
+    engine = tiny_engine.with_config(kvzap_dir=tmp_path)
+    with pytest.raises(InvalidInputError, match="calibrate-scorer"):
+        engine.check_method("kvzap")
+    wrong = random_predictor(engine.n_layers, 5, 2).with_meta(
+        model_fingerprint=engine.identity.model_fingerprint
+    )
+    save_predictor(predictor_path(tmp_path, engine.identity, "linear"), wrong)
+    with pytest.raises(InvalidInputError, match="input dim"):
+        engine.check_method("kvzap")
+    with pytest.raises(InvalidInputError, match="calibrate-scorer"):  # the kind asked for
+        engine.with_config(kvzap_kind="mlp").check_method("kvzap")
 
 
-def test_predictor_dir_follows_the_data_dir(tiny_engine):
-    assert tiny_engine.kvzap_dir is None or predictor_dir(tiny_engine) == tiny_engine.kvzap_dir
-    previous = tiny_engine.kvzap_dir
-    tiny_engine.kvzap_dir = None
-    try:
-        assert predictor_dir(tiny_engine) == tiny_engine.head_scores_dir.parent / "kvzap"
-    finally:
-        tiny_engine.kvzap_dir = previous
+def test_predictor_dir_follows_the_data_dir(tiny_engine, tmp_path):
+    engine = tiny_engine.with_config(head_scores_dir=tmp_path / "head_scores", kvzap_dir=None)
+    assert predictor_dir(engine) == tmp_path / "kvzap"
+    assert predictor_dir(engine.with_config(kvzap_dir=tmp_path / "p")) == tmp_path / "p"
+    assert tiny_engine.config.kvzap_dir is None  # the shared engine is untouched
 
 
 def test_an_explicit_predictor_overrides_the_store(kvzap_engine):
@@ -442,22 +428,22 @@ def test_predictor_shapes_are_checked():
         KVzapPredictor("mlp", torch.zeros(1, 2, 3), torch.zeros(1, 2))
 
 
-def test_engine_predictor_reads_the_file_once_until_it_changes(tiny_engine, tmp_path, monkeypatch):
+def test_stored_predictor_reads_the_file_once_until_it_changes(tiny_engine, tmp_path, monkeypatch):
     """Every kvzap ingest asks for the predictor: only a new or rewritten file is read."""
     import os
 
     from service.compression.learned import predictor as predictor_module
     from service.compression.scorers import kvzap as kvzap_scorer
 
-    monkeypatch.setattr(tiny_engine, "kvzap_dir", tmp_path / "kvzap")
-    store_test_predictor(tiny_engine, "linear", seed=3)
+    engine = tiny_engine.with_config(kvzap_dir=tmp_path / "kvzap")
+    store_test_predictor(engine, "linear", seed=3)
     reads = []
     real = predictor_module.load_predictor_file
     monkeypatch.setattr(
         predictor_module, "load_predictor_file", lambda p: reads.append(p) or real(p)
     )
-    first = kvzap_scorer.engine_predictor(tiny_engine)
-    assert kvzap_scorer.engine_predictor(tiny_engine) is first and len(reads) == 1
+    first = kvzap_scorer.stored_predictor(engine)
+    assert kvzap_scorer.stored_predictor(engine) is first and len(reads) == 1
     path = reads[0]
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    assert kvzap_scorer.engine_predictor(tiny_engine) is not first and len(reads) == 2
+    assert kvzap_scorer.stored_predictor(engine) is not first and len(reads) == 2

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from service.config import EngineConfig, ServiceConfig
-from service.serving.embedded import EmbeddedContextService
+from service.serving.embedded import build_embedded_service
 from tests.service.kvzap_testing import store_test_predictor
 
 TEXT = (
@@ -20,17 +20,20 @@ QUESTIONS = ["Who is the captain?", "How long is the crossing in winter?"]
 
 
 @pytest.fixture()
-def client(tiny_engine, tmp_path):
-    previous = tiny_engine.head_scores_dir, tiny_engine.kvzap_dir
-    tiny_engine.kvzap_dir = None  # the predictors live under the service's data_dir
-    service = EmbeddedContextService(
-        ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=tmp_path), engine=tiny_engine
+def engine(tiny_engine, tmp_path):
+    """The predictors live under the service's data_dir, as app/settings.py puts them."""
+    return tiny_engine.with_config(
+        head_scores_dir=tmp_path / "head_scores", kvzap_dir=tmp_path / "kvzap"
     )
-    try:
-        with TestClient(create_app(Settings(data_dir=tmp_path), service=service)) as c:
-            yield c
-    finally:
-        tiny_engine.head_scores_dir, tiny_engine.kvzap_dir = previous
+
+
+@pytest.fixture()
+def client(engine, tmp_path):
+    service = build_embedded_service(
+        ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=tmp_path), engine=engine
+    )
+    with TestClient(create_app(Settings(data_dir=tmp_path), service=service)) as c:
+        yield c
 
 
 def _create(client, compression: dict):
@@ -55,8 +58,8 @@ def test_kvzap_without_a_predictor_is_400(client):
     assert "kvzip calibrate-scorer" in response.json()["error"]["message"]
 
 
-def test_kvzap_ratio_and_query_time_reselection(client, tiny_engine):
-    store_test_predictor(tiny_engine, "mlp")  # under data_dir/kvzap (started service)
+def test_kvzap_ratio_and_query_time_reselection(client, engine):
+    store_test_predictor(engine, "mlp")  # under data_dir/kvzap
     stored = _create(client, {"method": "kvzap", "ratio": 0.3})
     assert stored.status_code == 201, stored.text
     info = stored.json()["compression"]
@@ -66,8 +69,8 @@ def test_kvzap_ratio_and_query_time_reselection(client, tiny_engine):
     assert _answers(client, stored.json()["id"], 0.2) == _answers(client, direct)
 
 
-def test_kvzap_threshold_reports_the_achieved_ratio(client, tiny_engine):
-    store_test_predictor(tiny_engine, "linear")
+def test_kvzap_threshold_reports_the_achieved_ratio(client, engine):
+    store_test_predictor(engine, "linear")
     response = _create(client, {"method": "kvzap", "threshold": -3.0})
     assert response.status_code == 201, response.text
     info = response.json()["compression"]

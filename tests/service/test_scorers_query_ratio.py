@@ -10,7 +10,7 @@ from app.main import create_app
 from app.settings import Settings
 from service.compression.scorers.kvzip_head import calibrate, save_head_scores
 from service.config import EngineConfig, ServiceConfig
-from service.serving.embedded import EmbeddedContextService
+from service.serving.embedded import build_embedded_service
 
 TEXT = (
     "The observatory opened in 1891 on the hill above the town. Its first director, Anna "
@@ -23,13 +23,13 @@ QUESTIONS = ["Who was the first director?", "When was the dome rebuilt?", "What 
 def client(tiny_engine, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     settings = Settings(data_dir=data_dir, chunk_size=64)
-    service = EmbeddedContextService(
-        ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=data_dir), engine=tiny_engine
+    engine = tiny_engine.with_config(head_scores_dir=data_dir / "head_scores")
+    service = build_embedded_service(
+        ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=data_dir), engine=engine
     )
     with TestClient(create_app(settings, service=service)) as client:
-        save_head_scores(  # after start(), which points the engine at data_dir/head_scores
-            tiny_engine.head_scores_dir, tiny_engine.identity, calibrate(tiny_engine, [TEXT], 64)
-        )
+        heads = calibrate(engine, [TEXT], 64)
+        save_head_scores(engine.config.head_scores_dir, engine.identity, heads)
         yield client
 
 
@@ -81,15 +81,12 @@ def test_ratio_out_of_range_is_422(client, ratio):
 
 def test_kvzip_head_without_calibration_is_400(tiny_engine, tmp_path):
     settings = Settings(data_dir=tmp_path)
-    service = EmbeddedContextService(
-        ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=tmp_path), engine=tiny_engine
+    engine = tiny_engine.with_config(head_scores_dir=tmp_path / "head_scores")
+    service = build_embedded_service(
+        ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=tmp_path), engine=engine
     )
-    previous = tiny_engine.head_scores_dir
-    try:
-        with TestClient(create_app(settings, service=service)) as c:
-            body = {"text": TEXT, "compression": {"method": "kvzip_head", "ratio": 0.5}}
-            response = c.post("/contexts", json=body)
-            assert response.status_code == 400
-            assert "kvzip calibrate" in response.json()["error"]["message"]
-    finally:
-        tiny_engine.head_scores_dir = previous
+    with TestClient(create_app(settings, service=service)) as c:
+        body = {"text": TEXT, "compression": {"method": "kvzip_head", "ratio": 0.5}}
+        response = c.post("/contexts", json=body)
+        assert response.status_code == 400
+        assert "kvzip calibrate" in response.json()["error"]["message"]

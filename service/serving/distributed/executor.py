@@ -1,10 +1,8 @@
 """EngineExecutor: runs a worker's jobs on one engine, over the shared tiers.
 
-Ingest uses the engine's own verbs (encode, ingest with progress, codec) and writes the
-blob and then a READY `service.serving.records.ContextRecord` into the shared store (memory ->
-Redis -> disk: disk first, then Redis), exactly the layout the embedded service reads.
-Queries are answered by an `EmbeddedContextService` core over that same store, so decoding,
-stop sequences, usage and timings are the embedded mode's code, not a copy.
+Both verbs are the shared `Pipeline`'s (the embedded service runs the same code): ingest
+encodes, compresses and commits the blob and a READY record into the shared store
+(memory -> Redis -> disk: disk first, then Redis); answer streams from that stored record.
 
 The stored records never expire by themselves (`expire_time` None): in distributed mode the
 Redis record owns expiry, and the workers' sweep purges the bytes (`purge`).
@@ -15,21 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 
 from redis.asyncio import Redis
 
-from service import codec
 from service.config import ServiceConfig
-from service.engine.fingerprints import FORMAT_VERSION
-from service.engine.kvzip_engine import Document, KVzipEngine
-from service.errors import DocumentTooLongError
+from service.engine.kvzip_engine import KVzipEngine
+from service.errors import ContextNotFoundError
 from service.serving.distributed.jobs import IngestJob, QueryJob
 from service.serving.distributed.stream_worker import Progress
-from service.serving.embedded import EmbeddedContextService
-from service.serving.records import ContextRecord, blob_key, record_key
-from service.types import QueryEvent
+from service.serving.engine_thread import EngineWorker
+from service.serving.pipeline import Pipeline
+from service.serving.records import ContextRecord, blob_key
+from service.serving.registry import ContextRegistry, processing_record
+from service.serving.resident import ResidentContexts
+from service.serving.validation import validated_create
+from service.types import CreateContextRequest, QueryEvent
 from storage import TieredStore, TierUnavailableError, build_store
 
 
@@ -49,85 +49,49 @@ class EngineExecutor:
     """The engine side of a worker (see service.serving.distributed.stream_worker.Executor)."""
 
     def __init__(self, config: ServiceConfig, engine: KVzipEngine, store: TieredStore) -> None:
-        self.config = config
-        self.engine = engine
-        self.store = store
-        self.core = EmbeddedContextService(config, engine=engine)
-        self.core.store = store  # the core reads what the workers write, from every tier
-        self.identity = {
-            "model": engine.identity.name,
-            "model_fingerprint": engine.identity.model_fingerprint,
-            "tokenizer_fingerprint": engine.identity.tokenizer_fingerprint,
-            "format_version": FORMAT_VERSION,
-        }
+        self.config, self.store = config, store
+        self.thread = EngineWorker(config.queue_size)
+        self.resident = ResidentContexts(config.memory_cache_bytes)
+        self.registry = ContextRegistry(store)
+        self.pipeline = Pipeline(config, engine, self.registry, self.thread, self.resident)
+        self.identity = dict(self.pipeline.identity)
         self.device = str(engine.model.device)
 
     async def start(self) -> None:
-        await self.core.start()
+        pass
 
     async def close(self) -> None:
-        await self.core.close()
+        await asyncio.to_thread(self.thread.close)
 
     async def ingest(
         self, job: IngestJob, progress: Progress
     ) -> tuple[ContextRecord, tuple[str, ...]]:
-        record = await self._stored(job.context_id)
+        record = await self.registry.ready(job.context_id)  # an earlier attempt finished it
         if record is None:
             record = await self._compute(job, progress)
         return record, await self._tiers(job.context_id)
 
-    def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
-        return self.core.stream_query(job.context_id, job.request)
+    async def _compute(self, job: IngestJob, progress: Progress) -> ContextRecord:
+        request = CreateContextRequest(
+            job.text, job.display_name, job.compression, job.tenant, job.system
+        )
+        checked = validated_create(request, self.config)
+        doc = await self.pipeline.encode(checked)
+        base = processing_record(job.context_id, checked, self.identity["model"])
+        base = replace(base, expire_time=None)  # the Redis record owns expiry
+        return await self.pipeline.ingest(lambda: base, doc, checked.compression, progress)
+
+    async def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
+        record = await self.registry.record(job.context_id, job.request.tenant)
+        if record is None:
+            raise ContextNotFoundError(job.context_id)
+        answer = self.pipeline.answer(record, job.request)
+        async with contextlib.aclosing(answer):  # type: ignore[type-var]
+            async for event in answer:
+                yield event
 
     async def purge(self, context_id: str) -> None:
-        await self.store.delete(record_key(context_id))  # invisible first, then the bytes
-        await self.store.delete(blob_key(context_id))
-        self.core.resident.drop(context_id)
-
-    # -- internals ---------------------------------------------------------------------------
-
-    async def _stored(self, context_id: str) -> ContextRecord | None:
-        """The READY record of a context already stored (an earlier attempt finished it)."""
-        data = await self.store.get(record_key(context_id))
-        if data is None or not await self.store.exists(blob_key(context_id)):
-            return None
-        return ContextRecord.from_json(data)
-
-    async def _compute(self, job: IngestJob, progress: Progress) -> ContextRecord:
-        engine = self.engine
-        await asyncio.to_thread(engine.check_method, job.compression.method)
-        doc = await asyncio.to_thread(engine.encode_document, job.text, job.system)
-        self._check_length(doc)
-        ctx = await self.core.worker.run(engine.ingest, doc, job.compression, progress)
-        blob = await asyncio.to_thread(codec.encode, ctx, engine.identity)
-        record = ContextRecord(
-            id=job.context_id,
-            tenant=job.tenant,
-            display_name=job.display_name,
-            model=engine.identity.name,
-            state="READY",
-            create_time=datetime.now(UTC).isoformat(),
-            context_tokens=ctx.context_len,
-            prefix_tokens=ctx.prefix_len,
-            method=ctx.method,
-            ratio=ctx.ratio,
-            chunk_size=ctx.chunk_size,
-            kept_kv_pairs=ctx.kept_pairs,
-            total_kv_pairs=ctx.total_pairs,
-            bytes=len(blob),
-            system=job.system,
-        )
-        await self.store.put(blob_key(job.context_id), blob)
-        await self.store.put(record_key(job.context_id), record.to_json())  # the commit point
-        self.core.resident.put(job.context_id, ctx)
-        return record
-
-    def _check_length(self, doc: Document) -> None:
-        limit = self.config.max_document_tokens
-        if limit is not None and len(doc.context_ids) > limit:
-            raise DocumentTooLongError(len(doc.context_ids), limit)
-        if len(doc.all_ids) > self.engine.max_context_tokens:
-            raise DocumentTooLongError(len(doc.all_ids), self.engine.max_context_tokens)
+        await self.pipeline.purge(context_id)
 
     async def _tiers(self, context_id: str) -> tuple[str, ...]:
         """The shared tiers (not this process's memory) that hold the blob."""

@@ -10,15 +10,12 @@ State changes are optimistic transactions (WATCH / MULTI): PROCESSING -> READY |
 happens at most once per registration, however many workers finish the same job, and each
 transition is appended to the `{p}events` stream in the same transaction.
 
-Ids: the API has no tokenizer, so the id hashes the text itself (sha256 of a canonical JSON
-of format version, model and tokenizer fingerprints (from the workers' heartbeats),
-compression settings, tenant, system instruction and the sha256 of the text). The same
-document registered again, through any API process, is the same context.
+Ids: service.serving.ids.context_id, the same in every mode (the model identity comes from
+the workers' heartbeats).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -30,7 +27,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from service.config import CompressionConfig
 from service.errors import InvalidInputError
 from service.serving.distributed.keys import RedisKeys
 from service.serving.records import (
@@ -83,27 +79,6 @@ class RemoteRecord:
             failure=body.get("failure"),
             worker=body.get("worker"),
         )
-
-
-def remote_context_id(
-    identity: dict[str, str],
-    compression: CompressionConfig,
-    tenant: str,
-    system: str | None,
-    text: str,
-) -> str:
-    """`ctx_` + 32 hex digits of sha256 over everything that determines the stored object."""
-    payload = {
-        "format": identity["format_version"],
-        "model": identity["model_fingerprint"],
-        "tokenizer": identity["tokenizer_fingerprint"],
-        "compression": {**asdict(compression), "ratio": round(compression.ratio, 6)},
-        "tenant": tenant,
-        "system": system,
-        "text": hashlib.sha256(text.encode()).hexdigest(),
-    }
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return "ctx_" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def _expires_at(record: ContextRecord) -> float:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -29,7 +29,6 @@ from service.errors import (
     ContextNotFoundError,
     ContextNotReadyError,
     EngineUnavailableError,
-    InvalidInputError,
     QueueFullError,
 )
 from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
@@ -51,13 +50,12 @@ from service.serving.distributed.redis_records import (
     PROCESSING,
     RecordStore,
     RemoteRecord,
-    remote_context_id,
 )
 from service.serving.distributed.transport import JobQueue, ReplyReader
-from service.serving.records import ContextRecord
-from service.serving.validation import checked_expiry, validated_compression
+from service.serving.ids import context_id
+from service.serving.registry import extended_expiry, processing_record
+from service.serving.validation import checked_expiry, validated_create, validated_query
 from service.types import (
-    ANY_TENANT,
     ContextInfo,
     ContextPage,
     CreateContextRequest,
@@ -190,26 +188,20 @@ class RemoteContextService:
     # -- contexts ----------------------------------------------------------------------------
 
     async def create_context(self, request: CreateContextRequest) -> tuple[ContextInfo, bool]:
-        compression = validated_compression(request.compression)
-        ttl = self._ttl(request.ttl_seconds)
-        if request.tenant == ANY_TENANT:
-            raise InvalidInputError(f"tenant {ANY_TENANT!r} cannot own a context")
-        if not request.text.strip():
-            raise InvalidInputError("text must contain at least one non-whitespace character")
+        checked = validated_create(request, self.config)
         with self._redis():
             identity = await self._require_worker()
-            cid = remote_context_id(
-                identity, compression, request.tenant, request.system, request.text
-            )
+            compression = checked.compression
+            cid = context_id(identity, compression, request.tenant, request.system, request.text)
             existing = await self.records.get(cid)
             if existing is None or existing.state == FAILED:
                 await self._admit(INGEST)
-            new = _processing(cid, request, compression, identity["model"], ttl)
+            new = RemoteRecord(processing_record(cid, checked, identity["model"]))
             record, created = await self.records.create(new)
             if created:
                 await self._submit_ingest(record, request, compression)
             else:
-                record = await self._extend(record, ttl)
+                record = await self._extend(record, checked.ttl_s)
             if request.wait and record.state == PROCESSING:
                 record = await self._wait(cid)
         if request.wait and record.state == FAILED and record.failure is not None:
@@ -236,11 +228,12 @@ class RemoteContextService:
 
     async def _extend(self, record: RemoteRecord, ttl: float) -> RemoteRecord:
         """Registering a document again keeps it alive at least `ttl` more seconds."""
-        wanted = datetime.now(UTC) + timedelta(seconds=ttl)
-        expire = record.record.expire_time
-        if expire is not None and datetime.fromisoformat(expire) >= wanted:
+        expire = extended_expiry(record.record.expire_time, ttl)
+        if expire is None:
             return record
-        await self.records.set_expiry(record.id, wanted, record.record.tenant)
+        await self.records.set_expiry(
+            record.id, datetime.fromisoformat(expire), record.record.tenant
+        )
         return await self.records.get(record.id) or record
 
     async def _wait(self, cid: str) -> RemoteRecord:
@@ -255,14 +248,6 @@ class RemoteContextService:
                 return record
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
             pause = min(pause * 1.5, WAIT_POLL_S[1])
-
-    def _ttl(self, ttl_seconds: float | None) -> float:
-        ttl = self.config.default_ttl_s if ttl_seconds is None else ttl_seconds
-        if not 0 < ttl <= self.config.max_ttl_s:
-            raise InvalidInputError(
-                f"ttl_seconds must be in (0, {self.config.max_ttl_s:g}]. Given: {ttl:g}"
-            )
-        return ttl
 
     async def _visible(self, context_id: str, tenant: str) -> RemoteRecord:
         with self._redis():
@@ -298,13 +283,7 @@ class RemoteContextService:
     # -- queries -----------------------------------------------------------------------------
 
     async def _submit_query(self, context_id: str, request: QueryRequest) -> QueryJob:
-        if not request.question.strip():
-            raise InvalidInputError("question must contain at least one non-whitespace character")
-        limit = self.config.max_new_tokens_limit
-        if request.sampling.max_new_tokens > limit:
-            raise InvalidInputError(
-                f"max_new_tokens must be <= {limit}. Given: {request.sampling.max_new_tokens}"
-            )
+        request = validated_query(request, self.config)  # before any job exists
         record = await self._visible(context_id, request.tenant)
         if record.state == PROCESSING:
             raise ContextNotReadyError(
@@ -393,36 +372,6 @@ class RemoteContextService:
                     return
         finally:
             await self._forget(job, cancel=not done)
-
-
-def _processing(
-    cid: str,
-    request: CreateContextRequest,
-    compression: CompressionConfig,
-    model: str,
-    ttl: float,
-) -> RemoteRecord:
-    now = datetime.now(UTC)
-    record = ContextRecord(
-        id=cid,
-        tenant=request.tenant,
-        display_name=request.display_name,
-        model=model,
-        state=PROCESSING,
-        create_time=now.isoformat(),
-        context_tokens=0,
-        prefix_tokens=0,
-        method=compression.method,
-        ratio=compression.ratio,
-        chunk_size=compression.chunk_size,
-        kept_kv_pairs=0,
-        total_kv_pairs=0,
-        bytes=0,
-        expire_time=(now + timedelta(seconds=ttl)).isoformat(),
-        progress=0.0,
-        system=request.system,
-    )
-    return RemoteRecord(record)
 
 
 def _redacted(url: str) -> str:

@@ -1,0 +1,250 @@
+"""The data path of one engine, the same in both modes.
+
+    ingest:  document ─► tokens ─► length check ─► engine.ingest (prefill, score, select;
+             on the engine thread) ─► codec ─► registry.commit (blob, then record) ─► resident
+    answer:  READY record ─► resident or tiers ─► decode ─► (re-select) ─► question tokens
+             ─► window check ─► generate on the engine thread ─► text deltas ─► QueryResult
+
+The embedded service and a distributed worker's executor both call these; neither writes
+any step of it again. Requests reach it validated (service.serving.validation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from service import codec, telemetry
+from service.config import CompressionConfig, ServiceConfig
+from service.engine.fingerprints import FORMAT_VERSION
+from service.engine.kvcache import CompressedContext
+from service.engine.kvzip_engine import Document, IngestTimings, KVzipEngine
+from service.engine.prompt import PromptLayout, build_layout, question_ids
+from service.errors import ContextNotFoundError, DocumentTooLongError, InvalidInputError
+from service.serving.engine_thread import EngineWorker
+from service.serving.ids import context_id, legacy_context_id
+from service.serving.records import ContextRecord
+from service.serving.registry import ContextRegistry
+from service.serving.resident import ResidentContexts
+from service.serving.textstream import TextStream
+from service.serving.validation import CheckedCreate
+from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+Progress = Callable[[float], None]
+
+
+class IngestAborted(Exception):
+    """The context was deleted while its ingest ran: nothing of it is kept."""
+
+
+class Pipeline:
+    """Ingest and answer over one engine, its thread, a registry and the resident cache."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        engine: KVzipEngine,
+        registry: ContextRegistry,
+        thread: EngineWorker,
+        resident: ResidentContexts,
+    ) -> None:
+        self.config, self.engine, self.registry = config, engine, registry
+        self.thread, self.resident = thread, resident
+        registry.on_purge.append(resident.drop)
+        self.identity = {
+            "model": engine.identity.name,
+            "model_fingerprint": engine.identity.model_fingerprint,
+            "tokenizer_fingerprint": engine.identity.tokenizer_fingerprint,
+            "format_version": FORMAT_VERSION,
+        }
+        self._layouts: dict[str | None, PromptLayout] = {}
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def context_id(self, checked: CheckedCreate) -> str:
+        request = checked.request
+        return context_id(
+            self.identity, checked.compression, request.tenant, request.system, request.text
+        )
+
+    def legacy_id(self, checked: CheckedCreate, doc: Document) -> str:
+        """The id the embedded service of versions before 0.2 gave this registration."""
+        tenant = checked.request.tenant
+        return legacy_context_id(self.identity, checked.compression, doc.all_ids, tenant)
+
+    async def encode(self, checked: CheckedCreate) -> Document:
+        """The document's tokens; InvalidInputError / DocumentTooLongError before any work."""
+        await asyncio.to_thread(self.engine.check_method, checked.compression.method)
+        request = checked.request
+        doc = await asyncio.to_thread(self.engine.encode_document, request.text, request.system)
+        limit = self.config.max_document_tokens
+        if limit is not None and len(doc.context_ids) > limit:
+            raise DocumentTooLongError(len(doc.context_ids), limit)
+        window = self.engine.max_context_tokens
+        if len(doc.all_ids) > window:
+            raise DocumentTooLongError(len(doc.all_ids), window)
+        return doc
+
+    async def ingest(
+        self,
+        current: Callable[[], ContextRecord],
+        doc: Document,
+        compression: CompressionConfig,
+        progress: Progress,
+        aborted: Callable[[], bool] = lambda: False,
+    ) -> ContextRecord:
+        """Compress `doc`, store it and commit its READY record; the record.
+
+        current: the context's record as it is now (its expiry may change meanwhile).
+        aborted: true once the context was deleted; then nothing is kept (IngestAborted).
+        """
+        ctx, timings = await self.thread.run(self.engine.ingest, doc, compression, progress)
+        started = time.perf_counter()
+        blob = await asyncio.to_thread(codec.encode, ctx, self.engine.identity)
+        await self._abort_if(aborted, current().id)
+        record = ready_record(current(), ctx, len(blob))
+        await self.registry.commit(record, blob)
+        while (expire := current().expire_time) != record.expire_time:  # PATCHed meanwhile
+            record = replace(record, expire_time=expire)
+            await self.registry.put(record)
+        await self._abort_if(aborted, record.id)
+        self.resident.put(record.id, ctx)
+        _observe_ingest(timings, time.perf_counter() - started, record)
+        log.info(
+            "context %s ready: %d tokens, kept %.3f, %d bytes",
+            record.id,
+            ctx.context_len,
+            ctx.kept_pairs / max(ctx.total_pairs, 1),
+            len(blob),
+        )
+        return record
+
+    async def _abort_if(self, aborted: Callable[[], bool], cid: str) -> None:
+        if aborted():
+            await self.purge(cid)
+            raise IngestAborted(cid)
+
+    async def purge(self, cid: str) -> None:
+        """Remove a context from every tier and from the device."""
+        await self.registry.purge(cid)
+
+    # -- answer ------------------------------------------------------------------------------
+
+    async def load(self, cid: str) -> CompressedContext:
+        """The decoded context: resident, or read through the tiers and decoded."""
+        if (ctx := self.resident.get(cid)) is not None:
+            return ctx
+        blob = await self.registry.blob(cid)
+        if blob is None:
+            raise ContextNotFoundError(cid)
+        device, dtype = self.engine.model.device, self.engine.model.dtype
+        ctx = await asyncio.to_thread(codec.decode, blob, self.engine.identity, device, dtype)
+        self.resident.put(cid, ctx)
+        return ctx
+
+    def question_ids(self, system: str | None, question: str) -> list[int]:
+        """The question in the layout the context was ingested with (its system prompt)."""
+        if system not in self._layouts:
+            self._layouts[system] = build_layout(self.engine.tokenizer, system)
+        return question_ids(self._layouts[system], self.engine.tokenizer, question)
+
+    async def _prepared(
+        self, record: ContextRecord, request: QueryRequest
+    ) -> tuple[CompressedContext, list[int], float]:
+        """The context to attend to, the prompt ids and the load seconds."""
+        if request.ratio is not None and request.ratio > record.ratio + 1e-9:
+            raise InvalidInputError(
+                f"ratio must be <= the context's stored ratio ({record.ratio}). "
+                f"Given: {request.ratio}"
+            )
+        t0 = time.perf_counter()
+        ctx = await self.load(record.id)
+        if request.ratio is not None:  # query-time ratio: re-select the stored scores
+            ctx = await self.thread.run(self.engine.reselect, ctx, request.ratio)
+        load_s = time.perf_counter() - t0
+        prompt = await asyncio.to_thread(self.question_ids, record.system, request.question)
+        needed = ctx.seq_len + len(prompt) + request.sampling.max_new_tokens
+        if needed > self.engine.max_positions:
+            raise InvalidInputError(
+                f"context ({ctx.seq_len}) + question ({len(prompt)}) + max_new_tokens "
+                f"({request.sampling.max_new_tokens}) = {needed} tokens exceeds the model "
+                f"window ({self.engine.max_positions})"
+            )
+        return ctx, prompt, load_s
+
+    async def answer(
+        self, record: ContextRecord, request: QueryRequest
+    ) -> AsyncIterator[QueryEvent]:
+        """Text deltas as tokens arrive, then one event with the QueryResult.
+
+        Stops at the first stop sequence (left out of the answer). Closing this iterator
+        early (the client went away) stops the generation at its next token.
+        """
+        start = time.perf_counter()
+        ctx, prompt, load_s = await self._prepared(record, request)
+        text = TextStream(self.engine.decode, request.sampling.stop)
+        ttft = 0.0
+        tokens: list[int] = []
+        generation = self.thread.stream(lambda: self.engine.generate(ctx, prompt, request.sampling))
+        try:
+            async with contextlib.aclosing(generation):  # closed early: the engine stops too
+                async for token in generation:
+                    ttft = ttft or time.perf_counter() - start
+                    tokens.append(token)
+                    telemetry.GENERATED_TOKENS.inc()
+                    if delta := text.push(tokens):
+                        yield QueryEvent(delta=delta)
+                    if text.stopped:
+                        break
+        except (GeneratorExit, asyncio.CancelledError):
+            telemetry.QUERIES_CANCELLED.inc()
+            raise
+        if tail := text.flush():
+            yield QueryEvent(delta=tail)
+        total = time.perf_counter() - start
+        ttft = ttft or total
+        cached = record.prefix_tokens + record.context_tokens
+        stopped = text.stopped or len(tokens) < request.sampling.max_new_tokens
+        result = QueryResult(
+            answer=text.text,
+            prompt_tokens=cached + len(prompt),
+            completion_tokens=len(tokens),
+            cached_tokens=cached,
+            timings=QueryTimings(load_s, ttft, max(total - ttft, 0.0)),
+            finish_reason="stop" if stopped else "length",
+        )
+        yield QueryEvent(result=result)
+
+
+def ready_record(base: ContextRecord, ctx: CompressedContext, nbytes: int) -> ContextRecord:
+    """`base` (the PROCESSING record) READY with the stored context's stats."""
+    return replace(
+        base,
+        state=READY,
+        context_tokens=ctx.context_len,
+        prefix_tokens=ctx.prefix_len,
+        method=ctx.method,
+        ratio=ctx.ratio,
+        chunk_size=ctx.chunk_size,
+        kept_kv_pairs=ctx.kept_pairs,
+        total_kv_pairs=ctx.total_pairs,
+        bytes=nbytes,
+        progress=1.0,
+        error=None,
+    )
+
+
+def _observe_ingest(timings: IngestTimings, store_s: float, record: ContextRecord) -> None:
+    for phase in ("prefill", "scoring", "selection"):
+        telemetry.INGEST_PHASE_SECONDS.labels(phase).observe(getattr(timings, f"{phase}_s"))
+    telemetry.INGEST_PHASE_SECONDS.labels("store").observe(store_s)
+    telemetry.CONTEXT_TOKENS.observe(record.context_tokens)
+    if record.total_kv_pairs:
+        telemetry.COMPRESSION_KEPT_RATIO.observe(record.kept_kv_pairs / record.total_kv_pairs)
