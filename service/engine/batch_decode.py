@@ -3,6 +3,10 @@
     decoder = BatchDecoder(model, context, prompts, max_new_tokens, eos_ids)
     for step_tokens in decoder.run(params): ...   # one list per step, None = row finished
 
+`params` is one SamplingParams for every row or one per row; each row samples through
+`service.engine.sampler` with its own temperature, top_p and seeded generator, so a row
+draws exactly the tokens it would draw alone.
+
 Rows are prefilled one by one (eager: prompts differ in length), then every decode step
 feeds all rows at once through a StaticKVzipCache; on CUDA that step is captured once and
 replayed, so per-token cost is kernels only, no Python.
@@ -11,13 +15,14 @@ replayed, so per-token cost is kernels only, no Python.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel
 
 from service.engine.generation import compiled_step_logits, forward, step_logits
 from service.engine.kvcache import CompressedContext
+from service.engine.sampler import RowSampling, per_row, sample
 from service.engine.static_cache import StaticKVzipCache
 from service.types import SamplingParams
 
@@ -112,17 +117,21 @@ class BatchDecoder:
         self.cache.advance(1)
         return logits
 
-    def run(self, params: SamplingParams) -> Iterator[list[int | None]]:
-        """Yield each step's token per row (None once a row hit EOS)."""
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+    def run(self, params: SamplingParams | Sequence[SamplingParams]) -> Iterator[list[int | None]]:
+        """Yield each step's token per row (None once a row hit EOS or its max_new_tokens,
+        which is at most the decoder's). params: one for every row, or one per row."""
+        per_request = per_row(params, len(self.prompts))
+        rows = [RowSampling.from_params(p) for p in per_request]
+        budgets = [p.max_new_tokens for p in per_request]
         logits = self.prefill()
-        alive = [True] * len(self.prompts)
-        for _ in range(self.max_new_tokens):
-            tokens = _sample_rows(logits, params, generator)
+        alive = [True] * len(rows)
+        for step in range(self.max_new_tokens):
+            tokens = sample(logits, rows)  # (B,) on the device
             host = tokens.tolist()
-            alive = [a and t not in self.eos_ids for a, t in zip(alive, host, strict=True)]
+            alive = [
+                a and step < n and t not in self.eos_ids
+                for a, t, n in zip(alive, host, budgets, strict=True)
+            ]
             if not any(alive):
                 return
             yield [t if a else None for t, a in zip(host, alive, strict=True)]
@@ -132,13 +141,3 @@ class BatchDecoder:
 def _bucket(tokens: int, granule: int = 256) -> int:
     """Tail capacity rounded up, so similar requests share one compiled/captured shape."""
     return -(-tokens // granule) * granule
-
-
-def _sample_rows(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits (B, V) -> tokens (B,) on the device: greedy, or temperature sampling."""
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

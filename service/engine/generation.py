@@ -1,4 +1,6 @@
-"""Forward passes and sampling: prefill, decode_one_token, generate (token ids only)."""
+"""Forward passes and the single-row decode loop: forward, prefill, generate (token ids only).
+
+Sampling is `service.engine.sampler.sample`, shared with the batched decoder."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from service.engine.kvcache import KVzipCache
+from service.engine.sampler import RowSampling, sample
 from service.types import SamplingParams
 
 
@@ -103,19 +106,6 @@ def prefill(
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; else temperature + nucleus (top_p) sampling. logits (V,)."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        drop = sorted_p.cumsum(0) - sorted_p > params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
 def generate(
     model: PreTrainedModel,
     cache: KVzipCache,
@@ -124,14 +114,12 @@ def generate(
     eos_ids: set[int],
 ) -> Iterator[int]:
     """Yield answer token ids after `prompt_ids`, stopping at EOS or max_new_tokens."""
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator().manual_seed(params.seed)
+    row = [RowSampling.from_params(params)]
     position = cache.get_seq_length()
     logits = forward(model, prompt_ids, position, cache)
     position += len(prompt_ids)
     for _ in range(params.max_new_tokens):
-        token = sample(logits, params, generator)
+        token = int(sample(logits[None], row)[0])  # logits (V,) -> a batch of one
         if token in eos_ids:
             return
         yield token

@@ -11,7 +11,7 @@ Not thread-safe: one engine is driven by one worker thread (service.serving.engi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from service.engine.loading import (
     resolve_source,
 )
 from service.engine.prompt import build_layout, question_ids
+from service.engine.sampler import per_row
 from service.errors import InvalidInputError
 from service.types import SamplingParams
 
@@ -208,25 +209,28 @@ class KVzipEngine:
         self,
         context: CompressedContext,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         use_graph: bool | None = None,
         compiled: bool | None = None,
     ) -> Iterator[list[int | None]]:
         """Decode several prompts over one context together; one token list per step.
 
-        compiled: torch.compile the step (default: the engine's `compile_decode` setting).
+        params: one for every prompt, or one per prompt (own temperature, top_p, seed and
+        max_new_tokens). compiled: torch.compile the step (default: the engine's
+        `compile_decode` setting).
         """
+        per_request = per_row(params, len(prompts))
         decoder = BatchDecoder(
             self.model,
             context,
             prompts,
-            params.max_new_tokens,
+            max(p.max_new_tokens for p in per_request),
             self.eos_ids,
             use_graph,
             self.config.compile_decode if compiled is None else compiled,
         )
         with torch.inference_mode():
-            yield from decoder.run(params)
+            yield from decoder.run(per_request)
 
 
 def _with_context_scores(layer: RaggedLayer, scores: torch.Tensor, prefix_len: int) -> RaggedLayer:
