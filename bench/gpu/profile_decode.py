@@ -47,7 +47,7 @@ def main() -> None:
     engine = build_engine(args.tokenizer, args.backend)
     ids = torch.randint(100, 49000, (args.tokens,), generator=torch.Generator().manual_seed(1))
     doc = Document(list(engine.encode_document("x").prefix_ids), ids.tolist())
-    ctx = engine.ingest(doc, CompressionConfig("kvzip", args.ratio))
+    ctx, _ = engine.ingest(doc, CompressionConfig("kvzip", args.ratio))
     prompt = list(range(1000, 1024))
     steps = 5
     result: dict = {"tokens": args.tokens, "ratio": args.ratio, "steps_profiled": steps}

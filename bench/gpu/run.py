@@ -280,9 +280,8 @@ def ingest_phase(engine: KVzipEngine, doc: Document, row: dict, s: dict, weight_
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = sync_time()
-    full = engine.ingest(doc, CompressionConfig("kvzip", 1.0))  # prefill + scoring (+ keep-all)
+    full, timings = engine.ingest(doc, CompressionConfig("kvzip", 1.0))  # + keep-all
     t_full = sync_time() - t0
-    timings = engine.last_timings
     t0 = sync_time()
     ctx = select(full, 0.3)
     t_select = sync_time() - t0
@@ -314,17 +313,18 @@ def ingest_variants(engine: KVzipEngine, doc: Document) -> dict[str, float]:
     from service.compression import reconstruction as scoring
     from service.engine import backends
 
-    active = backends.active_backend()
+    active = engine.backend.name
     out: dict[str, float] = {}
     for name in [b for b in ("cuda", "cudnn") if b in backends.available_backends()]:
-        backends.set_backend(name)
+        engine.use_backend(name)
         for tag, triton in (("triton", True), ("torch", False)):
-            with mock.patch.object(scoring, "use_triton", lambda q, t=triton: q.is_cuda and t):
+            use = lambda q, backend, t=triton: q.is_cuda and t  # noqa: E731
+            with mock.patch.object(scoring, "use_triton", use):
                 t0 = sync_time()
                 engine.ingest(doc, CompressionConfig("kvzip", 0.3))
                 out[f"{name}_{tag}_scores"] = sync_time() - t0
             torch.cuda.empty_cache()
-    backends.set_backend(active)
+    engine.use_backend(active)
     return out
 
 
@@ -350,26 +350,24 @@ def kvzap_phase(engine: KVzipEngine, doc: Document, row: dict) -> None:
     from service.compression.learned.predictor import predictor_path, save_predictor
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.kvzap_dir = Path(tmp)
         for kind in ("linear", "mlp"):
             save_predictor(
                 predictor_path(Path(tmp), engine.identity, kind), random_predictor(engine, kind)
             )
-            engine.kvzap_kind = kind
-            engine.ingest(
+            labelled = engine.with_config(kvzap_dir=Path(tmp), kvzap_kind=kind)
+            labelled.ingest(
                 Document(doc.prefix_ids, doc.context_ids[:2000]), CompressionConfig("kvzap", 0.3)
             )
-            passes = engine.reconstruction_passes
+            passes = labelled.reconstruction_passes
             t0 = sync_time()
-            ctx = engine.ingest(doc, CompressionConfig("kvzap", 0.3))
+            ctx, timings = labelled.ingest(doc, CompressionConfig("kvzap", 0.3))
             blob = codec.encode(ctx, engine.identity)
             seconds = sync_time() - t0
-            assert engine.reconstruction_passes == passes, "kvzap ran a reconstruction pass"
+            assert labelled.reconstruction_passes == passes, "kvzap ran a reconstruction pass"
             row[f"kvzap_{kind}_ingest_s"] = seconds
             row[f"kvzap_{kind}_ingest_over_prefill"] = seconds / row["plain_prefill_s"]
-            row[f"kvzap_{kind}_prefill_s"] = engine.last_timings.prefill_s
+            row[f"kvzap_{kind}_prefill_s"] = timings.prefill_s
             del ctx, blob
-    engine.kvzap_dir, engine.kvzap_kind = None, None
     torch.cuda.empty_cache()
 
 
@@ -549,9 +547,9 @@ def profile_ingest(engine: KVzipEngine, n: int) -> None:
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     ) as prof:
-        engine.ingest(doc, CompressionConfig("kvzip", 0.3))
+        _, timings = engine.ingest(doc, CompressionConfig("kvzip", 0.3))
         torch.cuda.synchronize()
-    print(engine.last_timings)
+    print(timings)
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     )

@@ -126,10 +126,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _engine_config(args, device: str = "cpu"):  # type: ignore[no-untyped-def]
+    from bench.quality.kvzap import CACHE
     from service.config import DEFAULT_MODEL, EngineConfig
 
     return EngineConfig(
-        model=args.model or DEFAULT_MODEL, gguf_file=args.gguf_file, device=device, dtype=args.dtype
+        model=args.model or DEFAULT_MODEL,
+        gguf_file=args.gguf_file,
+        device=device,
+        dtype=args.dtype,
+        head_scores_dir=ROOT / "bench" / ".cache" / "head_scores",
+        kvzap_dir=CACHE,
     )
 
 
@@ -199,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     qa, needles, calibration = build_tasks(engine, args)
     methods = [m for m in args.methods.split(",") if m]
     if "kvzip_head" in methods:
-        engine.head_scores_dir = ROOT / "bench" / ".cache" / "head_scores"
         t0 = time.perf_counter()
-        save_head_scores(engine.head_scores_dir, engine.identity, calibrate(engine, calibration))
+        heads = calibrate(engine, calibration)
+        save_head_scores(engine.config.head_scores_dir, engine.identity, heads)
         _log(
             f"kvzip_head calibrated on {len(calibration)} texts in {time.perf_counter() - t0:.1f}s"
         )
@@ -263,8 +269,6 @@ def run_parallel(engine, args, methods, qa, needles, instruction, started):  # t
     job = {
         "engine_config": _engine_config(args, str(engine.model.device)),
         "threads": args.threads,
-        "head_dir": str(engine.head_scores_dir) if "kvzip_head" in methods else None,
-        "kvzap_dir": str(kvzap.CACHE),
         "methods": methods,
         "ratios": _floats(args.ratios),
         "max_new": MAX_NEW,

@@ -36,6 +36,7 @@ from service.compression.learned.predictor import (
     predictor_path,
     save_predictor,
 )
+from service.compression.scorers.kvzap import predictor_dir
 from service.config import CompressionConfig
 
 if TYPE_CHECKING:
@@ -94,10 +95,10 @@ def prepare(
     qa_docs: int,
     texts: int = 24,
     tokens: int = 4000,
-    directory: Path = CACHE,
     positions: int | None = None,
 ) -> str:
-    """Calibrate both predictors once (on free articles) into `directory`; a header line.
+    """Calibrate both predictors once (on free articles) into the engine's kvzap store
+    (`predictor_dir(engine)`: CACHE for the bench's engines); a header line.
 
     tokens 4000: the defaults of `kvzip calibrate-scorer` (chunks of 2,000, 2,000 positions
     per text); tokens 1000: the KVzap recipe (one softmax per text, 500 positions).
@@ -108,7 +109,6 @@ def prepare(
     """
     if not any(is_kvzap(m) for m in methods):
         return ""
-    engine.kvzap_dir = Path(directory)
     free = free_articles(load_articles(), tasks, qa_docs)
     calibration = pack(free, engine, tokens, texts or 10**9)
     settings = CalibrationSettings()
@@ -119,7 +119,7 @@ def prepare(
     t0 = time.perf_counter()
     fitted = _calibrate(engine, calibration, settings)
     for kind, predictor in fitted.items():
-        save_predictor(predictor_path(engine.kvzap_dir, engine.identity, kind), predictor)
+        save_predictor(predictor_path(predictor_dir(engine), engine.identity, kind), predictor)
     spent = time.perf_counter() - t0
     r2 = ", ".join(f"{k} {p.meta['heldout_r2']}" for k, p in fitted.items())
     n_train = int(next(iter(fitted.values())).meta["train_samples"])
@@ -191,11 +191,8 @@ def ingest_scored(
     engine: KVzipEngine, doc: Document, method: str, chunk_size: int
 ) -> CompressedContext:
     """The document ingested with kvzap at ratio 1.0 (scores kept for re-selection)."""
-    engine.kvzap_kind = LABELS[method]
-    try:
-        ctx = engine.ingest(doc, CompressionConfig("kvzap", 1.0, chunk_size))
-    finally:
-        engine.kvzap_kind = None
+    labelled = engine.with_config(kvzap_kind=LABELS[method])
+    ctx, _ = labelled.ingest(doc, CompressionConfig("kvzap", 1.0, chunk_size))
     return ctx
 
 
@@ -267,7 +264,7 @@ def compare_targets(engine: KVzipEngine, args: argparse.Namespace) -> dict:
 
 def _inputs(engine: KVzipEngine, doc: Document) -> torch.Tensor:
     """(n, L, D) attention inputs of the context tokens of one plain prefill."""
-    from service.compression.learned.capture import attention_inputs
+    from service.engine.attention_hook import attention_inputs
 
     rec: dict[int, torch.Tensor] = {}
     with attention_inputs(engine.model, lambda i, x: rec.__setitem__(i, x[0].float().cpu())):
@@ -288,7 +285,7 @@ def timing(engine: KVzipEngine, args: argparse.Namespace) -> dict:
     make wall-clock ratios swing by ±20% there. --clock wall times wall-clock seconds.
     """
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    engine.kvzap_dir = Path(args.predictors)
+    engine = engine.with_config(kvzap_dir=Path(args.predictors))
     kinds = [k for k in ("linear", "mlp") if _stored(engine, k)]
     articles = load_articles()[args.skip :]
     out: dict = {
@@ -306,11 +303,10 @@ def timing(engine: KVzipEngine, args: argparse.Namespace) -> dict:
             engine.prefill_context(doc, CompressionConfig("none", 1.0))
             rounds["prefill"].append(clock() - t0)
             for kind in kinds:
-                engine.kvzap_kind = kind
+                labelled = engine.with_config(kvzap_kind=kind)
                 t0 = clock()
-                engine.ingest(doc, CompressionConfig("kvzap", 0.3))
+                labelled.ingest(doc, CompressionConfig("kvzap", 0.3))
                 rounds.setdefault(f"kvzap-{kind}", []).append(clock() - t0)
-            engine.kvzap_kind = None
             if args.kvzip:
                 t0 = clock()
                 engine.ingest(doc, CompressionConfig("kvzip", 0.3))
@@ -328,7 +324,7 @@ def timing(engine: KVzipEngine, args: argparse.Namespace) -> dict:
 
 def _stored(engine: KVzipEngine, kind: str) -> bool:
     try:
-        load_predictor(engine.kvzap_dir or CACHE, engine.identity, kind)
+        load_predictor(predictor_dir(engine), engine.identity, kind)
     except Exception:  # noqa: BLE001 - "not stored" is all we need to know
         return False
     return True

@@ -76,10 +76,7 @@ def worker(job: dict, tasks: list[Task], out_path: str) -> None:
     from service.engine.kvzip_engine import KVzipEngine
 
     torch.set_num_threads(job["threads"] or 1)
-    engine = KVzipEngine.load(job["engine_config"])
-    if job.get("head_dir"):
-        engine.head_scores_dir = Path(job["head_dir"])
-    engine.kvzap_dir = Path(job["kvzap_dir"])
+    engine = KVzipEngine.load(job["engine_config"])  # paths included (head scores, kvzap)
     path = Path(out_path)
     plain = [m for m in job["methods"] if not kvzap.is_kvzap(m)]
     learned = [m for m in job["methods"] if kvzap.is_kvzap(m)]

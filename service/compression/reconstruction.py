@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine import backends
+from service.engine.backends import REFERENCE, Backend
 from service.engine.kvcache import RaggedLayer
 
 QUERY_BLOCK = 256
@@ -23,6 +23,7 @@ def local_scores(
     tail_k: torch.Tensor,
     scale: float,
     lse: torch.Tensor | None = None,
+    backend: Backend = REFERENCE,
 ) -> torch.Tensor:
     """Max local-softmax probability of every chunk key.
 
@@ -34,12 +35,12 @@ def local_scores(
     `_local_lse`); since exp is monotonic,
     max_{g,t} p = exp(max_{g,t} (q.k * scale - lse)), so only the (G, T, m) chunk logits
     are formed, in query blocks of QUERY_BLOCK rows; no softmax matrix is materialised.
-    On the CUDA backend one Triton kernel (`service.engine.backends.triton_scores`) does the same
+    On a GPU `backend` one Triton kernel (`service.engine.backends.triton_scores`) does the same
     without forming the logits at all; this torch code is the reference/CPU path.
     """
     if lse is None:
-        lse = _local_lse(q, prefix_k, chunk_k, tail_k, scale)
-    if use_triton(q):
+        lse = _local_lse(q, prefix_k, chunk_k, tail_k, scale, backend)
+    if use_triton(q, backend):
         from service.engine.backends import triton_scores
 
         return triton_scores.chunk_scores(q, chunk_k, lse, scale)
@@ -63,9 +64,9 @@ def _torch_local_scores(
     return torch.exp(best)
 
 
-def use_triton(q: torch.Tensor) -> bool:
-    """The Triton scoring kernels run when the CUDA backend is active and q is on CUDA."""
-    return q.is_cuda and backends.gpu_kernels_active()
+def use_triton(q: torch.Tensor, backend: Backend) -> bool:
+    """The Triton scoring kernels run on a GPU backend when q is on CUDA."""
+    return q.is_cuda and backend.gpu_kernels
 
 
 def _local_lse(
@@ -74,22 +75,23 @@ def _local_lse(
     chunk_k: torch.Tensor,
     tail_k: torch.Tensor,
     scale: float,
+    backend: Backend = REFERENCE,
 ) -> torch.Tensor:
     """log-sum-exp over [prefix_k + chunk_k (H, *, d), all visible] + [tail_k (H, T, d),
     causal]: (Hq, T) fp32, the context part and the tail part merged in log space."""
-    _, lse_tail = backends.causal_attention(q, tail_k, tail_k, scale)
-    return torch.logaddexp(_two_part_lse(q, prefix_k, chunk_k, scale), lse_tail)
+    _, lse_tail = backend.causal_attention(q, tail_k, tail_k, scale)
+    return torch.logaddexp(_two_part_lse(q, prefix_k, chunk_k, scale, backend), lse_tail)
 
 
 def _two_part_lse(
-    q: torch.Tensor, first: torch.Tensor, second: torch.Tensor, scale: float
+    q: torch.Tensor, first: torch.Tensor, second: torch.Tensor, scale: float, backend: Backend
 ) -> torch.Tensor:
     """lse (Hq, T) of q over the keys first (H, a, d) and second (H, b, d), all visible.
 
-    CUDA backend: one Triton pass over both (strided views, nothing concatenated);
+    GPU backend: one Triton pass over both (strided views, nothing concatenated);
     otherwise one fused attention call over their concatenation.
     """
-    if use_triton(q):
+    if use_triton(q, backend):
         from service.engine.backends import triton_scores
 
         return triton_scores.range_lse(q, first, second, scale)
@@ -97,25 +99,35 @@ def _two_part_lse(
     h, c, d = part.shape
     flat = part.reshape(h * c, d)
     cu = torch.arange(h + 1, dtype=torch.int32, device=q.device) * c
-    return backends.ragged_attention(q, flat, flat, cu, scale, c)[1]
+    return backend.ragged_attention(q, flat, flat, cu, scale, c)[1]
 
 
 def _prefix_chunk_lse(
-    q: torch.Tensor, keys: torch.Tensor, prefix_len: int, start: int, end: int, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    prefix_len: int,
+    start: int,
+    end: int,
+    scale: float,
+    backend: Backend,
 ) -> torch.Tensor:
     """lse (Hq, T) of q over [keys[:, :prefix_len], keys[:, start:end]] (all visible)."""
-    return _two_part_lse(q, keys[:, :prefix_len], keys[:, start:end], scale)
+    return _two_part_lse(q, keys[:, :prefix_len], keys[:, start:end], scale, backend)
 
 
 class ChunkScorer:
     """Collects, layer by layer, the scores of one chunk during the x_k forward.
 
-    prefix_len: s; start/end: the chunk's cache positions [s + a, s + b).
+    prefix_len: s; start/end: the chunk's cache positions [s + a, s + b); backend: the one
+    the model runs with (its own attention calls use it too).
     After the forward, `scores[l]` is (H, b - a) fp32.
     """
 
-    def __init__(self, prefix_len: int, start: int, end: int, n_layers: int) -> None:
+    def __init__(
+        self, prefix_len: int, start: int, end: int, n_layers: int, backend: Backend = REFERENCE
+    ) -> None:
         self.prefix_len, self.start, self.end = prefix_len, start, end
+        self.backend = backend
         self.scores: list[torch.Tensor | None] = [None] * n_layers
 
     def observe(
@@ -140,7 +152,7 @@ class ChunkScorer:
         lse = self.local_lse(q, keys, scale, lse_context, lse_tail)
         prefix = keys[:, : self.prefix_len]
         chunk = keys[:, self.start : self.end]
-        self.scores[layer_idx] = local_scores(q, prefix, chunk, tail_k, scale, lse)
+        self.scores[layer_idx] = local_scores(q, prefix, chunk, tail_k, scale, lse, self.backend)
 
     def local_lse(
         self,
@@ -161,6 +173,8 @@ class ChunkScorer:
         ctx_lse = (
             lse_context
             if whole and lse_context is not None
-            else _prefix_chunk_lse(q, keys, self.prefix_len, self.start, self.end, scale)
+            else _prefix_chunk_lse(
+                q, keys, self.prefix_len, self.start, self.end, scale, self.backend
+            )
         )
         return torch.logaddexp(ctx_lse, lse_tail)

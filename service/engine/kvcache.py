@@ -1,4 +1,5 @@
-"""The compressed context (immutable, ragged, shareable) and the per-request cache.
+"""The compressed context (immutable, ragged, shareable), the per-request cache, and the
+document a context is built from.
 
 A `CompressedContext` holds, per layer, every kept key/value pair head-major and flat:
 keys/values (N, d), cu_lens (H+1,) int32, scores (N,) fp32 (+inf for the protected prefix)
@@ -16,6 +17,18 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import Cache
+
+
+@dataclass(frozen=True)
+class Document:
+    """Token ids of one registered document: protected prefix + context."""
+
+    prefix_ids: list[int]
+    context_ids: list[int]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prefix_ids + self.context_ids
 
 
 @dataclass(frozen=True)

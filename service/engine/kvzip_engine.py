@@ -2,7 +2,7 @@
 
     engine = KVzipEngine.load(EngineConfig())
     doc = engine.encode_document(text)
-    ctx = engine.ingest(doc, CompressionConfig("kvzip", 0.3))
+    ctx, timings = engine.ingest(doc, CompressionConfig("kvzip", 0.3))
     for token in engine.generate(ctx, engine.encode_question("..."), SamplingParams()): ...
 
 Not thread-safe: one engine is driven by one worker thread (service.serving.engine_thread).
@@ -10,26 +10,25 @@ Not thread-safe: one engine is driven by one worker thread (service.serving.engi
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from service.compression.runner import Observer
 from service.compression.scorers import Scorer, build_scorer
-from service.compression.scorers.kvzap import engine_predictor, threshold_select
-from service.compression.scorers.kvzip_head import load_head_scores
-from service.compression.selection import select
+from service.compression.selection import compress, select
 from service.config import CompressionConfig, EngineConfig
-from service.engine import backends
-from service.engine.attention_hook import register
+from service.engine.attention_hook import attach, attached_backend
+from service.engine.backends import Backend, build_backend
 from service.engine.batch_decode import BatchDecoder
 from service.engine.fingerprints import ModelIdentity, model_fingerprint, tokenizer_fingerprint
 from service.engine.generation import generate, prefill
-from service.engine.kvcache import CompressedContext, KVzipCache, RaggedLayer
+from service.engine.kvcache import CompressedContext, Document, KVzipCache, RaggedLayer
 from service.engine.loading import (
     load_model,
     load_tokenizer,
@@ -42,30 +41,27 @@ from service.engine.sampler import per_row
 from service.errors import InvalidInputError
 from service.types import SamplingParams
 
+__all__ = ["Document", "IngestTimings", "KVzipEngine", "Progress"]
+
 Progress = Callable[[float], None]
+MODEL_FIELDS = ("model", "gguf_file", "device", "dtype", "attention_backend")
+"""EngineConfig fields that describe the loaded model itself (`with_config` keeps them)."""
 
 
 @dataclass(frozen=True)
-class Document:
-    """Token ids of one registered document: protected prefix + context."""
-
-    prefix_ids: list[int]
-    context_ids: list[int]
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prefix_ids + self.context_ids
-
-
-@dataclass
 class IngestTimings:
+    """Seconds one ingest spent in each phase."""
+
     prefill_s: float = 0.0
     scoring_s: float = 0.0
     selection_s: float = 0.0
 
 
 class KVzipEngine:
-    """Prefill, KVzip scoring, selection and decoding for one causal LM."""
+    """Prefill, KVzip scoring, selection and decoding for one causal LM.
+
+    Implements service.compression.runner.ModelRunner, what the scorers run the model with.
+    """
 
     def __init__(
         self,
@@ -75,19 +71,16 @@ class KVzipEngine:
         config: EngineConfig,
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.model.set_attn_implementation(register())
-        backends.set_backend(config.attention_backend, model.device)
+        self.model.set_attn_implementation(
+            attach(model, build_backend(config.attention_backend, model.device))
+        )
         self.identity = ModelIdentity(
             name, model_fingerprint(model), tokenizer_fingerprint(tokenizer)
         )
         self.n_layers = model.config.num_hidden_layers
         self.max_positions = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
-        self.last_timings = IngestTimings()
-        self.reconstruction_passes = 0
-        self.head_scores_dir = Path("data") / "head_scores"  # kvzip_head calibration store
-        self.kvzap_dir: Path | None = None  # kvzap predictors; None: beside head_scores_dir
-        self.kvzap_kind: str | None = None  # "linear" | "mlp"; None: the MLP when stored
+        self.reconstruction_passes = 0  # KVzip reconstruction forwards run (by the scorers)
 
     @classmethod
     def load(cls, config: EngineConfig) -> KVzipEngine:
@@ -96,6 +89,30 @@ class KVzipEngine:
         device = pick_device(config.device)
         model = load_model(source, device, pick_dtype(config.dtype, device))
         return cls(model, load_tokenizer(source), source.name, config)
+
+    def with_config(self, **changes: object) -> KVzipEngine:
+        """This engine under another config (paths, chunk sizes...), sharing the loaded
+        model: e.g. `engine.with_config(head_scores_dir=tmp)`. The model's own fields
+        (MODEL_FIELDS) cannot change here: load another engine, or `use_backend`."""
+        fixed = sorted(set(changes) & set(MODEL_FIELDS))
+        if fixed:
+            raise ValueError(f"{fixed} describe the loaded model; load another engine")
+        other = copy.copy(self)
+        other.config = replace(self.config, **changes)  # type: ignore[arg-type]
+        return other
+
+    @property
+    def backend(self) -> Backend:
+        """The attention backend the model runs with (chosen by config.attention_backend)."""
+        return attached_backend(self.model)
+
+    def use_backend(self, name: str) -> Backend:
+        """Run the model with another attention backend from now on (`auto` allowed); every
+        engine sharing this model (`with_config`) follows."""
+        backend = build_backend(name, self.model.device)
+        attach(self.model, backend)
+        self.config = replace(self.config, attention_backend=backend.name)
+        return backend
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -122,10 +139,11 @@ class KVzipEngine:
 
     def ingest(
         self, doc: Document, compression: CompressionConfig, progress: Progress | None = None
-    ) -> CompressedContext:
-        """Prefill, score (by `compression.method`) and select: the compressed context."""
+    ) -> tuple[CompressedContext, IngestTimings]:
+        """Prefill, score (by `compression.method`) and select: the compressed context, and
+        the time each phase took."""
         compression = compression.normalized()
-        scorer = None if compression.method == "none" else build_scorer(compression.method)
+        scorer = _scorer(compression.method)
         t0 = time.perf_counter()
         with scorer.capture(self) if scorer is not None else nullcontext():
             full = self.prefill_context(doc, compression)  # kvzap scores in here
@@ -133,21 +151,18 @@ class KVzipEngine:
         if scorer is not None:
             full = self.score(full, progress, scorer)
         t2 = time.perf_counter()
-        if compression.threshold is None:
-            compressed = select(full, compression.ratio)
-        else:  # kvzap: predicted log-score >= threshold, recent window kept
-            compressed = threshold_select(full, compression.threshold)
-        self.last_timings = IngestTimings(t1 - t0, t2 - t1, time.perf_counter() - t2)
+        compressed = compress(full, compression)
+        timings = IngestTimings(t1 - t0, t2 - t1, time.perf_counter() - t2)
         if progress:
             progress(1.0)
-        return compressed
+        return compressed, timings
 
     def check_method(self, method: str) -> None:
-        """InvalidInputError when `method` cannot run here (kvzip_head, kvzap not calibrated)."""
-        if method == "kvzip_head":
-            load_head_scores(self.head_scores_dir, self.identity)
-        if method == "kvzap":
-            engine_predictor(self)
+        """InvalidInputError when `method` cannot run here (e.g. kvzip_head without its
+        calibration, kvzap without a predictor): the scorer's own check, before any work."""
+        scorer = _scorer(method)
+        if scorer is not None:
+            scorer.check(self)
 
     def prefill_context(self, doc: Document, compression: CompressionConfig) -> CompressedContext:
         """Dense prefill of prefix + context into an all-kept context (scores 0, prefix +inf)."""
@@ -164,6 +179,20 @@ class KVzipEngine:
         return CompressedContext(
             tuple(layers), ids, s, compression.method, 1.0, compression.chunk_size, time.time()
         )
+
+    def forward(
+        self,
+        context: CompressedContext | None,
+        ids: Sequence[int],
+        observer: Observer | None = None,
+        piece: int | None = None,
+    ) -> None:
+        """Run `ids` after `context` (positions continue at its seq_len) in pieces of `piece`
+        tokens (default: prefill_chunk_tokens), reporting every layer's queries to
+        `observer`. The context is not modified."""
+        cache = KVzipCache(context, self.n_layers)
+        cache.scorer = observer
+        prefill(self.model, ids, cache, piece or self.config.prefill_chunk_tokens)
 
     def score(
         self,
@@ -231,6 +260,11 @@ class KVzipEngine:
         )
         with torch.inference_mode():
             yield from decoder.run(per_request)
+
+
+def _scorer(method: str) -> Scorer | None:
+    """The scorer of `method`; None for `none` (keep everything, nothing to score)."""
+    return None if method == "none" else build_scorer(method)
 
 
 def _with_context_scores(layer: RaggedLayer, scores: torch.Tensor, prefix_len: int) -> RaggedLayer:

@@ -15,7 +15,7 @@ from service.errors import CorruptContextError, IncompatibleContextError
 @pytest.fixture(scope="module")
 def compressed(tiny_engine):
     doc = tiny_engine.encode_document("Bit-exact storage of a compressed cache. " * 20)
-    return tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
+    return tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))[0]
 
 
 def test_round_trip_is_bit_exact(tiny_engine, compressed):

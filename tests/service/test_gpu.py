@@ -78,16 +78,13 @@ def test_auto_backend_on_this_gpu():
     """auto on this GPU: cudnn on Hopper+ (when this torch has it), else a flash backend."""
     from service.engine import backends
 
-    try:
-        chosen = backends.set_backend("auto", torch.device("cuda"))
-        hopper = torch.cuda.get_device_capability() >= (9, 0)
-        if hopper and "cudnn" in backends.available_backends():
-            assert chosen == "cudnn"
-        else:
-            assert chosen in ("flash_attn", "cuda")
-        assert backends.gpu_kernels_active()
-    finally:
-        backends.set_backend("cuda")
+    chosen = backends.build_backend("auto", torch.device("cuda"))
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    if hopper and "cudnn" in backends.available_backends():
+        assert chosen.name == "cudnn"
+    else:
+        assert chosen.name in ("flash_attn", "cuda")
+    assert chosen.gpu_kernels
 
 
 @pytest.mark.parametrize("backend", ["cuda", "flash_attn"])
@@ -112,7 +109,7 @@ def test_graph_decoding_equals_eager_decoding(tiny_model_dir):
         EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16")
     )
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
-    ctx = engine.ingest(doc, CompressionConfig("kvzip", 0.3, 256))
+    ctx, _ = engine.ingest(doc, CompressionConfig("kvzip", 0.3, 256))
     prompts = [engine.encode_question(q) for q in ("When?", "Where is the harbour?", "Why?")]
     params = SamplingParams(max_new_tokens=12)
     graph = list(engine.generate_batch(ctx, prompts, params, use_graph=True))
@@ -130,7 +127,7 @@ def test_compiled_graph_step_matches_eager_step(tiny_model_dir):
         EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16")
     )
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
-    ctx = engine.ingest(doc, CompressionConfig("kvzip", 0.3, 256))
+    ctx, _ = engine.ingest(doc, CompressionConfig("kvzip", 0.3, 256))
     prompts = [engine.encode_question(q) for q in ("When?", "Where is the harbour?")]
     traces = []
     for use_graph, compiled in ((False, False), (True, True)):
@@ -225,7 +222,7 @@ def test_tensor_blob_small_ring_on_cuda_back_to_back():
     assert torch.equal(host, torch.cat(sources).cpu())
 
 
-# --- Triton scoring kernels (service.engine.backends.triton_scores) -------------------------------
+# --- Triton scoring and merge kernels (service.engine.backends.triton_scores, triton_merge) -----
 
 
 def _score_inputs(h, g, t, d, m, s, start, dtype, seed):
@@ -293,7 +290,7 @@ def test_triton_range_lse_matches_reference(dtype, n1, n2):
 
 @pytest.mark.parametrize("shape", [(32, 1, 128), (32, 2000, 128), (3, 32, 517, 128), (2, 8, 5, 64)])
 def test_triton_merge_matches_torch_merge(shape):
-    from service.engine.backends import triton_scores
+    from service.engine.backends import triton_merge
 
     out_a = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     out_b = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -301,7 +298,7 @@ def test_triton_merge_matches_torch_merge(shape):
     lse_a = torch.randn(shape[:-1], device="cuda") * 3
     lse_b = torch.randn(shape[:-1], device="cuda") * 3
     lse_a.view(-1)[:5] = float("-inf")
-    got = triton_scores.merge(out_a, lse_a, out_b, lse_b)
+    got = triton_merge.merge(out_a, lse_a, out_b, lse_b)
     lse = torch.logaddexp(lse_a, lse_b)
     want = (
         out_a.float() * torch.exp(lse_a - lse)[..., None]
@@ -316,7 +313,6 @@ def test_engine_scores_cuda_backend_match_reference_backend(tiny_model_dir, meth
     """Whole scoring runs on CUDA: the cuda backend (flash + Triton scoring kernels + fused
     merge) against the reference backend (plain torch) on the same prefilled context."""
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import backends
     from service.engine.kvzip_engine import KVzipEngine
 
     engine = KVzipEngine.load(
@@ -324,15 +320,12 @@ def test_engine_scores_cuda_backend_match_reference_backend(tiny_model_dir, meth
             model=str(tiny_model_dir), device="cuda", dtype="bfloat16", attention_backend="cuda"
         )
     )
-    assert backends.active_backend() == "cuda"
+    assert engine.backend.name == "cuda"
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
     full = engine.prefill_context(doc, CompressionConfig(method, 0.3, 128))
-    try:
-        got = [layer.scores for layer in engine.score(full, method=method).layers]
-        backends.set_backend("reference")
-        want = [layer.scores for layer in engine.score(full, method=method).layers]
-    finally:
-        backends.set_backend("cuda")
+    got = [layer.scores for layer in engine.score(full, method=method).layers]
+    engine.use_backend("reference")
+    want = [layer.scores for layer in engine.score(full, method=method).layers]
     for a, b in zip(got, want, strict=True):
         finite = a.isfinite()  # the prefix keeps +inf
         assert torch.equal(finite, b.isfinite()) and (a[finite] > 0).all()
@@ -353,7 +346,7 @@ def test_engine_scores_triton_path_match_torch_path(tiny_model_dir, monkeypatch)
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
     full = engine.prefill_context(doc, CompressionConfig("kvzip", 0.3, 128))
     got = torch.cat([layer.scores for layer in engine.score(full).layers])
-    monkeypatch.setattr(reconstruction, "use_triton", lambda q: False)
+    monkeypatch.setattr(reconstruction, "use_triton", lambda q, backend: False)
     want = torch.cat([layer.scores for layer in engine.score(full).layers])
     finite = got.isfinite()
     assert torch.equal(finite, want.isfinite())
@@ -404,7 +397,6 @@ def test_cudnn_ragged_attention_matches_reference(keep_p, t):
 def test_engine_scores_cudnn_backend_match_reference_backend(tiny_model_dir):
     """Prefill + KVzip scoring with the cudnn backend against the reference backend."""
     from service.config import CompressionConfig, EngineConfig
-    from service.engine import backends
     from service.engine.kvzip_engine import KVzipEngine
 
     _cudnn()
@@ -414,12 +406,9 @@ def test_engine_scores_cudnn_backend_match_reference_backend(tiny_model_dir):
         )
     )
     doc = engine.encode_document("The tide comes in twice a day at the old harbour. " * 40)
-    try:
-        got = engine.ingest(doc, CompressionConfig("kvzip", 1.0, 128))
-        backends.set_backend("reference")
-        want = engine.ingest(doc, CompressionConfig("kvzip", 1.0, 128))
-    finally:
-        backends.set_backend("cuda")
+    got, _ = engine.ingest(doc, CompressionConfig("kvzip", 1.0, 128))
+    engine.use_backend("reference")
+    want, _ = engine.ingest(doc, CompressionConfig("kvzip", 1.0, 128))
     for a, b in zip(got.layers, want.layers, strict=True):
         finite = a.scores.isfinite()
         assert torch.equal(finite, b.scores.isfinite())

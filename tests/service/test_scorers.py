@@ -106,15 +106,18 @@ def _probs(q, k, rows, keys, scale):
 
 
 @pytest.fixture(scope="module")
-def head_scores_ready(tiny_engine, tmp_path_factory):
-    tiny_engine.head_scores_dir = tmp_path_factory.mktemp("heads")
-    save_head_scores(
-        tiny_engine.head_scores_dir,
-        tiny_engine.identity,
-        calibrate(tiny_engine, [CALIBRATION], chunk_size=64),
+def calibrated(tiny_engine, tmp_path_factory):
+    """The tiny engine with head scores and a kvzap predictor (beside them) in its paths."""
+    engine = tiny_engine.with_config(
+        head_scores_dir=tmp_path_factory.mktemp("calibrations") / "head_scores"
     )
-    store_test_predictor(tiny_engine)  # kvzap: a predictor beside the head scores
-    return tiny_engine.head_scores_dir
+    save_head_scores(
+        engine.config.head_scores_dir,
+        engine.identity,
+        calibrate(engine, [CALIBRATION], chunk_size=64),
+    )
+    store_test_predictor(engine)  # kvzap: a predictor beside the head scores
+    return engine
 
 
 def test_every_method_has_a_scorer():
@@ -122,9 +125,9 @@ def test_every_method_has_a_scorer():
 
 
 @pytest.mark.parametrize("method", sorted(SCORERS))
-def test_method_matrix(tiny_engine, doc, head_scores_ready, method):
+def test_method_matrix(calibrated, doc, method):
     """Exact budget, protected prefix, shape, and query-time re-selection == direct."""
-    scored = tiny_engine.score(_full(tiny_engine, doc, 64), method=method)
+    scored = calibrated.score(_full(calibrated, doc, 64), method=method)
     s, n = scored.prefix_len, scored.context_len
     for layer in scored.layers:
         sc = layer.scores.view(layer.n_heads, -1)
@@ -139,13 +142,15 @@ def test_method_matrix(tiny_engine, doc, head_scores_ready, method):
 
 
 @pytest.mark.parametrize("method", sorted(SCORERS))
-def test_ingest_dispatches_by_method(tiny_engine, doc, head_scores_ready, method):
-    passes = tiny_engine.reconstruction_passes
-    ctx = tiny_engine.ingest(doc, CompressionConfig(method, 0.3, 64))
+def test_ingest_dispatches_by_method(calibrated, doc, method):
+    passes = calibrated.reconstruction_passes
+    calibrated.check_method(method)  # calibrated: every method can run
+    ctx, timings = calibrated.ingest(doc, CompressionConfig(method, 0.3, 64))
     assert ctx.method == method and ctx.ratio == 0.3
     assert ctx.kept_pairs == math.floor(0.3 * ctx.total_pairs + 1e-9)
     uses_reconstruction = method in ("kvzip", "kvzip_plus")
-    assert (tiny_engine.reconstruction_passes > passes) == uses_reconstruction
+    assert (calibrated.reconstruction_passes > passes) == uses_reconstruction
+    assert min(timings.prefill_s, timings.scoring_s, timings.selection_s) >= 0
 
 
 def test_unknown_method_is_refused():
@@ -223,7 +228,7 @@ def test_snapkv_matches_dense_reference(tiny_engine, doc, recorder):
 
 
 def test_streaming_keeps_the_same_recent_window_in_every_head(tiny_engine, doc):
-    ctx = tiny_engine.ingest(doc, CompressionConfig("streaming", 0.25))
+    ctx, _ = tiny_engine.ingest(doc, CompressionConfig("streaming", 0.25))
     s, n = ctx.prefix_len, ctx.context_len
     n_heads = sum(layer.n_heads for layer in ctx.layers)
     window = ctx.kept_pairs // n_heads
@@ -264,9 +269,9 @@ def test_head_scores_round_trip_and_missing_store(tiny_engine, tmp_path):
     assert torch.equal(load_head_scores(tmp_path, tiny_engine.identity), heads)
 
 
-def test_head_level_keeps_whole_heads_by_calibrated_score(tiny_engine, doc, head_scores_ready):
-    heads = load_head_scores(head_scores_ready, tiny_engine.identity)
-    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip_head", 0.5))
+def test_head_level_keeps_whole_heads_by_calibrated_score(calibrated, doc):
+    heads = load_head_scores(calibrated.config.head_scores_dir, calibrated.identity)
+    ctx, _ = calibrated.ingest(doc, CompressionConfig("kvzip_head", 0.5))
     s, n = ctx.prefix_len, ctx.context_len
     kept = torch.stack([layer.lens - s for layer in ctx.layers]).float()  # (L, H)
     partial = ((kept > 0) & (kept < n)).sum()

@@ -1,4 +1,4 @@
-"""The Triton scoring kernels (service.engine.backends.triton_scores) against the torch code they
+"""The Triton scoring and merge kernels (service.engine.backends.triton_scores, triton_merge)
 replace, on CPU under the Triton interpreter (TRITON_INTERPRET=1).
 
 The kernels' module is (re)imported with the variable set, and it stays set while this
@@ -19,7 +19,7 @@ if torch.cuda.is_available():
     pytest.skip("compiled kernels are tested in test_gpu.py", allow_module_level=True)
 
 
-def _interpreted_module():
+def _interpreted_module(name):
     """Import triton (its own jit'd helpers too) and the kernels with the variable set."""
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -32,7 +32,6 @@ def _interpreted_module():
             pytest.skip(
                 "triton was imported before without TRITON_INTERPRET", allow_module_level=True
             )
-        name = "service.engine.backends.triton_scores"
         if name in sys.modules:
             return importlib.reload(sys.modules[name])
         return importlib.import_module(name)
@@ -43,7 +42,8 @@ def _interpreted_module():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-ts = _interpreted_module()
+ts = _interpreted_module("service.engine.backends.triton_scores")
+tm = _interpreted_module("service.engine.backends.triton_merge")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,14 +61,15 @@ def _interpreter_env():
 from service.compression import reconstruction  # noqa: E402
 from service.compression.scorers import kvzip_plus  # noqa: E402
 from service.config import CompressionConfig  # noqa: E402
+from service.engine.backends import REFERENCE  # noqa: E402
 
 
 @pytest.fixture
 def on_triton(monkeypatch):
     """Route scoring through the (interpreted) Triton kernels, as on the CUDA backend."""
     monkeypatch.setitem(sys.modules, "service.engine.backends.triton_scores", ts)
-    monkeypatch.setattr(reconstruction, "use_triton", lambda q: True)
-    monkeypatch.setattr(kvzip_plus, "use_triton", lambda q: True)
+    monkeypatch.setattr(reconstruction, "use_triton", lambda q, backend: True)
+    monkeypatch.setattr(kvzip_plus, "use_triton", lambda q, backend: True)
     for name in ("BLOCK_R", "LSE_BLOCK_R", "LSE_BLOCK_N"):  # fewer interpreted steps
         monkeypatch.setattr(ts, name, 256)
 
@@ -135,7 +136,7 @@ def test_range_lse_matches_logsumexp(dtype, n1, n2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 9, 16), (2, 6, 9, 16), (3, 1, 24)])
 def test_merge_matches_merge_partials(dtype, shape):
-    from service.engine.backends import merge_partials  # the torch path on the reference backend
+    from service.engine.backends import merge_partials  # the torch path
 
     gen = torch.Generator().manual_seed(3)
     out_a = torch.randn(shape, generator=gen).to(dtype)
@@ -144,7 +145,7 @@ def test_merge_matches_merge_partials(dtype, shape):
     lse_a = torch.randn(shape[:-1], generator=gen) * 3
     lse_b = torch.randn(shape[:-1], generator=gen) * 3
     lse_a.view(-1)[:2] = float("-inf")  # an empty context head
-    got = ts.merge(out_a, lse_a, out_b, lse_b)
+    got = tm.merge(out_a, lse_a, out_b, lse_b)
     want = merge_partials(out_a, lse_a, out_b, lse_b)
     assert got.shape == want.shape and got.dtype == want.dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -160,10 +161,10 @@ def test_local_scores_without_lse_uses_range_lse(on_triton):
     prefix, chunk, tail = keys[:, :6], keys[:, 30 : 30 + m], keys[:, 100 : 100 + t]
     got = reconstruction.local_scores(q, prefix, chunk, tail, d**-0.5)
     cat = torch.cat([prefix, chunk], 1)
-    _, lse_ctx = reconstruction.backends.ragged_attention(
+    _, lse_ctx = REFERENCE.ragged_attention(
         q, cat.reshape(-1, d), cat.reshape(-1, d), torch.arange(h + 1, dtype=torch.int32) * 56, 0.25
     )
-    _, lse_tail = reconstruction.backends.causal_attention(q, tail, tail, 0.25)
+    _, lse_tail = REFERENCE.causal_attention(q, tail, tail, 0.25)
     want = reconstruction._torch_local_scores(q, chunk, torch.logaddexp(lse_ctx, lse_tail), 0.25)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 

@@ -4,7 +4,9 @@
     fit          ridge regression (closed form) and the 2-layer GELU MLP
     calibration  KVzip+ scores of calibration texts -> samples -> fitted predictors
     released     NVIDIA's released nvidia/KVzap-* checkpoints, from a local folder
-    capture      forward pre-hooks on the attention modules (their input hidden states)
+
+The attention inputs are read by forward pre-hooks (service.engine.attention_hook.
+attention_inputs), the same ones the kvzip_plus scorer uses.
 
 Method `kvzap` (service.compression.scorers.kvzap) applies a stored predictor inside the prefill.
 """

@@ -28,12 +28,10 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from service.compression.learned.capture import attention_inputs
 from service.compression.learned.fit import (
     MLPSettings,
     fit_mlp,
@@ -43,13 +41,12 @@ from service.compression.learned.fit import (
     r2_score,
 )
 from service.compression.learned.predictor import KINDS, KVzapPredictor
+from service.compression.runner import ModelRunner
 from service.compression.scorers.kvzip import KVzipScorer
 from service.compression.scorers.kvzip_plus import KVzipPlusScorer
 from service.config import CompressionConfig
+from service.engine.attention_hook import attention_inputs
 from service.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
 
 DEFAULT_JSONL = Path(__file__).resolve().parents[2] / "bench" / "data" / "squad_train_sample.jsonl"
 SCORE_FLOOR = 1e-30  # log(0) guard: a score that underflowed becomes log(1e-30) = -69
@@ -124,10 +121,10 @@ def _pack(paragraphs: list[str], counts: list[int], tokens: int) -> Iterator[str
 
 
 def score_text(
-    engine: KVzipEngine, text: str, target: str = "kvzip_plus", chunk_size: int | None = None
+    runner: ModelRunner, text: str, target: str = "kvzip_plus", chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One text -> x (n, L, D) attention inputs and y (n, L, H) log target scores (fp32)."""
-    doc = engine.encode_document(text)
+    doc = runner.encode_document(text)
     n = len(doc.context_ids)
     if n == 0:
         raise InvalidInputError("a calibration text has no tokens")
@@ -136,16 +133,16 @@ def score_text(
     def keep(layer: int, hidden: torch.Tensor) -> None:
         inputs.setdefault(layer, []).append(hidden[0].float().cpu())
 
-    with attention_inputs(engine.model, keep):
-        full = engine.prefill_context(doc, CompressionConfig(target, 1.0, chunk_size or n))
-    x = torch.stack([torch.cat(inputs[i])[-n:] for i in range(engine.n_layers)], dim=1)
-    scores = TARGETS[target]().score(engine, full)  # per layer (H, n)
+    with attention_inputs(runner.model, keep):
+        full = runner.prefill_context(doc, CompressionConfig(target, 1.0, chunk_size or n))
+    x = torch.stack([torch.cat(inputs[i])[-n:] for i in range(runner.n_layers)], dim=1)
+    scores = TARGETS[target]().score(runner, full)  # per layer (H, n)
     y = torch.stack([s.float().cpu().clamp_min(SCORE_FLOOR).log().T for s in scores], dim=1)
     return x, y
 
 
 def collect(
-    engine: KVzipEngine,
+    runner: ModelRunner,
     texts: Sequence[str],
     settings: CalibrationSettings | None = None,
     bar: bool = True,
@@ -157,7 +154,7 @@ def collect(
     gen = torch.Generator().manual_seed(s.seed)
     xs, ys, ts = [], [], []
     for i, text in enumerate(tqdm(texts, desc="KVzip+ scores", unit="text", disable=not bar)):
-        x, y = score_text(engine, text, s.target, s.chunk_size)
+        x, y = score_text(runner, text, s.target, s.chunk_size)
         pick = torch.randperm(x.shape[0], generator=gen)[: s.tokens_per_text]
         xs.append(x[pick])
         ys.append(y[pick])
@@ -216,7 +213,7 @@ def evaluate(predictor: KVzapPredictor, train: Samples, test: Samples) -> dict[s
 
 
 def calibrate_scorer(
-    engine: KVzipEngine,
+    runner: ModelRunner,
     texts: Iterable[str],
     settings: CalibrationSettings | None = None,
     bar: bool = True,
@@ -224,13 +221,13 @@ def calibrate_scorer(
     """Collect, split, fit: one predictor per kind, stamped with this model's identity."""
     s = settings or CalibrationSettings()
     texts = list(texts)
-    samples = collect(engine, texts, s, bar)
+    samples = collect(runner, texts, s, bar)
     train, test = split(samples, s.heldout)
     fitted = fit(train, test, s, bar)
     return {
         kind: p.with_meta(
-            model=engine.identity.name,
-            model_fingerprint=engine.identity.model_fingerprint,
+            model=runner.identity.name,
+            model_fingerprint=runner.identity.model_fingerprint,
             target=s.describe_target(),
             source="calibrated",
             texts=len(texts),

@@ -8,50 +8,34 @@ L*H*n scores, the protected prefix always kept. So two methods differ only in th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 
-from service.engine.generation import prefill
-from service.engine.kvcache import CompressedContext, KVzipCache, RaggedLayer
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
+from service.compression.runner import ModelRunner
+from service.engine.kvcache import CompressedContext, RaggedLayer
 
 Progress = Callable[[float], None]
-
-
-class Observer(Protocol):
-    """What the `kvzip` attention function reports to, layer by layer, during a forward."""
-
-    def observe(
-        self,
-        layer_idx: int,
-        q: torch.Tensor,
-        context: RaggedLayer | None,
-        tail_k: torch.Tensor,
-        scale: float,
-        lse_context: torch.Tensor | None = None,
-        lse_tail: torch.Tensor | None = None,
-    ) -> None: ...
 
 
 class Scorer:
     """One compression method. Subclasses set `name` and override `score`."""
 
     name: ClassVar[str] = ""
-    #: whether ingest runs a model pass over the context beyond the prefill
-    needs_model_pass: ClassVar[bool] = True
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
         """full: the all-kept context. Returns per layer the (H, n) fp32 context scores."""
         raise NotImplementedError
 
-    def capture(self, engine: KVzipEngine) -> AbstractContextManager[None]:
+    def check(self, runner: ModelRunner) -> None:
+        """InvalidInputError when this method cannot run on `runner` (a calibration or a
+        predictor it needs is missing), before any work; nothing to check by default."""
+
+    def capture(self, runner: ModelRunner) -> AbstractContextManager[None]:
         """What runs around the ingest prefill (kvzap scores inside it); nothing by default."""
         return nullcontext()
 
@@ -74,16 +58,6 @@ def truncated(full: CompressedContext, length: int) -> CompressedContext:
         full.chunk_size,
         full.created_at,
     )
-
-
-def forward_observed(
-    engine: KVzipEngine, context: CompressedContext, ids: Sequence[int], observer: Observer
-) -> None:
-    """Run `ids` after `context` (positions continue at context.seq_len), reporting to
-    `observer` in every layer. The context is not modified."""
-    cache = KVzipCache(context, engine.n_layers)
-    cache.scorer = observer
-    prefill(engine.model, ids, cache, engine.config.prefill_chunk_tokens)
 
 
 def uniform_scores(full: CompressedContext, values: torch.Tensor) -> list[torch.Tensor]:

@@ -9,16 +9,12 @@ production H2O would accumulate during the prefill itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from service.compression.runner import ModelRunner
 from service.compression.scorers.attention_mass import AttentionMass
-from service.compression.scorers.base import Progress, Scorer, forward_observed, truncated
+from service.compression.scorers.base import Progress, Scorer, truncated
 from service.engine.kvcache import CompressedContext
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
 
 
 class H2OScorer(Scorer):
@@ -27,10 +23,10 @@ class H2OScorer(Scorer):
     name = "h2o"
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
         s, n = full.prefix_len, full.context_len
-        observer = AttentionMass(s, n, engine.n_layers)
+        observer = AttentionMass(s, n, runner.n_layers)
         ids = full.context_ids[s:].tolist()
-        forward_observed(engine, truncated(full, s), ids, observer)
+        runner.forward(truncated(full, s), ids, observer)
         return [m for m in observer.mass if m is not None]

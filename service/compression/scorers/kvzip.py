@@ -8,18 +8,13 @@ group and all x_k queries.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from service.compression.reconstruction import ChunkScorer
+from service.compression.runner import ModelRunner
 from service.compression.scorers.base import Progress, Scorer
-from service.engine.generation import prefill
-from service.engine.kvcache import CompressedContext, KVzipCache
+from service.engine.kvcache import CompressedContext
 from service.engine.prompt import build_layout
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
 
 
 class KVzipScorer(Scorer):
@@ -27,29 +22,29 @@ class KVzipScorer(Scorer):
 
     name = "kvzip"
 
-    def chunk_scorer(self, engine: KVzipEngine, prefix_len: int, start: int, end: int) -> object:
+    def chunk_scorer(
+        self, runner: ModelRunner, prefix_len: int, start: int, end: int
+    ) -> ChunkScorer:
         """The observer of one reconstruction forward (KVzip+ swaps in its own)."""
-        return ChunkScorer(prefix_len, start, end, engine.n_layers)
+        return ChunkScorer(prefix_len, start, end, runner.n_layers, runner.backend)
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
         s, n, m = full.prefix_len, full.context_len, full.chunk_size
         ids = full.context_ids.tolist()
         per_layer = [
             torch.zeros(layer.n_heads, n, device=layer.keys.device) for layer in full.layers
         ]
-        layout = build_layout(engine.tokenizer)
+        layout = build_layout(runner.tokenizer)
         for a in range(0, n, m):
             b = min(a + m, n)
             previous = ids[s + a - m : s + a] if a > 0 else None
             x = layout.reconstruction_ids(ids[s + a : s + b], previous)
-            scorer = self.chunk_scorer(engine, s, s + a, s + b)
-            cache = KVzipCache(full, engine.n_layers)
-            cache.scorer = scorer
-            prefill(engine.model, x, cache, piece=len(x))
-            engine.reconstruction_passes += 1
-            for layer_scores, chunk_scores in zip(per_layer, scorer.scores, strict=True):  # type: ignore[attr-defined]
+            scorer = self.chunk_scorer(runner, s, s + a, s + b)
+            runner.forward(full, x, scorer, piece=len(x))
+            runner.reconstruction_passes += 1
+            for layer_scores, chunk_scores in zip(per_layer, scorer.scores, strict=True):
                 assert chunk_scores is not None
                 layer_scores[:, a:b] = chunk_scores
             if progress:

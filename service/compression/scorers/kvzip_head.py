@@ -12,20 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from service.compression.runner import ModelRunner
 from service.compression.scorers.base import Progress, Scorer
 from service.compression.scorers.kvzip import KVzipScorer
 from service.config import CompressionConfig
 from service.engine.fingerprints import ModelIdentity
 from service.engine.kvcache import CompressedContext
 from service.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
 
 TENSOR = "head_scores"
 
@@ -35,13 +32,13 @@ def head_scores_path(directory: Path, identity: ModelIdentity) -> Path:
     return Path(directory) / f"{identity.model_fingerprint[:32]}.safetensors"
 
 
-def calibrate(engine: KVzipEngine, texts: Iterable[str], chunk_size: int = 2000) -> torch.Tensor:
+def calibrate(runner: ModelRunner, texts: Iterable[str], chunk_size: int = 2000) -> torch.Tensor:
     """(L, H) fp32: per head, the max pair-level KVzip score over every calibration text."""
     best: torch.Tensor | None = None
     for text in texts:
-        doc = engine.encode_document(text)
-        full = engine.prefill_context(doc, CompressionConfig("kvzip", 1.0, chunk_size))
-        per_layer = KVzipScorer().score(engine, full)
+        doc = runner.encode_document(text)
+        full = runner.prefill_context(doc, CompressionConfig("kvzip", 1.0, chunk_size))
+        per_layer = KVzipScorer().score(runner, full)
         heads = torch.stack([layer.amax(dim=1) for layer in per_layer]).float().cpu()
         best = heads if best is None else torch.maximum(best, heads)
     if best is None:
@@ -78,12 +75,15 @@ class KVzipHeadScorer(Scorer):
     """Calibrated per-head scores broadcast over the context: (H, n) per layer."""
 
     name = "kvzip_head"
-    needs_model_pass = False
+
+    def check(self, runner: ModelRunner) -> None:
+        """The model must have been calibrated (`kvzip calibrate`)."""
+        load_head_scores(runner.config.head_scores_dir, runner.identity)
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
-        heads = load_head_scores(engine.head_scores_dir, engine.identity)
+        heads = load_head_scores(runner.config.head_scores_dir, runner.identity)
         if heads.shape != (len(full.layers), full.layers[0].n_heads):
             raise InvalidInputError(f"stored head scores have shape {tuple(heads.shape)}")
         n = full.context_len

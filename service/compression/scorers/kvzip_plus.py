@@ -12,30 +12,17 @@ so, as for plain KVzip, no probability matrix is materialised.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
 import torch
 
 from service.compression.reconstruction import QUERY_BLOCK, ChunkScorer, _local_lse, use_triton
+from service.compression.runner import ModelRunner
 from service.compression.scorers.base import Progress
 from service.compression.scorers.kvzip import KVzipScorer
+from service.engine.attention_hook import attention_inputs, attention_modules
+from service.engine.backends import REFERENCE, Backend
 from service.engine.kvcache import CompressedContext, RaggedLayer
 
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
-
 VALUE_BLOCK = 512
-
-
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Every attention module with an output projection, by layer index."""
-    return {
-        int(m.layer_idx): m  # type: ignore[arg-type]
-        for m in model.modules()
-        if hasattr(m, "layer_idx") and hasattr(m, "o_proj")
-    }
 
 
 def value_output_norms(o_weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -56,6 +43,7 @@ def plus_scores(
     scale: float,
     hidden_norms: torch.Tensor,
     value_norms: torch.Tensor,
+    backend: Backend = REFERENCE,
 ) -> torch.Tensor:
     """KVzip+ score of every chunk key.
 
@@ -68,7 +56,7 @@ def plus_scores(
     log_norms = hidden_norms.float().log()
     log_norms = log_norms.masked_fill(hidden_norms == 0, float("inf"))  # x_t = 0: no signal
     row_shift = lse.view(h, hq // h, t) + log_norms.view(1, 1, t)
-    if use_triton(q):  # the KVzip kernel, max per query head: (Hq, m) -> (H, G, m)
+    if use_triton(q, backend):  # the KVzip kernel, max per query head: (Hq, m) -> (H, G, m)
         from service.engine.backends import triton_scores
 
         best = triton_scores.max_logits(
@@ -96,8 +84,9 @@ class PlusChunkScorer(ChunkScorer):
         end: int,
         modules: dict[int, torch.nn.Module],
         hidden_norms: dict[int, torch.Tensor],
+        backend: Backend = REFERENCE,
     ) -> None:
-        super().__init__(prefix_len, start, end, len(modules))
+        super().__init__(prefix_len, start, end, len(modules), backend)
         self.modules, self.hidden_norms = modules, hidden_norms
 
     def observe(
@@ -117,32 +106,11 @@ class PlusChunkScorer(ChunkScorer):
         chunk = keys[:, self.start : self.end]
         lse = self.local_lse(q, keys, scale, lse_context, lse_tail)
         if lse is None:
-            lse = _local_lse(q, prefix, chunk, tail_k, scale)
+            lse = _local_lse(q, prefix, chunk, tail_k, scale, self.backend)
         o_weight = self.modules[layer_idx].o_proj.weight  # type: ignore[union-attr]
         value_norms = value_output_norms(o_weight, values[:, self.start : self.end])  # type: ignore[arg-type]
         norms = self.hidden_norms[layer_idx]
-        self.scores[layer_idx] = plus_scores(q, chunk, lse, scale, norms, value_norms)
-
-
-@contextmanager
-def hidden_norm_hooks(
-    modules: dict[int, torch.nn.Module], sink: dict[int, torch.Tensor]
-) -> Iterator[None]:
-    """Record ||x_t|| (T,) of every attention module's input into sink[layer] while active."""
-
-    def hook(idx: int):  # type: ignore[no-untyped-def]
-        def record(module, args, kwargs):  # type: ignore[no-untyped-def]
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            sink[idx] = hidden[0].float().norm(dim=-1)
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        self.scores[layer_idx] = plus_scores(q, chunk, lse, scale, norms, value_norms, self.backend)
 
 
 class KVzipPlusScorer(KVzipScorer):
@@ -154,12 +122,18 @@ class KVzipPlusScorer(KVzipScorer):
         self._modules: dict[int, torch.nn.Module] = {}
         self._norms: dict[int, torch.Tensor] = {}
 
-    def chunk_scorer(self, engine: KVzipEngine, prefix_len: int, start: int, end: int) -> object:
-        return PlusChunkScorer(prefix_len, start, end, self._modules, self._norms)
+    def chunk_scorer(
+        self, runner: ModelRunner, prefix_len: int, start: int, end: int
+    ) -> ChunkScorer:
+        return PlusChunkScorer(prefix_len, start, end, self._modules, self._norms, runner.backend)
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
-        self._modules, self._norms = attention_modules(engine.model), {}
-        with hidden_norm_hooks(self._modules, self._norms):
-            return super().score(engine, full, progress)
+        self._modules, self._norms = attention_modules(runner.model), {}
+
+        def record(layer: int, hidden: torch.Tensor) -> None:  # ||x_t|| (T,)
+            self._norms[layer] = hidden[0].float().norm(dim=-1)
+
+        with attention_inputs(runner.model, record):
+            return super().score(runner, full, progress)

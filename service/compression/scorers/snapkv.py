@@ -9,17 +9,13 @@ probability), so they are kept first, as in SnapKV.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
+from service.compression.runner import ModelRunner
 from service.compression.scorers.attention_mass import AttentionMass
-from service.compression.scorers.base import Progress, Scorer, forward_observed, truncated
+from service.compression.scorers.base import Progress, Scorer, truncated
 from service.engine.kvcache import CompressedContext
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
 
 WINDOW = 32
 POOL = 5
@@ -38,17 +34,17 @@ class SnapKVScorer(Scorer):
     name = "snapkv"
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
         s, n = full.prefix_len, full.context_len
         w = min(WINDOW, n)
-        observer = AttentionMass(s, n, engine.n_layers)
+        observer = AttentionMass(s, n, runner.n_layers)
         window = full.context_ids[s + n - w :].tolist()
-        forward_observed(engine, truncated(full, s + n - w), window, observer)
+        runner.forward(truncated(full, s + n - w), window, observer)
         out = []
         for mass in observer.mass:
             assert mass is not None
-            group = engine.model.config.num_attention_heads // mass.shape[0]
+            group = runner.model.config.num_attention_heads // mass.shape[0]
             scores = torch.ones_like(mass)
             scores[:, : n - w] = pooled(mass[:, : n - w] / (w * group))
             out.append(scores)

@@ -9,25 +9,20 @@ layer order).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from service.compression.runner import ModelRunner
 from service.compression.scorers.base import Progress, Scorer, uniform_scores
 from service.engine.kvcache import CompressedContext
-
-if TYPE_CHECKING:
-    from service.engine.kvzip_engine import KVzipEngine
 
 
 class StreamingScorer(Scorer):
     """Recency: (H, n) per layer, (i + 1) / n everywhere."""
 
     name = "streaming"
-    needs_model_pass = False
 
     def score(
-        self, engine: KVzipEngine, full: CompressedContext, progress: Progress | None = None
+        self, runner: ModelRunner, full: CompressedContext, progress: Progress | None = None
     ) -> list[torch.Tensor]:
         n = full.context_len
         return uniform_scores(full, torch.arange(1, n + 1, dtype=torch.float32) / max(n, 1))

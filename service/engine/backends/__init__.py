@@ -1,13 +1,17 @@
-"""Attention backends behind one function each (DESIGN.md, "Engine").
+"""Attention backends behind one object (DESIGN.md, "Engine").
 
-`ragged_attention` attends a query block to the ragged compressed context;
-`causal_attention` to the dense per-request tail; `merge_partials` combines the two
-partial results exactly by their log-sum-exp. `set_backend` picks the implementation.
+A `Backend` attends a query block to the ragged compressed context (`ragged_attention`)
+and to the dense per-request tail (`causal_attention`), and combines the two partial
+results exactly by their log-sum-exp (`merge_partials`). `build_backend` picks one by name;
+each engine holds its own (attached to its model's attention modules, see
+service.engine.attention_hook), so there is no process-wide choice. `REFERENCE` (plain
+PyTorch) is the default and the oracle every other backend is tested against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +22,8 @@ _BACKENDS: dict[str, tuple[AttentionFn, AttentionFn]] = {
     "reference": (reference.ragged_attention, reference.causal_attention),
     "sdpa": (sdpa.ragged_attention, sdpa.causal_attention),
 }
-_active = "reference"
+GPU_BACKENDS = ("cuda", "cudnn", "flash_attn")
+"""The backends built on `cuda`: the Triton decode, scoring and merge kernels apply."""
 
 
 def _register_cuda() -> None:
@@ -53,15 +58,88 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def set_backend(name: str, device: torch.device | None = None) -> str:
-    """Select a backend by name; `auto` picks the best one for `device`. Returns the choice."""
-    global _active
+@dataclass(frozen=True)
+class Backend:
+    """One attention implementation; see the module docstring. Built by `build_backend`."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in _BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {self.name!r}; available: {available_backends()}"
+            )
+
+    @property
+    def gpu_kernels(self) -> bool:
+        """Whether this is one of the GPU backends (`cuda`, or one built on it), so the
+        Triton decode, scoring and merge kernels apply."""
+        return self.name in GPU_BACKENDS
+
+    def ragged_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cu_lens: torch.Tensor,
+        scale: float,
+        max_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (Hq, T, d) over keys/values (N, d), cu_lens (H+1,) -> out (Hq, T, d), lse (Hq, T).
+
+        max_len: the longest head, when the caller knows it (lets a backend skip a sync).
+        """
+        return _BACKENDS[self.name][0](q, keys, values, cu_lens, scale, max_len)
+
+    def causal_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (Hq, T, d) over k/v (H, S, d), bottom-right causal -> out (Hq, T, d), lse (Hq, T)."""
+        return _BACKENDS[self.name][1](q, k, v, scale)
+
+    def fused_static_decode(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cu_lens: torch.Tensor,
+        tail_k: torch.Tensor,
+        tail_v: torch.Tensor,
+        length: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """Decode-step attention over context + static tail, fused, when the backend has it.
+
+        q (B, Hq, T, d); tail_k/v (B, H, C, d); length (B,). Returns (B, Hq, T, d) or None.
+        """
+        if not self.gpu_kernels:
+            return None
+        from service.engine.backends import cuda
+
+        return cuda.fused_static_decode(q, keys, values, cu_lens, tail_k, tail_v, length, scale)
+
+    def merge_partials(
+        self, out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+    ) -> torch.Tensor:
+        """`merge_partials`; on a GPU backend one fused Triton pass instead of the fp32
+        elementwise chain (its 4-D result is laid out (B, T, Hq, d), what the model reads
+        next)."""
+        if self.gpu_kernels and out_a.is_cuda and 3 <= out_a.dim() <= 4:
+            from service.engine.backends import triton_merge
+
+            return triton_merge.merge(out_a, lse_a, out_b, lse_b)
+        return merge_partials(out_a, lse_a, out_b, lse_b)
+
+
+REFERENCE = Backend("reference")
+"""The plain-PyTorch backend: the default where no engine chose one."""
+
+
+def build_backend(name: str, device: torch.device | None = None) -> Backend:
+    """The backend called `name`; `auto` picks the best one for `device`."""
     if name == "auto":
         name = pick_auto(device, available_backends(), _capability(device))
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
-    _active = name
-    return name
+    return Backend(name)
 
 
 def pick_auto(
@@ -87,72 +165,14 @@ def _capability(device: torch.device | None) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
 
 
-def active_backend() -> str:
-    return _active
-
-
-def gpu_kernels_active() -> bool:
-    """Whether the active backend is one of the GPU ones (`cuda`, or one built on it),
-    so the Triton decode, scoring and merge kernels apply."""
-    return _active in ("cuda", "cudnn", "flash_attn")
-
-
-def ragged_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    cu_lens: torch.Tensor,
-    scale: float,
-    max_len: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (Hq, T, d) over keys/values (N, d), cu_lens (H+1,) -> out (Hq, T, d), lse (Hq, T).
-
-    max_len: the longest head, when the caller knows it (lets a backend skip a sync).
-    """
-    return _BACKENDS[_active][0](q, keys, values, cu_lens, scale, max_len)
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (Hq, T, d) over k/v (H, S, d), bottom-right causal -> out (Hq, T, d), lse (Hq, T)."""
-    return _BACKENDS[_active][1](q, k, v, scale)
-
-
-def fused_static_decode(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    cu_lens: torch.Tensor,
-    tail_k: torch.Tensor,
-    tail_v: torch.Tensor,
-    length: torch.Tensor,
-    scale: float,
-) -> torch.Tensor | None:
-    """Decode-step attention over context + static tail, fused, when the backend has it.
-
-    q (B, Hq, T, d); tail_k/v (B, H, C, d); length (B,). Returns (B, Hq, T, d) or None.
-    """
-    if not gpu_kernels_active():
-        return None
-    from service.engine.backends import cuda
-
-    return cuda.fused_static_decode(q, keys, values, cu_lens, tail_k, tail_v, length, scale)
-
-
 def merge_partials(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> torch.Tensor:
     """Exact softmax over the union of two key sets from their partial outputs.
 
     out_*: (Hq, T, d) or (B, Hq, T, d); lse_*: (Hq, T) / (B, Hq, T) fp32. Returns out_a's
-    shape in out_a's dtype. CUDA backend: one fused Triton pass instead of the fp32
-    elementwise chain (its 4-D result is laid out (B, T, Hq, d), what the model reads next).
+    shape in out_a's dtype (plain PyTorch, in fp32).
     """
-    if gpu_kernels_active() and out_a.is_cuda and 3 <= out_a.dim() <= 4:
-        from service.engine.backends import triton_scores
-
-        return triton_scores.merge(out_a, lse_a, out_b, lse_b)
     lse = torch.logaddexp(lse_a, lse_b)
     w_a = torch.exp(lse_a - lse).unsqueeze(-1)
     w_b = torch.exp(lse_b - lse).unsqueeze(-1)

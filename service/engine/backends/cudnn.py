@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.backends import cuda
+from service.engine.backends import cuda, triton_merge
 
 MIN_ROWS = 64  # query rows below which the Triton / flash paths of `cuda` are faster
 
@@ -40,9 +40,7 @@ def _merge(
     a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over the union of two key sets: (out, lse) from both partials."""
-    from service.engine.backends import merge_partials
-
-    return merge_partials(a[0], a[1], b[0], b[1]), torch.logaddexp(a[1], b[1])
+    return triton_merge.merge(a[0], a[1], b[0], b[1]), torch.logaddexp(a[1], b[1])
 
 
 def causal_attention(
