@@ -96,6 +96,19 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """Continuous batching of answers (service.serving.scheduler): at most `max_rows`
+    requests decode together; a request is admitted while the tails of the rows plus the
+    distinct contexts they attend to fit `kv_budget_bytes`; at most `queue_size` wait for a
+    row (beyond: 503); a question is prefilled `prefill_chunk` tokens per decode step."""
+
+    max_rows: int = 16
+    kv_budget_bytes: int = 2 * 1024**3
+    queue_size: int = 64
+    prefill_chunk: int = 512
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything the embedded context service needs."""
 
@@ -110,3 +123,4 @@ class ServiceConfig:
     max_document_tokens: int | None = None  # None: the model window minus the reserve
     sweep_interval_s: float = 60.0  # how often expired contexts are purged from every tier
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)

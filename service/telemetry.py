@@ -62,10 +62,16 @@ GENERATED_TOKENS = Counter("kvzip_generation_tokens", "Answer tokens generated."
 QUERIES_CANCELLED = Counter(
     "kvzip_queries_cancelled", "Generations stopped early because the client went away."
 )
+BATCH_ROWS = Histogram(
+    "kvzip_decode_batch_rows",
+    "Rows (requests) decoded together per scheduler iteration.",
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128),
+)
 
 
 _tiers: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 _workers: weakref.WeakSet[object] = weakref.WeakSet()
+_schedulers: weakref.WeakSet[object] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
@@ -81,6 +87,12 @@ def track_worker(worker: object) -> None:
         _workers.add(worker)
 
 
+def track_scheduler(scheduler: object) -> None:
+    """Report `len(scheduler.waiting)` and `scheduler.batch_size` as gauges."""
+    with _lock:
+        _schedulers.add(scheduler)
+
+
 class _StateCollector(Collector):
     """Reads the tracked tiers and workers at scrape time."""
 
@@ -88,6 +100,7 @@ class _StateCollector(Collector):
         with _lock:
             tiers = list(_tiers.items())
             workers = list(_workers)
+            schedulers = list(_schedulers)
         families = {
             "hits": CounterMetricFamily(
                 "kvzip_tier_hits", "Reads served by a tier.", labels=["tier"]
@@ -119,6 +132,14 @@ class _StateCollector(Collector):
         )
         depth.add_metric([], sum(int(getattr(w, "queued", 0)) for w in workers))
         yield depth
+        waiting = GaugeMetricFamily(
+            "kvzip_decode_waiting", "Questions waiting for a row of the decode batch."
+        )
+        waiting.add_metric([], sum(len(getattr(s, "waiting", ())) for s in schedulers))
+        yield waiting
+        rows = GaugeMetricFamily("kvzip_decode_batch_size", "Rows decoding right now.")
+        rows.add_metric([], sum(int(getattr(s, "batch_size", 0)) for s in schedulers))
+        yield rows
 
 
 REGISTRY.register(_StateCollector())

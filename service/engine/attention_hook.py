@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 
 from service.engine.backends import REFERENCE, Backend
 from service.engine.kvcache import KVzipCache, RaggedLayer
+from service.engine.rows import RowsCache
 from service.engine.static_cache import StaticKVzipCache, static_tail_attention
 
 ATTENTION_NAME = "kvzip"
@@ -111,6 +112,27 @@ def _context_attention(
     return out.view(hq, b, t, d).permute(1, 0, 2, 3), lse.view(hq, b, t).permute(1, 0, 2)
 
 
+def _rows_context_attention(
+    query: torch.Tensor, cache: RowsCache, layer_idx: int, scale: float, backend: Backend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row b attends to its own context; rows that share one go in one call.
+    query (B, Hq, T, d) -> out (B, Hq, T, d), lse (B, Hq, T) fp32."""
+    groups: dict[int, list[int]] = {}
+    for b, ctx in enumerate(cache.contexts):
+        assert ctx is not None, "every row of a step has a context"
+        groups.setdefault(id(ctx), []).append(b)
+    if len(groups) == 1:
+        return _context_attention(query, cache.contexts[0].layers[layer_idx], scale, backend)  # type: ignore[union-attr]
+    out = torch.empty_like(query)
+    lse = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
+    for rows in groups.values():
+        layer = cache.contexts[rows[0]].layers[layer_idx]  # type: ignore[union-attr]
+        index = torch.tensor(rows, device=query.device)
+        out_g, lse_g = _context_attention(query[index], layer, scale, backend)
+        out[index], lse[index] = out_g.to(out.dtype), lse_g.float()
+    return out, lse
+
+
 def kvzip_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -143,6 +165,9 @@ def kvzip_attention(
         if fused is not None:
             return fused.transpose(1, 2).contiguous(), None
     out, lse = _tail_attention(query, key, value, kvzip_cache, scale, backend)
+    if isinstance(kvzip_cache, RowsCache):  # continuous batch: each row its own context
+        out_r, lse_r = _rows_context_attention(query, kvzip_cache, layer_idx, scale, backend)
+        return backend.merge_partials(out_r, lse_r, out, lse).transpose(1, 2).contiguous(), None
     lse_c = None
     if context is not None:
         out_c, lse_c = _context_attention(query, context, scale, backend)

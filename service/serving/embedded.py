@@ -80,6 +80,8 @@ class EmbeddedContextService:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._pipeline is not None:
+            await self._pipeline.close()
         tasks = self.inflight.abort_all()
         await asyncio.to_thread(self.worker.close)
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -40,19 +40,23 @@ class EngineWorker:
             raise QueueFullError(retry_after=1.0)
         self._admitted += 1
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run fn(*args) on the engine thread and await its result."""
-        self._admit()
+    async def run(self, fn: Callable[..., T], *args: object, admit: bool = True) -> T:
+        """Run fn(*args) on the engine thread and await its result. admit=False: the
+        scheduler's own iterations, which never count against the queue."""
+        if admit:
+            self._admit()
         submitted = time.perf_counter()
 
         def timed() -> T:
-            telemetry.QUEUE_TIME.observe(time.perf_counter() - submitted)
+            if admit:
+                telemetry.QUEUE_TIME.observe(time.perf_counter() - submitted)
             return fn(*args)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
         finally:
-            self._admitted -= 1
+            if admit:
+                self._admitted -= 1
 
     async def stream(self, make: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:
         """Iterate make() on the engine thread, yielding each item on the event loop."""

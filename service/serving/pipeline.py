@@ -30,6 +30,7 @@ from service.serving.ids import context_id, legacy_context_id
 from service.serving.records import ContextRecord
 from service.serving.registry import ContextRegistry
 from service.serving.resident import ResidentContexts
+from service.serving.scheduler import Scheduler
 from service.serving.textstream import TextStream
 from service.serving.validation import CheckedCreate
 from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings
@@ -58,6 +59,7 @@ class Pipeline:
         self.config, self.engine, self.registry = config, engine, registry
         self.thread, self.resident = thread, resident
         registry.on_purge.append(resident.drop)
+        self.scheduler = Scheduler(engine.model, engine.eos_ids, thread, config.batching)
         self.identity = {
             "model": engine.identity.name,
             "model_fingerprint": engine.identity.model_fingerprint,
@@ -65,6 +67,10 @@ class Pipeline:
             "format_version": FORMAT_VERSION,
         }
         self._layouts: dict[str | None, PromptLayout] = {}
+
+    async def close(self) -> None:
+        """Stop the scheduler (requests still waiting get no more tokens)."""
+        await self.scheduler.close()
 
     # -- ingest ------------------------------------------------------------------------------
 

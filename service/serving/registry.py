@@ -106,8 +106,10 @@ class ContextRegistry:
         if data is None:
             return None
         try:
-            return ContextRecord.from_json(data)
-        except (ValueError, TypeError, KeyError) as exc:  # JSON or fields out of shape
+            record = ContextRecord.from_json(data)
+            record.info()  # its times and numbers parse too
+            return record
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # out of shape
             log.error("record of %s does not parse (%s); skipped", cid, exc)
             return None
 

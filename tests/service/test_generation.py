@@ -32,14 +32,14 @@ def test_ratio_one_reproduces_uncompressed_greedy_tokens(tiny_engine, tiny_model
     expected = _reference_greedy(tiny_model_dir, doc.all_ids + question, 12, tiny_engine.eos_ids)
     assert len(expected) >= 3
     for compression in (CompressionConfig("none", 1.0), CompressionConfig("kvzip", 1.0, 64)):
-        ctx = tiny_engine.ingest(doc, compression)
+        ctx, _ = tiny_engine.ingest(doc, compression)
         assert ctx.kept_pairs == ctx.total_pairs
         assert list(tiny_engine.generate(ctx, question, params)) == expected
 
 
 def test_compressed_context_is_not_modified_by_decoding(tiny_engine):
     doc = tiny_engine.encode_document(TEXT)
-    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
+    ctx, _ = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
     before = [layer.keys.clone() for layer in ctx.layers]
     question = tiny_engine.encode_question("Who wrote the log?")
     first = list(tiny_engine.generate(ctx, question, SamplingParams(max_new_tokens=6)))
@@ -50,7 +50,7 @@ def test_compressed_context_is_not_modified_by_decoding(tiny_engine):
 
 def test_sampling_is_seeded_and_respects_max_new_tokens(tiny_engine):
     doc = tiny_engine.encode_document(TEXT)
-    ctx = tiny_engine.ingest(doc, CompressionConfig("none", 1.0))
+    ctx, _ = tiny_engine.ingest(doc, CompressionConfig("none", 1.0))
     question = tiny_engine.encode_question("Tell me a story.")
     params = SamplingParams(max_new_tokens=5, temperature=1.5, top_p=0.9, seed=7)
     a = list(tiny_engine.generate(ctx, question, params))
@@ -62,7 +62,7 @@ def test_batched_static_decoding_equals_one_by_one(tiny_engine):
     """Three different questions decoded together through the static tail give exactly
     the tokens each one gets alone through the dynamic tail (greedy)."""
     doc = tiny_engine.encode_document(TEXT)
-    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
+    ctx, _ = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
     questions = ["Who wrote the log?", "When did the storm come?", "Why?"]
     prompts = [tiny_engine.encode_question(q) for q in questions]
     params = SamplingParams(max_new_tokens=8)
@@ -79,7 +79,7 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_engine):
     from service.engine.batch_decode import BatchDecoder
 
     doc = tiny_engine.encode_document(TEXT)
-    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
+    ctx, _ = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
     prompts = [tiny_engine.encode_question(q) for q in ("Who wrote the log?", "Why?")]
     runs = []
     for compiled in (False, True):

@@ -140,7 +140,7 @@ def test_per_row_checks_the_count():
 @pytest.fixture(scope="module")
 def decode_setup(tiny_engine):
     doc = tiny_engine.encode_document(TEXT)
-    ctx = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
+    ctx, _ = tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))
     questions = ["Who wrote the log?", "When did the storm come?", "Why?"]
     return ctx, [tiny_engine.encode_question(q) for q in questions]
 

@@ -61,6 +61,7 @@ class EngineExecutor:
         pass
 
     async def close(self) -> None:
+        await self.pipeline.close()
         await asyncio.to_thread(self.thread.close)
 
     async def ingest(

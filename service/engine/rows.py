@@ -1,0 +1,175 @@
+"""The rows of a continuous batch: each row its own compressed context and its own tail.
+
+    rows = DecodeRows(model)
+    b = rows.add(context)                  # a free row (its tail empty)
+    logits = rows.prefill(b, prompt_ids)   # (V,) fp32; may be called chunk by chunk
+    rows.activate(b)                       # from now on it takes part in every step
+    logits = rows.step(tokens)             # tokens (B,) of the B active rows -> (B, V)
+    moved = rows.remove(b)                 # the row's slot is taken by the last one
+
+Rows [0, active) decode; at most one row, at index `active`, is being prefilled. Tails live
+in one `RowsCache`: per layer (slots, H, C, d) buffers that grow (slots and capacity C, both
+rounded up) when a request needs more, so memory follows what runs. In every layer the
+`kvzip` attention function attends each row to its own context (rows that share a context
+in one call) and to its own tail, merged by log-sum-exp (service.engine.attention_hook).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from service.engine.generation import forward, step_logits
+from service.engine.kvcache import CompressedContext, KVzipCache
+from service.engine.static_cache import StaticKVzipCache
+
+GRANULE = 256  # tail capacity granule (tokens)
+
+
+class RowsCache(StaticKVzipCache):
+    """Static tails (slots, H, C, d) per layer, `length` (slots,), and a context per row."""
+
+    def __init__(
+        self, model: PreTrainedModel, slots: int, capacity: int
+    ) -> None:
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        super().__init__(
+            None,
+            cfg.num_hidden_layers,
+            slots,
+            capacity,
+            cfg.num_key_value_heads,
+            head_dim,
+            model.dtype,
+            model.device,
+        )
+        self.contexts: list[CompressedContext | None] = [None] * slots
+
+    @property
+    def tail_capacity(self) -> int:
+        """Tokens each row's tail holds."""
+        k = self.tail_keys[0]
+        assert k is not None
+        return int(k.shape[2])
+
+    @property
+    def slots(self) -> int:
+        return len(self.contexts)
+
+    def bytes_per_token(self) -> int:
+        """Tail bytes one token of one row takes (keys + values, every layer)."""
+        k = self.tail_keys[0]
+        assert k is not None
+        return 2 * len(self.tail_keys) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def view(self, start: int, stop: int) -> RowsCache:
+        """Rows [start, stop): writes land in this cache's buffers."""
+        view = RowsCache.__new__(RowsCache)
+        KVzipCache.__init__(view, None, len(self.tail_keys))
+        view.tail_keys = [None if k is None else k[start:stop] for k in self.tail_keys]
+        view.tail_values = [None if v is None else v[start:stop] for v in self.tail_values]
+        view.length = self.length[start:stop]
+        view.capacity = self.capacity
+        view.contexts = self.contexts[start:stop]
+        return view
+
+    def grown(self, model: PreTrainedModel, slots: int, capacity: int) -> RowsCache:
+        """A larger cache holding this one's rows."""
+        c = self.tail_capacity
+        bigger = RowsCache(model, max(slots, self.slots), max(capacity, c))
+        n = self.slots
+        olds = self.tail_keys + self.tail_values
+        for old, new in zip(olds, bigger.tail_keys + bigger.tail_values, strict=True):
+            assert old is not None and new is not None
+            new[:n, :, :c].copy_(old)
+        bigger.length[:n].copy_(self.length)
+        bigger.contexts[:n] = self.contexts
+        return bigger
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src` into slot `dst` (its tail, length and context)."""
+        for buf in self.tail_keys + self.tail_values:
+            assert buf is not None
+            buf[dst].copy_(buf[src])
+        self.length[dst] = self.length[src]
+        self.contexts[dst] = self.contexts[src]
+        self.contexts[src] = None
+
+
+class DecodeRows:
+    """Rows of one model's continuous batch (see the module docstring). Not thread-safe."""
+
+    def __init__(self, model: PreTrainedModel, slots: int = 4, capacity: int = GRANULE) -> None:
+        self.model = model
+        self.cache = RowsCache(model, slots, _round(capacity, GRANULE))
+        self.active = 0
+        self.pending: int | None = None
+
+    def tail_bytes(self, tokens: int) -> int:
+        """Bytes a row whose tail holds `tokens` tokens needs (capacity granules)."""
+        return _round(tokens, GRANULE) * self.cache.bytes_per_token()
+
+    def add(self, context: CompressedContext, tail_tokens: int) -> int:
+        """A row for a request over `context` whose tail needs `tail_tokens` tokens."""
+        assert self.pending is None, "one row is prefilled at a time"
+        b = self.active
+        slots = b + 1 if b + 1 <= self.cache.slots else 2 * self.cache.slots
+        if slots > self.cache.slots or tail_tokens > self.cache.tail_capacity:
+            capacity = _round(max(tail_tokens, self.cache.tail_capacity), GRANULE)
+            self.cache = self.cache.grown(self.model, slots, capacity)
+        self.cache.contexts[b] = context
+        self.cache.length[b] = 0
+        self.pending = b
+        return b
+
+    def prefill(self, b: int, ids: list[int]) -> torch.Tensor:
+        """Append `ids` to row b's tail; the logits after its last token (V,) fp32."""
+        context = self.cache.contexts[b]
+        assert context is not None
+        start = context.seq_len + int(self.cache.length[b])
+        logits = forward(self.model, ids, start, self.cache.view(b, b + 1))
+        self.cache.length[b] += len(ids)
+        return logits
+
+    def activate(self, b: int) -> None:
+        """The prefilled row joins the decoding rows."""
+        assert b == self.pending == self.active
+        self.pending = None
+        self.active += 1
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) for the B active rows -> next-token logits (B, V) fp32."""
+        b = self.active
+        view = self.cache.view(0, b)
+        bases = torch.tensor([c.seq_len for c in view.contexts if c is not None])
+        positions = (bases.to(view.length.device) + view.length).view(b, 1)
+        logits = step_logits(self.model, tokens.view(b, 1).to(self.model.device), positions, view)
+        view.length += 1
+        return logits
+
+    def remove(self, b: int) -> int | None:
+        """Free active row b; the last active row moves into its slot (its old index is
+        returned, None when nothing moved). A row being prefilled follows along."""
+        last = self.active - 1
+        moved = None
+        if b != last:
+            self.cache.move(last, b)
+            moved = last
+        else:
+            self.cache.contexts[b] = None
+        self.active -= 1
+        if self.pending is not None:
+            self.cache.move(self.pending, self.active)
+            self.pending = self.active
+        return moved
+
+    def drop_pending(self) -> None:
+        if self.pending is not None:
+            self.cache.contexts[self.pending] = None
+            self.pending = None
+
+
+def _round(tokens: int, granule: int) -> int:
+    return max(granule, -(-tokens // granule) * granule)

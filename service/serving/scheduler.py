@@ -1,0 +1,209 @@
+"""The scheduler of one engine: iteration-level (continuous) batching.
+
+Requests join the running batch at step boundaries and leave when done; each row attends to
+its own context (different contexts, lengths and kept ratios share every step) and its own
+tail. One iteration, on the engine thread:
+
+    1. one decode step for every decoding row, then a token per row (its own sampler);
+       rows that end (EOS, max tokens) or were cancelled leave the batch at once;
+    2. at most `prefill_chunk` tokens of the one question being prefilled, so a new
+       arrival stalls running decodes by at most that much compute per step;
+    3. when no question is being prefilled, the next waiting request is admitted, FIFO,
+       if the KV budget (tails of the rows + the distinct contexts they attend to) holds
+       it; the head of the queue is never skipped, so nobody starves.
+
+Beyond `queue_size` waiting requests, `generate` refuses with QueueFullError (503 +
+Retry-After). Closing a `generate` iterator (client gone, timeout) frees its row at the
+next iteration. Other engine work (ingest) runs between iterations on the same thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from service import telemetry
+from service.config import BatchingConfig
+from service.engine.kvcache import CompressedContext
+from service.engine.rows import DecodeRows
+from service.engine.sampler import RowSampling, sample
+from service.errors import QueueFullError
+from service.serving.engine_thread import EngineWorker
+from service.types import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass(eq=False)
+class _Request:
+    context: CompressedContext
+    prompt: list[int]
+    max_new: int
+    sampling: RowSampling
+    eos: frozenset[int]
+    out: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    prefilled: int = 0
+    generated: int = 0
+    last: int = 0
+
+    @property
+    def tail_tokens(self) -> int:
+        return len(self.prompt) + self.max_new + 1
+
+
+class Scheduler:
+    """Continuous batching over one engine (see the module docstring)."""
+
+    def __init__(
+        self, model: torch.nn.Module, eos_ids: set[int], thread: EngineWorker,
+        config: BatchingConfig,
+    ) -> None:  # fmt: skip
+        self.thread, self.config = thread, config
+        self.rows = DecodeRows(model)  # type: ignore[arg-type]
+        self.eos = frozenset(eos_ids)
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: list[_Request] = []  # by row index
+        self.pending: _Request | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        telemetry.track_scheduler(self)
+
+    async def generate(
+        self, context: CompressedContext, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[int]:
+        """Answer token ids for `prompt` after `context` (EOS not included)."""
+        if len(self.waiting) >= self.config.queue_size:
+            raise QueueFullError(retry_after=1.0)
+        sampling = RowSampling.from_params(params)
+        request = _Request(context, prompt, params.max_new_tokens, sampling, self.eos)
+        self.waiting.append(request)
+        self._ensure_loop()
+        try:
+            while (item := await request.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            request.cancelled = True  # no await: the row frees at the next iteration
+            self._wake.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def _ensure_loop(self) -> None:
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            if not (self.running or self.pending or self.waiting):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                emitted = await self.thread.run(self._iteration, admit=False)
+            except Exception as exc:  # a failed step fails every request in it
+                log.exception("decode iteration failed")
+                emitted = [(r, exc) for r in self._abort_all()]
+            for request, item in emitted:
+                request.out.put_nowait(item)
+
+    def _abort_all(self) -> list[_Request]:
+        requests = [*self.running, *([self.pending] if self.pending else [])]
+        self.running, self.pending = [], None
+        self.rows = DecodeRows(self.rows.model)
+        return requests
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _iteration(self) -> list[tuple[_Request, object]]:
+        """One step of every decoding row, one prefill chunk, admission (engine thread)."""
+        emitted: list[tuple[_Request, object]] = []
+        self._drop_cancelled()
+        if self.running:
+            tokens = torch.tensor([r.last for r in self.running])
+            logits = self.rows.step(tokens)
+            chosen = sample(logits, [r.sampling for r in self.running]).tolist()
+            for request, token in zip(list(self.running), chosen, strict=True):
+                emitted += self._emit(request, int(token))
+        if self.pending is None:
+            self._admit()
+        if self.pending is not None:
+            emitted += self._prefill_chunk(self.pending)
+        telemetry.BATCH_ROWS.observe(len(self.running))
+        return emitted
+
+    def _emit(self, request: _Request, token: int) -> list[tuple[_Request, object]]:
+        request.generated += 1
+        request.last = token
+        out: list[tuple[_Request, object]] = []
+        if token not in request.eos:
+            out.append((request, token))
+        if token in request.eos or request.generated >= request.max_new:
+            out.append((request, _END))
+            self._leave(request)
+        return out
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.running if r.cancelled]:
+            self._leave(request)
+        if self.pending is not None and self.pending.cancelled:
+            self.rows.drop_pending()
+            self.pending = None
+        while self.waiting and self.waiting[0].cancelled:
+            self.waiting.popleft()
+        if any(r.cancelled for r in self.waiting):
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+
+    def _leave(self, request: _Request) -> None:
+        b = self.running.index(request)
+        moved = self.rows.remove(b)
+        last = self.running.pop()
+        if moved is not None:
+            self.running[b] = last
+
+    def _kv_bytes(self, extra: _Request | None = None) -> int:
+        requests = [*self.running, *([extra] if extra else [])]
+        contexts = {id(r.context): r.context.nbytes for r in requests}
+        tails = sum(self.rows.tail_bytes(r.tail_tokens) for r in requests)
+        return sum(contexts.values()) + tails
+
+    def _admit(self) -> None:
+        if not self.waiting or len(self.running) >= self.config.max_rows:
+            return
+        head = self.waiting[0]
+        if self.running and self._kv_bytes(head) > self.config.kv_budget_bytes:
+            return  # FIFO: the head waits for rows to leave; nobody overtakes it
+        self.waiting.popleft()
+        self.rows.add(head.context, head.tail_tokens)
+        self.pending = head
+
+    def _prefill_chunk(self, request: _Request) -> list[tuple[_Request, object]]:
+        assert self.rows.pending is not None
+        chunk = request.prompt[request.prefilled : request.prefilled + self.config.prefill_chunk]
+        logits = self.rows.prefill(self.rows.pending, chunk)
+        request.prefilled += len(chunk)
+        if request.prefilled < len(request.prompt):
+            return []
+        self.rows.activate(self.rows.pending)
+        self.pending = None
+        self.running.append(request)
+        token = int(sample(logits[None], [request.sampling])[0])
+        return self._emit(request, token)
