@@ -6,12 +6,17 @@ import uvicorn
 
 from app.logs import configure_logging
 from app.main import create_app
-from app.settings import Settings
+from app.settings import ExposureError, Settings
 
 
 def serve(settings: Settings | None = None) -> None:
-    """Configure logging (text or JSON), then run uvicorn on the app until stopped."""
+    """Configure logging (text or JSON), then run uvicorn on the app until stopped.
+
+    Raises ExposureError, before anything starts, for an open API on a non-loopback address
+    (see `Settings.check_exposure`).
+    """
     settings = settings if settings is not None else Settings()
+    settings.check_exposure()
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
@@ -24,7 +29,10 @@ def serve(settings: Settings | None = None) -> None:
 
 
 def main() -> None:
-    serve()
+    try:
+        serve()
+    except ExposureError as exc:
+        raise SystemExit(f"kvzip: {exc}") from exc
 
 
 if __name__ == "__main__":

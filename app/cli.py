@@ -203,10 +203,13 @@ def _rm(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from app.__main__ import serve
-    from app.settings import Settings
+    from app.settings import ExposureError, Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    serve(Settings(**overrides))
+    try:
+        serve(Settings(**overrides))
+    except ExposureError as exc:
+        raise CommandError(str(exc), status=2) from exc
     return 0
 
 

@@ -14,7 +14,6 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,6 +41,7 @@ __all__ = [
     "invalid_field",
     "limit_exceeded",
     "status_of",
+    "utf8_safe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ def status_of(error: ServiceError) -> int:
     return 500
 
 
+def utf8_safe(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (which JSON lets a client send) escaped, so it
+    always encodes: `"\\ud800"` instead of a UnicodeEncodeError at response time."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(
     status: int,
     code: str,
@@ -80,7 +86,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     detail: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
-    body = ErrorPublic(error=ErrorBody(code=code, message=message, detail=detail))
+    body = ErrorPublic(error=ErrorBody(code=code, message=utf8_safe(message), detail=detail))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
@@ -152,11 +158,45 @@ def _describe(error: Mapping[str, Any]) -> str:
     return msg if not field or msg.startswith(field) else f"{field}: {msg}"
 
 
+_ECHO_CHARS = 256
+"""Longest string echoed back in a 422's `detail` (the input of a 16 MiB field is not)."""
+_ECHO_ITEMS = 16
+"""Most items of a list or object echoed back in a 422's `detail`."""
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """`value` as JSON that always serialises: non-finite floats (`1e400`, NaN) and unknown
+    objects become strings; long strings and containers are cut short."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return utf8_safe(value if len(value) <= _ECHO_CHARS else value[:_ECHO_CHARS] + "...")
+    if depth >= 8:
+        return "..."
+    if isinstance(value, Mapping):
+        items = list(value.items())[:_ECHO_ITEMS]
+        return {_plain(str(key), depth + 1): _plain(item, depth + 1) for key, item in items}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item, depth + 1) for item in list(value)[:_ECHO_ITEMS]]
+    return _plain(str(value), depth + 1)
+
+
+def _detail(error: Mapping[str, Any]) -> dict[str, Any]:
+    """One pydantic error made plain for the 422 body (`loc` too: a client's field names)."""
+    loc = [part if isinstance(part, int) else _plain(str(part)) for part in error.get("loc", ())]
+    return {key: loc if key == "loc" else _plain(value) for key, value in error.items()}
+
+
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    message = "; ".join(_describe(error) for error in errors) or "invalid request"
-    return error_response(422, "invalid_request", message, detail=jsonable_encoder(errors))
+    errors = list(exc.errors())
+    shown = [_detail(error) for error in errors[:_ECHO_ITEMS]]
+    message = "; ".join(_describe(error) for error in shown) or "invalid request"
+    if len(errors) > len(shown):
+        message += f"; and {len(errors) - len(shown)} more errors"
+    return error_response(422, "invalid_request", message, detail=shown)
 
 
 def _allowed_methods(request: Request) -> str:

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.auth import RateLimiter, log_access_mode
+from app.auth import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_MINUTE, RateLimiter, log_access_mode
 from app.errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.openapi import install_openapi
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
     app.state.settings = settings
     app.state.service = None
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    app.state.auth_failures = RateLimiter(AUTH_FAILURES_PER_MINUTE, AUTH_FAILURE_BURST)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_bytes))
     app.add_middleware(RequestContextMiddleware)  # outermost: ids and metrics for everything

@@ -2,7 +2,8 @@
 
 Names follow Prometheus and vLLM conventions in the `kvzip_` namespace: base units in the
 name (`_seconds`, `_bytes`), `_total` on counters. Labels are small closed sets: the route
-template (`/contexts/{context_id}`), never a context id; the method; the status code.
+template (`/contexts/{context_id}`), never a context id; the method (one of HTTP_METHODS,
+any other name is "other": clients choose it before auth); the status code.
 
 HTTP layer (here):
     kvzip_http_requests_total{method,route,status}
@@ -28,16 +29,21 @@ from app.sse import aclose
 from service.types import QueryEvent, QueryResult
 
 __all__ = [
+    "HTTP_METHODS",
     "HTTP_REQUESTS",
     "HTTP_SECONDS",
     "INTER_TOKEN_SECONDS",
     "TTFT_SECONDS",
+    "method_label",
     "observe_answer",
     "observe_stream",
     "render",
 ]
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""The methods that are their own `method` label; any other is counted as "other"."""
 
 HTTP_REQUESTS = Counter(
     "kvzip_http_requests", "HTTP requests answered.", ["method", "route", "status"]
@@ -58,6 +64,11 @@ INTER_TOKEN_SECONDS = Histogram(
     "Seconds between successive streamed chunks of an answer.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5),
 )
+
+
+def method_label(method: str) -> str:
+    """The `method` label of a request: the method itself if standard, else "other"."""
+    return method if method in HTTP_METHODS else "other"
 
 
 def observe_answer(result: QueryResult) -> None:

@@ -63,8 +63,9 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - start
             route, method = _route_of(scope), scope["method"]
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(method, route, str(status)).observe(seconds)
+            label = metrics.method_label(method)
+            metrics.HTTP_REQUESTS.labels(label, route, str(status)).inc()
+            metrics.HTTP_SECONDS.labels(label, route, str(status)).observe(seconds)
             access_log.info(
                 "%s %s %d %.1f ms",
                 method,

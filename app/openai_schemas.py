@@ -18,6 +18,8 @@ from app.schemas import (
     JsonInt,
     PromptTokensDetails,
     Seed,
+    StopSequence,
+    StopSequences,
     integral,
 )
 from service.types import QueryResult
@@ -58,7 +60,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-StopText = Annotated[str, Field(min_length=1, max_length=256)]
 TokenCount = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 
 
@@ -72,6 +73,7 @@ class ChatCompletionCreate(BaseModel):
     model_config = ConfigDict(
         extra="ignore",
         strict=True,
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -105,7 +107,9 @@ class ChatCompletionCreate(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: Seed | None = None
-    stop: StopText | list[StopText] | None = Field(default=None)
+    stop: StopSequence | StopSequences | None = Field(
+        default=None, description="One stop string, or a list as on the native query route."
+    )
     n: JsonInt = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None

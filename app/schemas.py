@@ -19,9 +19,10 @@ CONTEXT_ID_EXAMPLE = "ctx_5f2b8c0e9a7d4b1c8e3f6a2d0b9c7e41"
 
 
 class RequestModel(BaseModel):
-    """Unknown fields are refused, and so are values of the wrong JSON type (`"wait": 0`)."""
+    """Unknown fields are refused, and so are values of the wrong JSON type (`"wait": 0`)
+    and non-finite numbers (`1e400`, `NaN`, `Infinity`)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def integral(value: Any) -> Any:
@@ -275,7 +276,22 @@ def _utc(moment: datetime) -> datetime:
 # --- queries -------------------------------------------------------------------------------
 
 
-StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_STOP_SEQUENCES = 4
+"""Most stop strings a request may give (each is matched against the text on every token)."""
+MAX_STOP_LENGTH = 256
+"""Longest stop string, in characters."""
+StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+StopSequences = Annotated[
+    list[StopSequence],
+    Field(
+        max_length=MAX_STOP_SEQUENCES,
+        description=(
+            f"Up to {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_LENGTH} characters; "
+            "the answer ends before the first one generated."
+        ),
+    ),
+]
+"""The stop list of both query routes (native and OpenAI), validated the same way."""
 MAX_SEED = 2**53 - 1
 """The largest seed (exact in every JSON implementation)."""
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(integral)]
@@ -316,12 +332,7 @@ class QueryCreate(RequestModel):
         description="Makes sampling repeatable.",
         examples=[1234],
     )
-    stop: list[StopSequence] | None = Field(
-        default=None,
-        max_length=4,
-        description="Up to 4 strings; the answer ends before the first one generated.",
-        examples=[["\n\n"]],
-    )
+    stop: StopSequences | None = Field(default=None, examples=[["\n\n"]])
     stream: bool = Field(
         default=False,
         description=(

@@ -43,6 +43,7 @@ current and that README.md names every variable.
 | `max_body_bytes` | `KVZIP_MAX_BODY_BYTES` | `16777216` | Largest request body (or 16MiB) |
 | `api_keys` | `KVZIP_API_KEYS` | unset | JSON `{"<key>": "<tenant>"}`; unset: open |
 | `admin_api_key` | `KVZIP_ADMIN_API_KEY` | unset | Bearer key that sees every tenant |
+| `allow_anonymous` | `KVZIP_ALLOW_ANONYMOUS` | `False` | Serve without keys off loopback |
 | `rate_limit_per_minute` | `KVZIP_RATE_LIMIT_PER_MINUTE` | `0` | Requests/minute per key (0: off) |
 | `rate_limit_burst` | `KVZIP_RATE_LIMIT_BURST` | `10` | Requests a key may send at once |
 | `log_format` | `KVZIP_LOG_FORMAT` | `text` | text, or json (one object per line) |
@@ -50,6 +51,7 @@ current and that README.md names every variable.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -58,7 +60,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.config import CompressionConfig, DistributedConfig, EngineConfig, ServiceConfig
 
-__all__ = ["ENV_PREFIX", "Settings", "settings_table_markdown"]
+__all__ = ["ENV_PREFIX", "ExposureError", "Settings", "settings_table_markdown"]
 
 ENV_PREFIX = "KVZIP_"
 
@@ -70,6 +72,10 @@ _DISTRIBUTED = DistributedConfig()
 ApiKey = Annotated[str, Field(min_length=8, pattern=r"^[\x21-\x7e]+$")]
 """A Bearer key: at least 8 printable ASCII characters, no spaces."""
 TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class ExposureError(ValueError):
+    """Raised by `Settings.check_exposure()`: an open API bound to a non-loopback address."""
 
 
 class Settings(BaseSettings):
@@ -202,6 +208,7 @@ class Settings(BaseSettings):
     admin_api_key: ApiKey | None = Field(
         default=None, description="Bearer key that sees every tenant"
     )
+    allow_anonymous: bool = Field(default=False, description="Serve without keys off loopback")
     rate_limit_per_minute: int = Field(
         default=0, ge=0, description="Requests/minute per key (0: off)"
     )
@@ -228,6 +235,29 @@ class Settings(BaseSettings):
     def auth_enabled(self) -> bool:
         """True when requests need a Bearer key (some key is configured)."""
         return bool(self.api_keys) or self.admin_api_key is not None
+
+    @property
+    def loopback(self) -> bool:
+        """True when `host` only takes connections from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuse to serve an open API (no key) on a non-loopback address, unless
+        `KVZIP_ALLOW_ANONYMOUS=true` says that is meant. Called where the server starts."""
+        if self.auth_enabled or self.loopback or self.allow_anonymous:
+            return
+        raise ExposureError(
+            f"refusing to serve without API keys on {self.host}:{self.port}, which is not a "
+            "loopback address: anyone who can reach it could read and delete every context. "
+            'Set KVZIP_API_KEYS (JSON {"<key>": "<tenant>"}) or KVZIP_ADMIN_API_KEY, bind '
+            "KVZIP_HOST=127.0.0.1, or set KVZIP_ALLOW_ANONYMOUS=true to serve it open anyway "
+            "(docs/deploy.md)"
+        )
 
     def to_service_config(self) -> ServiceConfig:
         """The frozen configuration service/ is built from."""

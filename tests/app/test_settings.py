@@ -60,6 +60,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_MAX_BODY_BYTES": "1MiB",
         "KVZIP_API_KEYS": '{"sk-team-a-0001": "team-a", "sk-team-b-0002": "team-b"}',
         "KVZIP_ADMIN_API_KEY": "sk-admin-0003",
+        "KVZIP_ALLOW_ANONYMOUS": "true",
         "KVZIP_RATE_LIMIT_PER_MINUTE": "120",
         "KVZIP_RATE_LIMIT_BURST": "5",
         "KVZIP_LOG_FORMAT": "json",
@@ -102,6 +103,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.max_document_tokens, settings.max_body_bytes) == (32000, 1024**2)
     assert settings.api_keys == {"sk-team-a-0001": "team-a", "sk-team-b-0002": "team-b"}
     assert settings.admin_api_key == "sk-admin-0003" and settings.auth_enabled
+    assert settings.allow_anonymous is True
     assert (settings.rate_limit_per_minute, settings.rate_limit_burst) == (120, 5)
     assert settings.log_format == "json"
     service = settings.to_service_config()
