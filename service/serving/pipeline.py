@@ -198,7 +198,7 @@ class Pipeline:
         text = TextStream(self.engine.decode, request.sampling.stop)
         ttft = 0.0
         tokens: list[int] = []
-        generation = self.thread.stream(lambda: self.engine.generate(ctx, prompt, request.sampling))
+        generation = self.scheduler.generate(ctx, prompt, request.sampling)
         try:
             async with contextlib.aclosing(generation):  # closed early: the engine stops too
                 async for token in generation:
