@@ -454,7 +454,6 @@ def _record(context_id: str, tenant: str, **changes: Any) -> ContextRecord:
     return ContextRecord(**(fields | changes))
 
 
-@pytest.mark.xfail(strict=True, reason="embedded list_contexts: pending pipeline rewrite")
 async def test_one_corrupt_record_does_not_break_listing(tmp_path: Path) -> None:
     """`{}`, JSON that is not an object and a record with a bad timestamp on disk: every
     tenant's listing still answers, with its good contexts (issue 13, item 11)."""
