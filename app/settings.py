@@ -21,6 +21,9 @@ current and that README.md names every variable.
 | `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
 | `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
+| `max_batch_rows` | `KVZIP_MAX_BATCH_ROWS` | `16` | Requests decoded together |
+| `kv_budget_bytes` | `KVZIP_KV_BUDGET_BYTES` | `2147483648` | KV memory of running answers (or 2GiB) |
+| `question_chunk_tokens` | `KVZIP_QUESTION_CHUNK_TOKENS` | `512` | Question tokens prefilled per decode step |
 | `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method (see docs/quality.md) |
 | `default_ratio` | `KVZIP_DEFAULT_RATIO` | `0.3` | Kept fraction of KV pairs |
 | `chunk_size` | `KVZIP_CHUNK_SIZE` | `2000` | KVzip scoring chunk, in tokens |
@@ -58,7 +61,13 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.config import CompressionConfig, DistributedConfig, EngineConfig, ServiceConfig
+from service.config import (
+    BatchingConfig,
+    CompressionConfig,
+    DistributedConfig,
+    EngineConfig,
+    ServiceConfig,
+)
 
 __all__ = ["ENV_PREFIX", "ExposureError", "Settings", "settings_table_markdown"]
 
@@ -131,6 +140,18 @@ class Settings(BaseSettings):
     )
     max_new_tokens_limit: int = Field(
         default=_SERVICE.max_new_tokens_limit, ge=1, description="Upper bound on max_new_tokens"
+    )
+    max_batch_rows: int = Field(
+        default=_SERVICE.batching.max_rows, ge=1, le=4096, description="Requests decoded together"
+    )
+    kv_budget_bytes: Annotated[ByteSize, Field(ge=1)] = Field(
+        default=ByteSize(_SERVICE.batching.kv_budget_bytes),
+        description="KV memory of running answers (or 2GiB)",
+    )
+    question_chunk_tokens: int = Field(
+        default=_SERVICE.batching.prefill_chunk,
+        ge=1,
+        description="Question tokens prefilled per decode step",
     )
     # default compression
     default_method: Literal[
@@ -282,6 +303,12 @@ class Settings(BaseSettings):
             default_ttl_s=self.default_ttl_seconds,
             max_ttl_s=self.max_ttl_seconds,
             max_document_tokens=self.max_document_tokens,
+            batching=BatchingConfig(
+                max_rows=self.max_batch_rows,
+                kv_budget_bytes=int(self.kv_budget_bytes),
+                queue_size=self.queue_size,
+                prefill_chunk=self.question_chunk_tokens,
+            ),
             distributed=DistributedConfig(
                 redis_url=self.redis_url,
                 redis_cache_url=self.redis_cache_url,

@@ -9,7 +9,13 @@ from pydantic import ByteSize, ValidationError
 
 import app.settings
 from app.settings import ENV_PREFIX, Settings, settings_table_markdown
-from service.config import CompressionConfig, DistributedConfig, EngineConfig, ServiceConfig
+from service.config import (
+    BatchingConfig,
+    CompressionConfig,
+    DistributedConfig,
+    EngineConfig,
+    ServiceConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_VARS = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
@@ -38,6 +44,9 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_MEMORY_CACHE_BYTES": "1GiB",
         "KVZIP_QUEUE_SIZE": "8",
         "KVZIP_MAX_NEW_TOKENS_LIMIT": "4096",
+        "KVZIP_MAX_BATCH_ROWS": "32",
+        "KVZIP_KV_BUDGET_BYTES": "4GiB",
+        "KVZIP_QUESTION_CHUNK_TOKENS": "128",
         "KVZIP_DEFAULT_METHOD": "none",
         "KVZIP_DEFAULT_RATIO": "0.5",
         "KVZIP_CHUNK_SIZE": "1024",
@@ -107,6 +116,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.rate_limit_per_minute, settings.rate_limit_burst) == (120, 5)
     assert settings.log_format == "json"
     service = settings.to_service_config()
+    assert service.batching == BatchingConfig(32, 4 * 1024**3, 8, 128)
     assert (service.default_ttl_s, service.max_ttl_s, service.max_document_tokens) == (
         600.0,
         86400.0,
@@ -210,6 +220,9 @@ def test_to_service_config_carries_every_setting() -> None:
         memory_cache_bytes=ByteSize(1000),
         queue_size=3,
         max_new_tokens_limit=64,
+        max_batch_rows=5,
+        kv_budget_bytes=ByteSize(7000),
+        question_chunk_tokens=64,
         default_method="none",
         default_ratio=0.25,
         chunk_size=100,
@@ -224,12 +237,14 @@ def test_to_service_config_carries_every_setting() -> None:
             attention_backend="torch",
             prefill_chunk_tokens=512,
             question_reserve_tokens=128,
+            head_scores_dir=Path("/tmp/kvzip/head_scores"),
         ),
         data_dir=Path("/tmp/kvzip"),
         memory_cache_bytes=1000,
         queue_size=3,
         max_new_tokens_limit=64,
         default_compression=CompressionConfig("none", 0.25, 100),
+        batching=BatchingConfig(5, 7000, 3, 64),
     )
 
 
