@@ -22,8 +22,8 @@ current and that README.md names every variable.
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
 | `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
 | `max_batch_rows` | `KVZIP_MAX_BATCH_ROWS` | `16` | Requests decoded together |
-| `kv_budget_bytes` | `KVZIP_KV_BUDGET_BYTES` | `2147483648` | KV memory of running answers (or 2GiB) |
-| `question_chunk_tokens` | `KVZIP_QUESTION_CHUNK_TOKENS` | `512` | Question tokens prefilled per decode step |
+| `kv_budget_bytes` | `KVZIP_KV_BUDGET_BYTES` | `2147483648` | KV budget of answers (or 2GiB) |
+| `question_chunk_tokens` | `KVZIP_QUESTION_CHUNK_TOKENS` | `512` | Question tokens per step |
 | `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method (see docs/quality.md) |
 | `default_ratio` | `KVZIP_DEFAULT_RATIO` | `0.3` | Kept fraction of KV pairs |
 | `chunk_size` | `KVZIP_CHUNK_SIZE` | `2000` | KVzip scoring chunk, in tokens |
@@ -146,12 +146,12 @@ class Settings(BaseSettings):
     )
     kv_budget_bytes: Annotated[ByteSize, Field(ge=1)] = Field(
         default=ByteSize(_SERVICE.batching.kv_budget_bytes),
-        description="KV memory of running answers (or 2GiB)",
+        description="KV budget of answers (or 2GiB)",
     )
     question_chunk_tokens: int = Field(
         default=_SERVICE.batching.prefill_chunk,
         ge=1,
-        description="Question tokens prefilled per decode step",
+        description="Question tokens per step",
     )
     # default compression
     default_method: Literal[

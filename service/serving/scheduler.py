@@ -23,7 +23,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +79,7 @@ class Scheduler:
 
     async def generate(
         self, context: CompressedContext, prompt: list[int], params: SamplingParams
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Answer token ids for `prompt` after `context` (EOS not included)."""
         if len(self.waiting) >= self.config.queue_size:
             raise QueueFullError(retry_after=1.0)
