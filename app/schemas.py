@@ -83,6 +83,22 @@ class CompressionSpec(RequestModel):
         description="Fraction of the document's KV pairs to keep, in (0, 1].",
         examples=[0.3],
     )
+    quantization: Literal["none", "fp8", "int4"] = Field(
+        default="none",
+        description=(
+            "How the kept keys/values are stored (dequantized on the device when loaded): "
+            '"none" in the model dtype; "fp8" float8 e4m3 with a scale per KV head and '
+            'channel (about half the bytes of bf16); "int4" asymmetric 4-bit, keys grouped '
+            "per channel over `group_size` tokens, values per token over `group_size` "
+            "channels (about a quarter). See docs/quality.md for the fidelity of each."
+        ),
+        examples=["fp8"],
+    )
+    group_size: Literal[32, 64, 128] = Field(
+        default=64,
+        description="int4 only: tokens per key group and channels per value group.",
+        examples=[64],
+    )
 
 
 DisplayName = Annotated[
@@ -173,7 +189,16 @@ class CompressionPublic(BaseModel):
     kept_kv_pairs: int = Field(description="KV pairs kept, over all layers and heads.")
     total_kv_pairs: int = Field(description="KV pairs before compression.")
     kept_fraction: float = Field(description="kept_kv_pairs / total_kv_pairs.", examples=[0.3])
-    bytes: int = Field(description="Size of the compressed cache.")
+    bytes: int = Field(description="Size of the compressed cache as stored.")
+    quantization: str = Field(default="none", description="How the keys/values are stored.")
+    bytes_full_bf16: int = Field(
+        default=0,
+        description=(
+            "What the full, unevicted cache would take in bf16 (2 bytes x K,V x layers x KV "
+            "heads x head_dim x tokens); bytes / bytes_full_bf16 is the saving. 0: unknown "
+            "(a context stored by an older version)."
+        ),
+    )
 
     @classmethod
     def from_stats(cls, stats: CompressionStats) -> CompressionPublic:
@@ -184,6 +209,8 @@ class CompressionPublic(BaseModel):
             total_kv_pairs=stats.total_kv_pairs,
             kept_fraction=stats.kept_fraction,
             bytes=stats.bytes,
+            quantization=stats.quantization,
+            bytes_full_bf16=stats.bytes_full_bf16,
         )
 
 
@@ -230,6 +257,8 @@ class ContextPublic(BaseModel):
                         "total_kv_pairs": 146340,
                         "kept_fraction": 0.3,
                         "bytes": 5621760,
+                        "quantization": "none",
+                        "bytes_full_bf16": 17564160,
                     },
                 }
             ]

@@ -12,6 +12,9 @@ from service.errors import InvalidInputError
 METHODS = ("kvzip", "kvzip_plus", "kvzip_head", "kvzap", "streaming", "snapkv", "h2o", "none")
 """Every `compression.method`: the scorers of service.compression.scorers, and `none` (keep all)."""
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+QUANTIZATIONS = ("none", "fp8", "int4")
+"""Every `compression.quantization` of the stored keys/values (service.engine.quantization)."""
+GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -21,16 +24,26 @@ class CompressionConfig:
     threshold (method `kvzap` only): keep the pairs whose predicted log-score is >= it, plus
     the most recent 128 context tokens, instead of a fixed ratio; the context then reports
     the ratio it achieved.
+
+    quantization: how the kept keys/values are stored, `none` (the model dtype), `fp8` or
+    `int4`; group_size: tokens per int4 key group and channels per int4 value group. Both
+    are part of the context id only when quantized (ids of `none` contexts never changed).
     """
 
     method: str = "kvzip"
     ratio: float = 0.3
     chunk_size: int = 2000
     threshold: float | None = None
+    quantization: str = "none"
+    group_size: int = 64
 
     def normalized(self) -> CompressionConfig:
         """`none` always keeps everything: ratio 1.0 whatever was asked. A threshold makes
-        the ratio irrelevant (1.0); InvalidInputError for a threshold on another method."""
+        the ratio irrelevant (1.0); InvalidInputError for a threshold on another method.
+        group_size matters to int4 only (the default otherwise)."""
+        config = self
+        if self.quantization != "int4":
+            config = replace(config, group_size=CompressionConfig.group_size)
         if self.threshold is not None:
             if self.method != "kvzap":
                 raise InvalidInputError(
@@ -38,8 +51,8 @@ class CompressionConfig:
                 )
             if not math.isfinite(self.threshold):
                 raise InvalidInputError(f"threshold must be finite. Given: {self.threshold}")
-            return replace(self, ratio=1.0)
-        return CompressionConfig("none", 1.0, self.chunk_size) if self.method == "none" else self
+            return replace(config, ratio=1.0)
+        return replace(config, ratio=1.0) if self.method == "none" else config
 
 
 @dataclass(frozen=True)

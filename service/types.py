@@ -20,6 +20,8 @@ class CompressionStats:
     kept_kv_pairs: int
     total_kv_pairs: int
     bytes: int
+    quantization: str = "none"
+    bytes_full_bf16: int = 0  # the full, unevicted cache in bf16; 0 when unknown
 
     @property
     def kept_fraction(self) -> float:

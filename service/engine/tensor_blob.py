@@ -48,6 +48,7 @@ _DTYPES = {
     torch.int64: "I64",
     torch.uint8: "U8",
     torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
 _FROM_NAME = {name: dtype for dtype, name in _DTYPES.items()}
 

@@ -45,12 +45,21 @@ def context_id(
             "format": identity["format_version"],
             "model": identity["model_fingerprint"],
             "tokenizer": identity["tokenizer_fingerprint"],
-            "compression": {**asdict(compression), "ratio": round(compression.ratio, 6)},
+            "compression": _settings(compression),
             "tenant": tenant,
             "system": system,
             "text": hashlib.sha256(text.encode()).hexdigest(),
         }
     )
+
+
+def _settings(compression: CompressionConfig) -> dict[str, object]:
+    """The hashed compression settings: quantization and group_size only when quantized,
+    so the ids of unquantized contexts are those of versions before quantization."""
+    settings = {**asdict(compression), "ratio": round(compression.ratio, 6)}
+    if compression.quantization == "none":
+        del settings["quantization"], settings["group_size"]
+    return settings
 
 
 def legacy_context_id(
@@ -67,6 +76,8 @@ def legacy_context_id(
     ]
     if compression.threshold is not None:
         settings.append(round(compression.threshold, 6))
+    if compression.quantization != "none":  # never stored before 0.2: an id of its own
+        settings += [compression.quantization, compression.group_size]
     tokens = struct.pack(f"<{len(token_ids)}i", *token_ids)  # int32, little-endian
     payload = {
         "format": identity["format_version"],

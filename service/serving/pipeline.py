@@ -24,6 +24,7 @@ from service.engine.fingerprints import FORMAT_VERSION
 from service.engine.kvcache import CompressedContext
 from service.engine.kvzip_engine import Document, IngestTimings, KVzipEngine
 from service.engine.prompt import PromptLayout, build_layout, question_ids
+from service.engine.tensor_blob import ByteSource
 from service.errors import ContextNotFoundError, DocumentTooLongError, InvalidInputError
 from service.serving.engine_thread import EngineWorker
 from service.serving.ids import context_id, legacy_context_id
@@ -113,7 +114,10 @@ class Pipeline:
         """
         ctx, timings = await self.thread.run(self.engine.ingest, doc, compression, progress)
         started = time.perf_counter()
-        blob = await asyncio.to_thread(codec.encode, ctx, self.engine.identity)
+        scheme, group = compression.quantization, compression.group_size
+        blob = await asyncio.to_thread(codec.encode, ctx, self.engine.identity, scheme, group)
+        if compression.quantization != "none":  # resident = what a later load decodes
+            ctx = await asyncio.to_thread(self._decode, blob)
         await self._abort_if(aborted, current().id)
         record = ready_record(current(), ctx, len(blob))
         await self.registry.commit(record, blob)
@@ -150,10 +154,14 @@ class Pipeline:
         blob = await self.registry.blob(cid)
         if blob is None:
             raise ContextNotFoundError(cid)
-        device, dtype = self.engine.model.device, self.engine.model.dtype
-        ctx = await asyncio.to_thread(codec.decode, blob, self.engine.identity, device, dtype)
+        ctx = await asyncio.to_thread(self._decode, blob)
         self.resident.put(cid, ctx)
         return ctx
+
+    def _decode(self, blob: ByteSource) -> CompressedContext:
+        """A stored object on the model's device in its dtype (dequantized there)."""
+        device, dtype = self.engine.model.device, self.engine.model.dtype
+        return codec.decode(blob, self.engine.identity, device, dtype)
 
     def question_ids(self, system: str | None, question: str) -> list[int]:
         """The question in the layout the context was ingested with (its system prompt)."""
@@ -242,9 +250,17 @@ def ready_record(base: ContextRecord, ctx: CompressedContext, nbytes: int) -> Co
         kept_kv_pairs=ctx.kept_pairs,
         total_kv_pairs=ctx.total_pairs,
         bytes=nbytes,
+        bytes_full_bf16=full_bf16_bytes(ctx),
         progress=1.0,
         error=None,
     )
+
+
+def full_bf16_bytes(ctx: CompressedContext) -> int:
+    """What the full, unevicted cache takes in bf16: 2 bytes x (K, V) x layers x KV heads x
+    head_dim x (prefix + context) tokens."""
+    layer = ctx.layers[0]
+    return 2 * 2 * len(ctx.layers) * layer.n_heads * layer.keys.shape[1] * ctx.seq_len
 
 
 def _observe_ingest(timings: IngestTimings, store_s: float, record: ContextRecord) -> None:

@@ -38,6 +38,8 @@ class ContextRecord:
     progress: float = 1.0
     error: str | None = None
     system: str | None = None  # the system instruction in the prefix; queries reuse its layout
+    quantization: str = "none"  # how the stored keys/values are quantized
+    bytes_full_bf16: int = 0  # the full, unevicted cache in bf16 (0: recorded before 0.3)
 
     def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -57,7 +59,13 @@ class ContextRecord:
 
     def info(self) -> ContextInfo:
         stats = CompressionStats(
-            self.method, self.ratio, self.kept_kv_pairs, self.total_kv_pairs, self.bytes
+            self.method,
+            self.ratio,
+            self.kept_kv_pairs,
+            self.total_kv_pairs,
+            self.bytes,
+            self.quantization,
+            self.bytes_full_bf16,
         )
         return ContextInfo(
             id=self.id,

@@ -141,6 +141,7 @@ def processing_record(
         method=compression.method,
         ratio=compression.ratio,
         chunk_size=compression.chunk_size,
+        quantization=compression.quantization,
         kept_kv_pairs=0,
         total_kv_pairs=0,
         bytes=0,

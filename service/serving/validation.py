@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from service.config import METHODS, CompressionConfig, ServiceConfig
+from service.config import GROUP_SIZES, METHODS, QUANTIZATIONS, CompressionConfig, ServiceConfig
 from service.errors import InvalidInputError
 from service.types import ANY_TENANT, CreateContextRequest, QueryRequest, SamplingParams
 
@@ -33,6 +33,14 @@ def validated_compression(compression: CompressionConfig) -> CompressionConfig:
         raise InvalidInputError(f"ratio must be in (0, 1]. Given: {compression.ratio}")
     if compression.chunk_size < 16:
         raise InvalidInputError(f"chunk_size must be >= 16. Given: {compression.chunk_size}")
+    if compression.quantization not in QUANTIZATIONS:
+        raise InvalidInputError(
+            f"unknown quantization {compression.quantization!r}; use {QUANTIZATIONS}"
+        )
+    if compression.group_size not in GROUP_SIZES:
+        raise InvalidInputError(
+            f"group_size must be one of {GROUP_SIZES}. Given: {compression.group_size}"
+        )
     return compression.normalized()
 
 

@@ -108,6 +108,8 @@ class FakeContextService:
                 kept_kv_pairs=kept,
                 total_kv_pairs=tokens * 4,
                 bytes=kept * 256,
+                quantization=compression.quantization,
+                bytes_full_bf16=tokens * 4 * 256,
             ),
             expire_time=CREATE_TIME + timedelta(seconds=request.ttl_seconds or 3600),
             progress=1.0 if request.wait else 0.25,

@@ -76,6 +76,8 @@ def test_create_returns_every_resource_field(client: TestClient) -> None:
         "total_kv_pairs": 28,
         "kept_fraction": 0.5,
         "bytes": 14 * 256,
+        "quantization": "none",
+        "bytes_full_bf16": 28 * 256,
     }
 
 

@@ -1,0 +1,222 @@
+"""Quantized keys and values of a stored context (DESIGN.md, "Storage format").
+
+`compression.quantization` picks how a layer's keys/values (N, d), head-major and ragged
+(`cu_lens`), are stored; the resident context is always dequantized to the model dtype.
+
+- `none`: the tensors as they are (the model dtype).
+- `fp8`: float8 e4m3 codes (N, d) and one float32 scale per (KV head, channel),
+  `{keys,values}_scale` (H, d) = amax / 448. Keys have outlier channels (KIVI), so the scale
+  is per channel; e4m3's own exponent absorbs the spread between tokens, so a per-token
+  scale would cost 2 bytes per row for nothing. Error: |x - x̂| <= max(2^-4 |x|, 2^-10 s).
+- `int4`: asymmetric 4-bit codes, two per byte (N, d/2) uint8 (low nibble first). Keys:
+  one scale/zero per channel over `group_size` consecutive tokens of one head (KIVI),
+  `keys_scale`/`keys_zero` (G_k, d) with G_k = sum over heads of ceil(len_h / group_size).
+  Values: one per token over `min(group_size, d)` channels, `values_scale`/`values_zero`
+  (N, d / that). Scales/zeros are fp16 (float32 where fp16 would overflow), the zero
+  rounded down and the scale up, so every element is within scale/2 of its code.
+
+`quantize(layer, scheme, group_size)` -> name suffix -> tensor (on the layer's device);
+`dequantize(tensors, cu_lens, scheme, dtype)` -> (keys, values) on the tensors' device:
+a few vectorised ops per tensor, no host round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine.kvcache import RaggedLayer
+from service.errors import CorruptContextError
+
+SCHEMES = ("none", "fp8", "int4")
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+_LEVELS = 15  # int4: codes 0..15
+_FP16_LIMIT = 60000.0  # beyond this a scale or zero goes to float32
+
+
+def head_of_row(cu_lens: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(N,) int64: the KV head of every row of a ragged layer."""
+    heads = torch.arange(cu_lens.numel() - 1, device=cu_lens.device)
+    return torch.repeat_interleave(heads, (cu_lens[1:] - cu_lens[:-1]).long(), output_size=n_rows)
+
+
+def key_groups(cu_lens: torch.Tensor, n_rows: int, group_size: int) -> torch.Tensor:
+    """(N,) int64: the int4 key group of every row (groups never straddle two heads)."""
+    lens = (cu_lens[1:] - cu_lens[:-1]).long()
+    starts = torch.cumsum((lens + group_size - 1) // group_size, 0) - (
+        (lens + group_size - 1) // group_size
+    )
+    head = head_of_row(cu_lens, n_rows)
+    local = torch.arange(n_rows, device=cu_lens.device) - cu_lens.long()[head]
+    return starts[head] + local // group_size
+
+
+def value_group(group_size: int, d: int) -> int:
+    """Channels per int4 value group: group_size when it divides d, else the whole row."""
+    g = min(group_size, d)
+    return g if d % g == 0 else d
+
+
+# -- quantize ------------------------------------------------------------------------------
+
+
+def quantize(layer: RaggedLayer, scheme: str, group_size: int) -> dict[str, torch.Tensor]:
+    """The stored tensors of one layer's keys/values: suffix ("keys", "keys_scale", ...)."""
+    if scheme == "none":
+        return {"keys": layer.keys, "values": layer.values}
+    n = layer.keys.shape[0]
+    if scheme == "fp8":
+        head = head_of_row(layer.cu_lens, n)
+        return {
+            **_fp8(layer.keys, head, layer.n_heads, "keys"),
+            **_fp8(layer.values, head, layer.n_heads, "values"),
+        }
+    if scheme == "int4":
+        return {**_int4_keys(layer, group_size), **_int4_values(layer.values, group_size)}
+    raise ValueError(f"unknown quantization {scheme!r}; use {SCHEMES}")
+
+
+def _fp8(x: torch.Tensor, head: torch.Tensor, n_heads: int, field: str) -> dict[str, torch.Tensor]:
+    """x (N, d) -> e4m3 codes (N, d) and a float32 scale per (head, channel) (H, d)."""
+    xf = x.float()
+    amax = torch.zeros(n_heads, x.shape[1], dtype=torch.float32, device=x.device)
+    amax.scatter_reduce_(0, head[:, None].expand(-1, x.shape[1]), xf.abs(), "amax")
+    scale = (amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (xf / scale[head]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
+    return {field: codes, f"{field}_scale": scale}
+
+
+def _int4_keys(layer: RaggedLayer, group_size: int) -> dict[str, torch.Tensor]:
+    """Keys (N, d): codes (N, d/2) and a scale/zero per (token group of a head, channel)."""
+    x = layer.keys.float()
+    n, d = x.shape
+    groups = key_groups(layer.cu_lens, n, group_size)
+    n_groups = int(groups[-1]) + 1 if n else 0
+    index = groups[:, None].expand(-1, d)
+    lo = torch.full((n_groups, d), torch.inf, device=x.device).scatter_reduce_(0, index, x, "amin")
+    hi = torch.full((n_groups, d), -torch.inf, device=x.device).scatter_reduce_(0, index, x, "amax")
+    zero, scale = _affine(lo, hi)
+    codes = _codes(x, zero.float()[groups], scale.float()[groups])
+    return {"keys": codes, "keys_scale": scale, "keys_zero": zero}
+
+
+def _int4_values(values: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Values (N, d): codes (N, d/2) and a scale/zero per (token, channel group) (N, d/g)."""
+    n, d = values.shape
+    g = value_group(group_size, d)
+    x = values.float().view(n, d // g, g)
+    zero, scale = _affine(x.amin(-1), x.amax(-1))
+    codes = _codes(x, zero.float()[..., None], scale.float()[..., None])
+    return {"values": codes.view(n, d // 2), "values_scale": scale, "values_zero": zero}
+
+
+def _affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero (rounded down) and scale (rounded up) of groups spanning [lo, hi]: fp16 when
+    it fits, else float32."""
+    compact = _fits_fp16(lo) and _fits_fp16(hi - lo)
+    zero = _round_down_fp16(lo) if compact else lo
+    scale = ((hi - zero.float()) / _LEVELS).clamp_min(2.0**-24)
+    return zero, _round_up_fp16(scale) if compact else scale
+
+
+def _codes(x: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round((x - zero) / scale) in 0..15, two per byte along the last dim (low nibble first)."""
+    codes = torch.round((x - zero) / scale).clamp_(0, _LEVELS).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _fits_fp16(x: torch.Tensor) -> bool:
+    return not x.numel() or float(x.abs().max()) < _FP16_LIMIT
+
+
+def _round_down_fp16(x: torch.Tensor) -> torch.Tensor:
+    """The largest fp16 <= x (x float32, finite, |x| < 65504)."""
+    h = x.half()
+    bits = h.view(torch.int16)
+    below_zero = torch.full_like(bits, -32767)  # 0x8001: the negative fp16 nearest zero
+    smaller = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, below_zero))
+    return torch.where(h.float() > x, smaller.view(torch.float16), h)
+
+
+def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 >= x (x float32, positive, < 65504)."""
+    h = x.half()
+    return torch.where(h.float() < x, (h.view(torch.int16) + 1).view(torch.float16), h)
+
+
+# -- dequantize ----------------------------------------------------------------------------
+
+
+def dequantize(
+    tensors: dict[str, torch.Tensor],
+    cu_lens: torch.Tensor,
+    scheme: str,
+    group_size: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored tensors of one layer (suffix -> tensor, on the target device) -> keys,
+    values (N, d) in `dtype`, computed where the tensors are."""
+    if scheme == "none":
+        return tensors["keys"].to(dtype), tensors["values"].to(dtype)
+    if scheme == "fp8":
+        n = tensors["keys"].shape[0]
+        head = head_of_row(cu_lens, n)
+        return tuple(  # type: ignore[return-value]
+            (tensors[f].float() * tensors[f"{f}_scale"][head]).to(dtype) for f in ("keys", "values")
+        )
+    if scheme == "int4":
+        codes = tensors["keys"]
+        n = codes.shape[0]
+        groups = key_groups(cu_lens, n, group_size)
+        keys = _unpack_int4(codes) * tensors["keys_scale"].float()[groups]
+        keys = keys.add_(tensors["keys_zero"].float()[groups]).to(dtype)
+        values = _unpack_int4(tensors["values"])
+        d = values.shape[1]
+        g = value_group(group_size, d)
+        values = values.view(n, d // g, g) * tensors["values_scale"].float()[..., None]
+        values = values.add_(tensors["values_zero"].float()[..., None]).reshape(n, d).to(dtype)
+        return keys, values
+    raise ValueError(f"unknown quantization {scheme!r}; use {SCHEMES}")
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(R, c/2) uint8 -> (R, c) float32 codes 0..15."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1).float()
+
+
+def check_shapes(
+    stored: dict[str, torch.Tensor], cu_lens: torch.Tensor, scheme: str, group_size: int, layer: int
+) -> None:
+    """CorruptContextError unless one layer's stored tensors fit `cu_lens` and each other
+    (checked before any gather: an index out of range on a GPU is fatal to the process)."""
+    bounds = cu_lens.tolist()
+    lens = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    values = stored["values"]
+    width = values.shape[-1]  # int4: two codes per byte
+    n, d = (bounds[-1] if bounds else -1), width * (2 if scheme == "int4" else 1)
+    want = {"keys": (n, width), "values": (n, width)}
+    if scheme == "fp8":
+        want |= {"keys_scale": (len(lens), d), "values_scale": (len(lens), d)}
+    if scheme == "int4":
+        g, n_groups = value_group(group_size, d), sum(-(-x // group_size) for x in lens)
+        want |= {"keys_scale": (n_groups, d), "keys_zero": (n_groups, d)}
+        want |= {"values_scale": (n, d // g), "values_zero": (n, d // g)}
+    code = {"none": None, "fp8": FP8, "int4": torch.uint8}[scheme]
+    broken = [name for name, shape in want.items() if tuple(stored[name].shape) != shape]
+    broken += [f"{f} dtype" for f in ("keys", "values") if code and stored[f].dtype != code]
+    if bounds[:1] != [0] or min(lens, default=0) < 0:
+        broken.append("cu_lens")
+    if broken:
+        raise CorruptContextError(
+            f"stored context layer {layer}: {', '.join(broken)} do not fit the stored "
+            f"{scheme} layout (cu_lens says {n} rows of {d} channels)"
+        )
+
+
+def stored_names(scheme: str) -> tuple[str, ...]:
+    """The name suffixes one layer's keys/values are stored under."""
+    if scheme == "none":
+        return ("keys", "values")
+    if scheme == "fp8":
+        return ("keys", "keys_scale", "values", "values_scale")
+    return ("keys", "keys_scale", "keys_zero", "values", "values_scale", "values_zero")

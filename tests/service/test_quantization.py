@@ -1,0 +1,269 @@
+"""Quantized storage (issue 18): error bounds against a float64 reference, the stored
+format (v1 objects still load, broken or foreign metadata refused), ids, and the fidelity
+of a quantized context on the tiny model."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from service import codec
+from service.config import CompressionConfig, EngineConfig, ServiceConfig
+from service.engine import quantization
+from service.engine.kvcache import KVzipCache, RaggedLayer
+from service.errors import CorruptContextError, IncompatibleContextError, InvalidInputError
+from service.serving.embedded import build_embedded_service
+from service.serving.ids import context_id
+from service.serving.validation import validated_compression
+from service.types import CreateContextRequest, QueryRequest, SamplingParams
+
+FP8_RELATIVE = 2.0**-4  # e4m3: 3 mantissa bits, round to nearest
+FP8_SUBNORMAL = 2.0**-10  # half the smallest e4m3 subnormal step (2^-9), in units of scale
+FLOAT32 = 2.0**-22  # float32 arithmetic of the dequantization, relative to the magnitudes
+
+
+def _layer(lens: list[int], d: int = 64, seed: int = 0) -> RaggedLayer:
+    """Keys with outlier channels and an offset, values plain; heads of uneven lengths."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lens)
+    channel = torch.logspace(-2, 1.5, d, dtype=torch.float64)[torch.randperm(d, generator=g)]
+    keys = torch.randn(n, d, generator=g, dtype=torch.float64) * channel + 3.0
+    values = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.5
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    scores = torch.rand(n, generator=g)
+    positions = torch.cat([torch.arange(x, dtype=torch.int32) for x in lens])
+    return RaggedLayer(keys.float(), values.float(), cu, scores, positions)
+
+
+LENS = [70, 3, 130, 0, 64]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_is_at_most_half_a_scale(group_size):
+    layer = _layer(LENS)
+    stored = quantization.quantize(layer, "int4", group_size)
+    keys, values = quantization.dequantize(stored, layer.cu_lens, "int4", group_size, torch.float64)
+    n, d = layer.keys.shape
+    groups = quantization.key_groups(layer.cu_lens, n, group_size)
+    key_scale = stored["keys_scale"].double()[groups]
+    key_error = (keys - layer.keys.double()).abs()
+    assert (key_error <= key_scale / 2 * (1 + 1e-6) + FLOAT32 * 16).all()
+    g = quantization.value_group(group_size, d)
+    value_scale = stored["values_scale"].double().repeat_interleave(g, dim=1)
+    value_error = (values - layer.values.double()).abs()
+    assert (value_error <= value_scale / 2 * (1 + 1e-6) + FLOAT32).all()
+    assert stored["keys"].shape == (n, d // 2) and stored["keys"].dtype == torch.uint8
+    assert stored["keys_scale"].shape[0] == sum(-(-x // group_size) for x in LENS)
+
+
+def test_int4_key_groups_never_straddle_heads():
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    groups = quantization.key_groups(cu, 12, 4)
+    assert groups.tolist() == [0, 0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3]
+
+
+def test_fp8_error_is_within_the_e4m3_bound():
+    layer = _layer(LENS)
+    stored = quantization.quantize(layer, "fp8", 64)
+    keys, values = quantization.dequantize(stored, layer.cu_lens, "fp8", 64, torch.float64)
+    head = quantization.head_of_row(layer.cu_lens, layer.keys.shape[0])
+    for field, got in (("keys", keys), ("values", values)):
+        exact = getattr(layer, field).double()
+        scale = stored[f"{field}_scale"].double()[head]
+        bound = torch.maximum(FP8_RELATIVE * exact.abs(), FP8_SUBNORMAL * scale)
+        assert ((got - exact).abs() <= bound * (1 + 1e-6)).all(), field
+        assert stored[field].dtype == torch.float8_e4m3fn
+    assert stored["keys_scale"].shape == (len(LENS), 64)
+
+
+def test_dequantized_in_the_model_dtype():
+    layer = _layer([40, 24])
+    for scheme in quantization.SCHEMES:
+        stored = quantization.quantize(layer, scheme, 32)
+        keys, values = quantization.dequantize(stored, layer.cu_lens, scheme, 32, torch.bfloat16)
+        assert keys.dtype == values.dtype == torch.bfloat16
+        assert keys.shape == values.shape == layer.keys.shape
+
+
+# -- the stored object ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_engine):
+    doc = tiny_engine.encode_document("Quantized storage of a compressed cache. " * 20)
+    return tiny_engine.ingest(doc, CompressionConfig("kvzip", 0.3, 64))[0]
+
+
+def _rewrite(blob: bytes, meta_changes: dict, tensor_changes: dict | None = None) -> bytes:
+    """The object with its metadata and some tensors replaced (the safetensors library)."""
+    tensors = safetensors.torch.load(blob)
+    meta = {**codec.read_metadata(blob), **meta_changes}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    return safetensors.torch.save({**tensors, **(tensor_changes or {})}, meta)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_quantized_object_is_version_2_and_round_trips(tiny_engine, compressed, scheme):
+    blob = codec.encode(compressed, tiny_engine.identity, scheme, 32)
+    meta = codec.read_metadata(blob)
+    assert meta["format_version"] == "2" and meta["quantization"] == scheme
+    assert meta["dtype"] == "float32" and meta["group_size"] == "32"
+    back = codec.decode(blob, tiny_engine.identity)  # dtype: the one quantized from
+    for a, b in zip(compressed.layers, back.layers, strict=True):
+        for field in ("cu_lens", "scores", "positions"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert b.keys.dtype == torch.float32 and b.keys.shape == a.keys.shape
+        scale = a.keys.abs().max() if scheme == "fp8" else a.keys.max() - a.keys.min()
+        assert (b.keys - a.keys).abs().max() <= scale / 8
+    full = len(codec.encode(compressed, tiny_engine.identity))  # fp32 on the CPU
+    assert len(blob) < full / (2.5 if scheme == "fp8" else 3.5)
+
+
+def test_an_unquantized_object_is_version_1_as_before(tiny_engine, compressed):
+    blob = codec.encode(compressed, tiny_engine.identity)
+    meta = codec.read_metadata(blob)
+    assert meta["format_version"] == "1" and "quantization" not in meta
+    assert "group_size" not in meta
+
+
+def test_a_v1_object_written_by_earlier_code_still_loads(tiny_engine, compressed):
+    """The layout code before quantization wrote, through the safetensors library."""
+    tensors = {"context_ids": compressed.context_ids.to(torch.int32)}
+    for i, layer in enumerate(compressed.layers):
+        for field in ("keys", "values", "cu_lens", "scores", "positions"):
+            tensors[f"layers.{i}.{field}"] = getattr(layer, field)
+    meta = codec.read_metadata(codec.encode(compressed, tiny_engine.identity))
+    back = codec.decode(safetensors.torch.save(tensors, meta), tiny_engine.identity)
+    for a, b in zip(compressed.layers, back.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"quantization": "int2"}, IncompatibleContextError, "quantization 'int2'"),
+        ({"quantization": None}, IncompatibleContextError, "quantization 'none'"),
+        ({"format_version": "1"}, CorruptContextError, "format version 1 names"),
+        ({"format_version": "3"}, IncompatibleContextError, "format version"),
+        ({"group_size": "abc"}, CorruptContextError, "group_size"),
+        ({"group_size": "64"}, CorruptContextError, "keys_scale"),
+        ({"quantization": "fp8"}, CorruptContextError, "do not fit the stored fp8"),
+        ({"dtype": "int8"}, CorruptContextError, "dtype"),
+    ],
+)
+def test_mismatched_quantization_metadata_is_refused(
+    tiny_engine, compressed, changes, error, message
+):
+    blob = codec.encode(compressed, tiny_engine.identity, "int4", 32)
+    with pytest.raises(error, match=message):
+        codec.decode(_rewrite(blob, changes), tiny_engine.identity)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_tensors_that_do_not_fit_their_layout_are_refused(tiny_engine, compressed, scheme):
+    blob = codec.encode(compressed, tiny_engine.identity, scheme, 32)
+    scale = safetensors.torch.load(blob)["layers.1.keys_scale"]
+    shorter = {"layers.1.keys_scale": scale[:-1].contiguous()}
+    with pytest.raises(CorruptContextError, match="layer 1: keys_scale"):
+        codec.decode(_rewrite(blob, {}, shorter), tiny_engine.identity)
+    codes = safetensors.torch.load(blob)["layers.0.values"]
+    retyped = {"layers.0.values": codes.view(torch.uint8).to(torch.float16)}
+    with pytest.raises(CorruptContextError, match="values"):
+        codec.decode(_rewrite(blob, {}, retyped), tiny_engine.identity)
+
+
+def test_a_truncated_quantized_object_is_refused(tiny_engine, compressed):
+    blob = codec.encode(compressed, tiny_engine.identity, "int4", 64)
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])
+    assert header["__metadata__"]["quantization"] == "int4"
+    with pytest.raises(CorruptContextError):
+        codec.decode(blob[: len(blob) - 100], tiny_engine.identity)
+
+
+# -- settings and ids ------------------------------------------------------------------------
+
+
+def test_quantization_settings_are_validated():
+    with pytest.raises(InvalidInputError, match="unknown quantization 'int8'"):
+        validated_compression(CompressionConfig(quantization="int8"))
+    with pytest.raises(InvalidInputError, match="group_size must be one of"):
+        validated_compression(CompressionConfig(quantization="int4", group_size=48))
+    fp8 = validated_compression(CompressionConfig(quantization="fp8", group_size=32))
+    assert fp8.group_size == 64  # int4 only: not part of an fp8 context's identity
+
+
+def test_ids_change_only_for_quantized_contexts():
+    identity = {"model": "m", "model_fingerprint": "m", "tokenizer_fingerprint": "t"}
+    identity["format_version"] = "1"
+
+    def cid(**settings: object) -> str:
+        compression = validated_compression(CompressionConfig(**settings))  # type: ignore[arg-type]
+        return context_id(identity, compression, "", None, "doc")
+
+    plain = cid()
+    assert cid(group_size=128) == plain  # unquantized: group_size is not part of the id
+    assert len({plain, cid(quantization="fp8"), cid(quantization="int4")}) == 3
+    assert cid(quantization="int4", group_size=32) != cid(quantization="int4")
+
+
+# -- fidelity on the tiny model ----------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _next_token_logprobs(engine, ctx, prompt: list[int]) -> torch.Tensor:
+    cache = KVzipCache(ctx, engine.n_layers)
+    model = engine.model
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(
+        input_ids=torch.tensor([prompt]),
+        position_ids=torch.arange(ctx.seq_len, ctx.seq_len + len(prompt))[None],
+        use_cache=True,
+        kvzip_cache=cache,
+        logits_to_keep=len(prompt),
+        **{name: cache},
+    )
+    return torch.log_softmax(out.logits[0].double(), dim=-1)
+
+
+@pytest.mark.parametrize(("scheme", "bound"), [("fp8", 1e-3), ("int4", 2e-2)])
+def test_quantized_context_keeps_the_next_token_distribution(
+    tiny_engine, compressed, scheme, bound
+):
+    """Mean KL(unquantized || quantized) of the next-token distributions over a question."""
+    prompt = tiny_engine.encode_question("What is stored in the cache?")
+    reference = _next_token_logprobs(tiny_engine, compressed, prompt)
+    blob = codec.encode(compressed, tiny_engine.identity, scheme, 64)
+    quantized = _next_token_logprobs(tiny_engine, codec.decode(blob, tiny_engine.identity), prompt)
+    kl = (reference.exp() * (reference - quantized)).sum(-1).mean()
+    assert 0 <= float(kl) < bound
+
+
+async def test_a_quantized_context_reports_its_bytes_and_answers_alike_after_reload(
+    tiny_engine, tmp_path: Path
+):
+    config = ServiceConfig(engine=EngineConfig(model="tiny"), data_dir=tmp_path)
+    svc = build_embedded_service(config, engine=tiny_engine)
+    await svc.start()
+    text = "The museum opens at nine. Tickets cost twelve euros. " * 8
+    plain, _ = await svc.create_context(
+        CreateContextRequest(text, compression=CompressionConfig("kvzip", 0.3, 64))
+    )
+    quantized = CompressionConfig("kvzip", 0.3, 64, quantization="int4")
+    info, _ = await svc.create_context(CreateContextRequest(text, compression=quantized))
+    assert info.id != plain.id and info.compression.quantization == "int4"
+    stats = info.compression
+    assert stats.bytes_full_bf16 == plain.compression.bytes_full_bf16 > 0
+    assert stats.bytes < plain.compression.bytes / 3  # fp32 on the CPU, 4-bit codes stored
+    question = QueryRequest("When does the museum open?", SamplingParams(max_new_tokens=6))
+    first = await svc.query(info.id, question)
+    svc.resident.drop(info.id)  # the next answer reads the stored object back
+    assert (await svc.query(info.id, question)).answer == first.answer
+    assert svc.resident.misses >= 1
+    await svc.close()
