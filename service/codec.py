@@ -8,8 +8,10 @@ dtype, prefix_len, context_len, n_layers, method, ratio, chunk_size, created_at.
 Quantized keys/values (service.engine.quantization) make a format version 2 object: the
 metadata adds `quantization` (fp8 | int4) and `group_size`, `dtype` is the dtype they were
 quantized from, keys/values hold the codes and `layers.{l}.{keys,values}_{scale,zero}` the
-rest. Version 1 objects (`none`, what earlier code wrote) are byte for byte unchanged; code
-that predates version 2 refuses such an object (format version) instead of reading codes as
+rest; scores are fp16 and positions int16 while every position fits (fp32 + int32 would be
+8 of the 80 bytes of an int4 pair of a 64-channel head), read back as fp32 / int32.
+Version 1 objects (`none`, what earlier code wrote) are byte for byte unchanged; code that
+predates version 2 refuses such an object (format version) instead of reading codes as
 floats. Never pickle: decoding is safetensors only and refuses foreign or broken objects.
 """
 
@@ -42,9 +44,14 @@ def encode(
     """CompressedContext -> safetensors bytes (quantized where the context lives, then
     copied to the CPU)."""
     tensors = {"context_ids": context.context_ids.to(torch.int32)}
+    compact = quantization_scheme != "none"
     for i, layer in enumerate(context.layers):
         for field in _FIELDS:
             tensors[f"layers.{i}.{field}"] = getattr(layer, field)
+        if compact:
+            tensors[f"layers.{i}.scores"] = layer.scores.half()
+            if context.seq_len <= torch.iinfo(torch.int16).max:
+                tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int16)
         for name, t in quantization.quantize(layer, quantization_scheme, group_size).items():
             tensors[f"layers.{i}.{name}"] = t
     return pack(tensors, _metadata(context, identity, quantization_scheme, group_size))
@@ -174,6 +181,9 @@ def _layer(
     group_size: int,
 ) -> RaggedLayer:
     parts = {f: tensors[f"layers.{i}.{f}"].to(device) for f in _FIELDS}
+    if scheme != "none":  # compact side data of version 2: back to the resident dtypes
+        parts["scores"] = parts["scores"].float()
+        parts["positions"] = parts["positions"].to(torch.int32)
     stored = {n: tensors[f"layers.{i}.{n}"].to(device) for n in quantization.stored_names(scheme)}
     quantization.check_shapes(stored, parts["cu_lens"], scheme, group_size, layer=i)
     if dtype is None:

@@ -114,10 +114,15 @@ def test_quantized_object_is_version_2_and_round_trips(tiny_engine, compressed, 
     meta = codec.read_metadata(blob)
     assert meta["format_version"] == "2" and meta["quantization"] == scheme
     assert meta["dtype"] == "float32" and meta["group_size"] == "32"
+    stored = safetensors.torch.load(blob)
+    assert stored["layers.0.scores"].dtype == torch.float16
+    assert stored["layers.0.positions"].dtype == torch.int16
     back = codec.decode(blob, tiny_engine.identity)  # dtype: the one quantized from
     for a, b in zip(compressed.layers, back.layers, strict=True):
-        for field in ("cu_lens", "scores", "positions"):
+        for field in ("cu_lens", "positions"):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert b.scores.dtype == torch.float32 and b.positions.dtype == torch.int32
+        assert torch.equal(b.scores, a.scores.half().float())  # stored as fp16
         assert b.keys.dtype == torch.float32 and b.keys.shape == a.keys.shape
         scale = a.keys.abs().max() if scheme == "fp8" else a.keys.max() - a.keys.min()
         assert (b.keys - a.keys).abs().max() <= scale / 8
