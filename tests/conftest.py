@@ -15,6 +15,19 @@ if not torch.cuda.is_available():
     # Inductor) imports triton, so the kernels' CPU tests run whatever the test order.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A test that waits on Redis, a worker or a process fails after this many seconds instead of
+# running into the suite-wide timeout (pyproject); a module may still name its own deadline.
+REDIS_TEST_TIMEOUT_S = 60
+DEADLINED_FOLDERS = ("distributed", "storage")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        waits = item.path.parent.name in DEADLINED_FOLDERS or item.get_closest_marker("redis")
+        if waits and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(REDIS_TEST_TIMEOUT_S))
+
+
 TINY = dict(
     hidden_size=96,
     intermediate_size=128,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,6 +22,7 @@ from storage import redis_client
 from tests.storage.storage_testing import RedisEnv
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+CLOSE_S = 5.0  # the most any one teardown step may take (a stuck one fails the test instead)
 IDENTITY = {
     "model": "fake-model",
     "model_fingerprint": "m" * 64,
@@ -135,11 +137,12 @@ class Cluster:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for name in list(self.running):
-            await self.stop_worker(name)
-        await self.api.close()
-        for client in self._clients:
-            await client.aclose()
+        """Tear everything down, each step within its own deadline, every step even when an
+        earlier one failed (the first failure is raised at the end): never a hang."""
+        steps = [functools.partial(self.stop_worker, name) for name in list(self.running)]
+        steps.append(functools.partial(bounded, self.api.close, "closing the API"))
+        steps += [functools.partial(bounded, c.aclose, "closing a client") for c in self._clients]
+        await run_all(steps)
 
     def worker(self, name: str, executor: Executor, **kwargs: object) -> StreamWorker:
         client = redis_client(REDIS_URL, timeout_s=5.0, retries=0)
@@ -166,23 +169,19 @@ class Cluster:
     async def _beats(self, name: str) -> bool:
         return bool(await self.env.client.exists(self.keys.heartbeat(name)))
 
-    async def stop_worker(self, name: str) -> None:
-        """Stop a worker gracefully (it finishes its job), or cancel it after 5 s."""
+    async def stop_worker(self, name: str, grace_s: float = 5.0) -> None:
+        """Stop a worker gracefully (it finishes its job), or cancel it after `grace_s`."""
         running = self.running.pop(name)
         running.stop.set()
         try:
-            await asyncio.wait_for(asyncio.shield(running.task), 5.0)
+            async with asyncio.timeout(grace_s):
+                await asyncio.shield(running.task)
         except TimeoutError:
-            running.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running.task
+            await cancelled(running.task, f"worker {name}")
 
     async def kill_worker(self, name: str) -> None:
         """Stop a worker the hard way: its task is cancelled mid-job, nothing acknowledged."""
-        running = self.running.pop(name)
-        running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running.task
+        await cancelled(self.running.pop(name).task, f"worker {name}")
 
     async def events(self) -> list[tuple[str, str]]:
         """(event, context id) of every state transition so far."""
@@ -197,3 +196,33 @@ class Cluster:
             if loop.time() > deadline:
                 raise AssertionError(f"condition not met within {timeout_s} s")
             await asyncio.sleep(0.02)
+
+
+async def bounded(
+    step: Callable[[], Awaitable[object]], what: str, seconds: float = CLOSE_S
+) -> None:
+    """Await `step()`, failing (never hanging) after `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            await step()
+    except TimeoutError:
+        raise AssertionError(f"{what} took over {seconds:g} s") from None
+
+
+async def cancelled(task: asyncio.Task[None], what: str) -> None:
+    """Cancel `task` and wait (at most CLOSE_S) for it to end."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await bounded(lambda: asyncio.shield(task), f"{what}, once cancelled,")
+
+
+async def run_all(steps: list[Callable[[], Awaitable[object]]]) -> None:
+    """Run every teardown step in order; then raise the first failure, if any."""
+    failures: list[BaseException] = []
+    for step in steps:
+        try:
+            await step()
+        except Exception as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]

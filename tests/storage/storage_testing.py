@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from uuid import uuid4
 
 from redis.asyncio import Redis
@@ -12,6 +13,7 @@ from storage import RedisTier
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
+CLOSE_S = 10.0  # the most a test's Redis cleanup may take
 
 
 def make_client(port: int = REDIS_PORT, timeout_s: float = 2.0) -> Redis:
@@ -50,11 +52,17 @@ class RedisEnv:
         found = [k async for k in self.client.scan_iter(match=f"{self.prefix}*", count=1000)]
         return sorted(k.decode() for k in found)
 
-    async def close(self) -> None:
-        """Unlink everything under the prefix and close the client (when one was made)."""
+    async def close(self, timeout_s: float = CLOSE_S) -> None:
+        """Unlink everything under the prefix and close the client (when one was made), each
+        within `timeout_s`: a Redis that hangs fails the teardown instead of hanging it, and
+        the client is closed even when the cleanup failed."""
         if self._client is None:
             return
-        leftovers = await self.stored_keys()
-        if leftovers:
-            await self._client.unlink(*leftovers)
-        await self._client.aclose()
+        try:
+            async with asyncio.timeout(timeout_s):
+                leftovers = await self.stored_keys()
+                if leftovers:
+                    await self._client.unlink(*leftovers)
+        finally:
+            async with asyncio.timeout(timeout_s):
+                await self._client.aclose()

@@ -96,6 +96,7 @@ class RemoteContextService:
         self._last_identity: dict[str, str] | None = None
         self.poll_s = min(1.0, distributed.heartbeat_ttl_s / 3)
         self._monitor: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # the monitor's way out, even if a cancel is lost
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class RemoteContextService:
 
     async def close(self) -> None:
         if self._monitor is not None:
+            self._closing.set()  # redis-py can swallow the cancel below (see _monitor_forever)
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
@@ -138,7 +140,9 @@ class RemoteContextService:
         return self.redis_error is None and time.monotonic() - self.last_worker_seen > grace
 
     async def _monitor_forever(self) -> None:
-        while True:
+        """Refresh every `poll_s` until `close`. Not `while True`: on Python 3.11 redis-py's
+        write of a command (under `asyncio.wait_for`) can swallow the cancel `close` sends."""
+        while not self._closing.is_set():
             await asyncio.sleep(self.poll_s)
             await self.refresh()
 

@@ -137,6 +137,7 @@ class StreamWorker:
         own_pending_done = False
         next_claim = 0.0
         while not stop.is_set():
+            _raise_if_cancelled()
             try:
                 if not own_pending_done:
                     await self._handle_all(await self.queue.read_own_pending(self.name))
@@ -152,6 +153,7 @@ class StreamWorker:
 
     async def _until_redis(self, call: Callable[[], object], stop: asyncio.Event) -> None:
         while not stop.is_set():
+            _raise_if_cancelled()
             try:
                 await call()  # type: ignore[misc]
                 return
@@ -375,10 +377,20 @@ class _Progress:
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep `seconds` or until `stop` is set; True when it is set."""
+    """Sleep `seconds` or until `stop` is set; True when it is set (not `wait_for`, which on
+    Python 3.11 drops a cancellation that lands as `stop` is set: CPython gh-86296)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     return stop.is_set()
+
+
+def _raise_if_cancelled() -> None:
+    """Raise the cancellation of this task that redis-py lost (it writes each command under
+    `asyncio.wait_for`); a loop that only waits on Redis would otherwise never end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 @contextlib.asynccontextmanager
