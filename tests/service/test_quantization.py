@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import torch
 from service import codec
 from service.config import CompressionConfig, EngineConfig, ServiceConfig
 from service.engine import quantization
-from service.engine.kvcache import KVzipCache, RaggedLayer
+from service.engine.fingerprints import ModelIdentity
+from service.engine.kvcache import CompressedContext, KVzipCache, RaggedLayer
 from service.errors import CorruptContextError, IncompatibleContextError, InvalidInputError
 from service.serving.embedded import build_embedded_service
 from service.serving.ids import context_id
@@ -272,3 +274,46 @@ async def test_a_quantized_context_reports_its_bytes_and_answers_alike_after_rel
     assert (await svc.query(info.id, question)).answer == first.answer
     assert svc.resident.misses >= 1
     await svc.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_dequantization_on_the_gpu_matches_the_cpu(scheme):
+    """The codes are uploaded and dequantized on the device, to the model dtype, and give
+    what the CPU path gives."""
+    layers = tuple(_layer(LENS, seed=s) for s in range(3))
+    ctx = CompressedContext(
+        layers=layers,
+        context_ids=torch.arange(200, dtype=torch.int32),
+        prefix_len=10,
+        method="kvzip",
+        ratio=0.3,
+        chunk_size=64,
+        created_at=0.0,
+    )
+    identity = ModelIdentity("m", "f" * 64, "t" * 64)
+    blob = codec.encode(ctx, identity, scheme, 64)
+    on_cpu = codec.decode(blob, identity, "cpu", torch.float32)
+    on_gpu = codec.decode(blob, identity, "cuda", torch.bfloat16)
+    for a, b in zip(on_cpu.layers, on_gpu.layers, strict=True):
+        assert b.keys.is_cuda and b.keys.dtype == torch.bfloat16
+        torch.testing.assert_close(b.keys.float().cpu(), a.keys, rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(b.values.float().cpu(), a.values, rtol=2**-7, atol=1e-6)
+        assert torch.equal(b.positions.cpu(), a.positions)
+    quantized_on_gpu = codec.encode(
+        replace(ctx, layers=tuple(_cuda(x) for x in layers)), identity, scheme, 64
+    )
+    assert len(quantized_on_gpu) == len(blob)  # same layout; a code may round differently
+    again = codec.decode(quantized_on_gpu, identity, "cpu", torch.float32)
+    for exact, a, b in zip(layers, on_cpu.layers, again.layers, strict=True):
+        for field in ("keys", "values"):
+            x = getattr(exact, field)
+            cpu_error = (getattr(a, field) - x).abs().max()
+            assert (getattr(b, field) - x).abs().max() <= 2 * cpu_error + 1e-6, field
+
+
+def _cuda(layer: RaggedLayer) -> RaggedLayer:
+    return RaggedLayer(
+        *(getattr(layer, f).cuda() for f in ("keys", "values", "cu_lens", "scores", "positions"))
+    )
