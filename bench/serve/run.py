@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="clear the engine's EOS ids")
     p.add_argument("--queue-size", type=int, default=1024, help="KVZIP_QUEUE_SIZE")
     p.add_argument("--memory-cache-bytes", default="4GiB", help="KVZIP_MEMORY_CACHE_BYTES")
+    p.add_argument("--max-batch-rows", type=int, default=64, help="KVZIP_MAX_BATCH_ROWS")
+    p.add_argument("--kv-budget-bytes", default="16GiB", help="KVZIP_KV_BUDGET_BYTES")
     p.add_argument("--engine-reference", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tag", default=None, help="file suffix (default: the device type)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -124,6 +126,8 @@ def build_app(args: argparse.Namespace, engine: Any, data_dir: Path) -> Any:
         data_dir=data_dir,
         queue_size=args.queue_size,
         memory_cache_bytes=args.memory_cache_bytes,
+        max_batch_rows=args.max_batch_rows,
+        kv_budget_bytes=args.kv_budget_bytes,
         max_new_tokens_limit=max(1024, args.new_tokens),
         default_method=args.method,
         default_ratio=args.ratio,
@@ -277,7 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.engine_reference:
         result["engine_reference"] = engine_reference(engine, docs[0], args)
     _save(result, out_json)
-    plot(result, out_json.with_suffix(".png"))
+    try:
+        plot(result, out_json.with_suffix(".png"))
+    except ImportError:  # no matplotlib (the GPU machine): `python -m bench.serve.report` later
+        print("matplotlib missing: no plot")
     print(markdown_table(result))
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
 

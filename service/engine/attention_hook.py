@@ -117,18 +117,13 @@ def _rows_context_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row b attends to its own context; rows that share one go in one call.
     query (B, Hq, T, d) -> out (B, Hq, T, d), lse (B, Hq, T) fp32."""
-    groups: dict[int, list[int]] = {}
-    for b, ctx in enumerate(cache.contexts):
-        assert ctx is not None, "every row of a step has a context"
-        groups.setdefault(id(ctx), []).append(b)
+    groups = cache.groups()
     if len(groups) == 1:
-        return _context_attention(query, cache.contexts[0].layers[layer_idx], scale, backend)  # type: ignore[union-attr]
+        return _context_attention(query, groups[0][0].layers[layer_idx], scale, backend)
     out = torch.empty_like(query)
     lse = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
-    for rows in groups.values():
-        layer = cache.contexts[rows[0]].layers[layer_idx]  # type: ignore[union-attr]
-        index = torch.tensor(rows, device=query.device)
-        out_g, lse_g = _context_attention(query[index], layer, scale, backend)
+    for context, index in groups:
+        out_g, lse_g = _context_attention(query[index], context.layers[layer_idx], scale, backend)
         out[index], lse[index] = out_g.to(out.dtype), lse_g.float()
     return out, lse
 

@@ -63,6 +63,30 @@ class RowsCache(StaticKVzipCache):
         assert k is not None
         return 2 * len(self.tail_keys) * k.shape[1] * k.shape[3] * k.element_size()
 
+    def groups(self) -> list[tuple[CompressedContext, torch.Tensor | None]]:
+        """The rows grouped by the context they attend to: (context, row index (R,) on the
+        device, None when every row shares it). Computed once per view (one step), not per
+        layer."""
+        cached: list[tuple[CompressedContext, torch.Tensor | None]] | None = getattr(
+            self, "_groups", None
+        )
+        if cached is not None:
+            return cached
+        rows: dict[int, list[int]] = {}
+        for b, ctx in enumerate(self.contexts):
+            assert ctx is not None, "every row of a step has a context"
+            rows.setdefault(id(ctx), []).append(b)
+        device = self.length.device
+        if len(rows) == 1:
+            cached = [(self.contexts[0], None)]  # type: ignore[list-item]
+        else:
+            cached = [
+                (self.contexts[r[0]], _index(r, device))  # type: ignore[misc]
+                for r in rows.values()
+            ]
+        self._groups = cached
+        return cached
+
     def view(self, start: int, stop: int) -> RowsCache:
         """Rows [start, stop): writes land in this cache's buffers."""
         view = RowsCache.__new__(RowsCache)
@@ -169,6 +193,12 @@ class DecodeRows:
         if self.pending is not None:
             self.cache.contexts[self.pending] = None
             self.pending = None
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices (R,) on `device` without a blocking copy (pinned staging on CUDA)."""
+    host = torch.tensor(rows, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def _round(tokens: int, granule: int) -> int:

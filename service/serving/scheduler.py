@@ -23,6 +23,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ from service.types import SamplingParams
 log = logging.getLogger(__name__)
 
 _END = object()
+BURST_S = 0.05  # engine-thread time of decode steps before other engine work may run
 
 
 @dataclass(eq=False)
@@ -74,6 +77,7 @@ class Scheduler:
         self.running: list[_Request] = []  # by row index
         self.pending: _Request | None = None
         self._wake = asyncio.Event()
+        self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         telemetry.track_scheduler(self)
 
@@ -81,11 +85,12 @@ class Scheduler:
         self, context: CompressedContext, prompt: list[int], params: SamplingParams
     ) -> AsyncGenerator[int, None]:
         """Answer token ids for `prompt` after `context` (EOS not included)."""
-        if len(self.waiting) >= self.config.queue_size:
-            raise QueueFullError(retry_after=1.0)
         sampling = RowSampling.from_params(params)
         request = _Request(context, prompt, params.max_new_tokens, sampling, self.eos)
-        self.waiting.append(request)
+        with self._lock:  # the engine thread takes from `waiting` too
+            if len(self.waiting) >= self.config.queue_size:
+                raise QueueFullError(retry_after=1.0)
+            self.waiting.append(request)
         self._ensure_loop()
         try:
             while (item := await request.out.get()) is not _END:
@@ -111,19 +116,35 @@ class Scheduler:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
 
+    def _busy(self) -> bool:
+        return bool(self.running or self.pending or self.waiting)
+
     async def _loop(self) -> None:
+        """Run bursts of iterations on the engine thread while there is work; tokens reach
+        the requests through the event loop as each step ends, so HTTP work overlaps the
+        next step."""
+        loop = asyncio.get_running_loop()
+
+        def dispatch(emitted: list[tuple[_Request, object]]) -> None:
+            for request, item in emitted:
+                request.out.put_nowait(item)
+
+        def burst() -> None:  # engine thread; other engine work waits at most BURST_S
+            deadline = time.monotonic() + BURST_S
+            while self._busy() and time.monotonic() < deadline:
+                if emitted := self._iteration():
+                    loop.call_soon_threadsafe(dispatch, emitted)
+
         while True:
-            if not (self.running or self.pending or self.waiting):
+            if not self._busy():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
-                emitted = await self.thread.run(self._iteration, admit=False)
+                await self.thread.run(burst, admit=False)
             except Exception as exc:  # a failed step fails every request in it
                 log.exception("decode iteration failed")
-                emitted = [(r, exc) for r in self._abort_all()]
-            for request, item in emitted:
-                request.out.put_nowait(item)
+                dispatch([(r, exc) for r in self._abort_all()])
 
     def _abort_all(self) -> list[_Request]:
         requests = [*self.running, *([self.pending] if self.pending else [])]
@@ -167,10 +188,9 @@ class Scheduler:
         if self.pending is not None and self.pending.cancelled:
             self.rows.drop_pending()
             self.pending = None
-        while self.waiting and self.waiting[0].cancelled:
-            self.waiting.popleft()
-        if any(r.cancelled for r in self.waiting):
-            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+        with self._lock:
+            if any(r.cancelled for r in self.waiting):
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
 
     def _leave(self, request: _Request) -> None:
         b = self.running.index(request)
@@ -186,12 +206,13 @@ class Scheduler:
         return sum(contexts.values()) + tails
 
     def _admit(self) -> None:
-        if not self.waiting or len(self.running) >= self.config.max_rows:
-            return
-        head = self.waiting[0]
-        if self.running and self._kv_bytes(head) > self.config.kv_budget_bytes:
-            return  # FIFO: the head waits for rows to leave; nobody overtakes it
-        self.waiting.popleft()
+        with self._lock:
+            if not self.waiting or len(self.running) >= self.config.max_rows:
+                return
+            head = self.waiting[0]
+            if self.running and self._kv_bytes(head) > self.config.kv_budget_bytes:
+                return  # FIFO: the head waits for rows to leave; nobody overtakes it
+            self.waiting.popleft()
         self.rows.add(head.context, head.tail_tokens)
         self.pending = head
 
