@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from service.serving.distributed.jobs import IngestJob
+from service.serving.distributed.jobs import INGEST, IngestJob
+from service.serving.distributed.keys import GROUP
+from service.serving.distributed.loops import sleep_or_stop
+from service.serving.distributed.protocol import Progress
 from service.serving.distributed.remote import RemoteContextService
-from service.serving.distributed.stream_worker import Progress, _sleep_or_stop
 from service.types import CreateContextRequest
 from tests.distributed.distributed_testing import (
     CLOSE_S,
@@ -33,7 +35,7 @@ async def lose_a_cancel(seconds: float = 0.05) -> None:
 
 async def test_sleep_or_stop_keeps_a_cancel_that_lands_as_stop_is_set() -> None:
     stop = asyncio.Event()
-    sleeper = asyncio.create_task(_sleep_or_stop(stop, 10.0))
+    sleeper = asyncio.create_task(sleep_or_stop(stop, 10.0))
     await asyncio.sleep(0)  # it waits on `stop`
     stop.set()  # the wait on `stop` ends now, and in the same step the sleeper is cancelled
     sleeper.cancel()
@@ -78,7 +80,7 @@ async def test_a_killed_worker_stops_even_if_its_cancel_is_lost(redis_env: Redis
         task = cluster.running["w1"].task
         reading = asyncio.Event()
 
-        async def read_new(name: str, block_ms: int) -> list[object]:
+        async def read_new(name: str, block_ms: int, free: object = None) -> list[object]:
             reading.set()
             await lose_a_cancel()
             return []
@@ -105,19 +107,21 @@ class StuckExecutor(FakeExecutor):
 
 
 @pytest.mark.redis
-async def test_a_stuck_worker_fails_the_teardown_within_its_deadline(redis_env: RedisEnv) -> None:
+async def test_a_stuck_job_does_not_hold_up_the_teardown(redis_env: RedisEnv) -> None:
+    """Jobs run as tasks of their own: a job that ignores every cancel is cancelled and left
+    behind, unacknowledged; the worker itself stops within the teardown's deadline."""
     stuck = StuckExecutor()
     cluster = Cluster(redis_env)
     started = time.monotonic()
-    with pytest.raises(AssertionError, match="worker w1, once cancelled, took over"):
-        async with cluster:
-            await cluster.start_worker("w1", stuck)
-            task = cluster.running["w1"].task
-            await cluster.api.create_context(CreateContextRequest(text="stuck", wait=False))
-            async with asyncio.timeout(5):
-                await stuck.started.wait()
+    async with cluster:
+        await cluster.start_worker("w1", stuck)
+        task = cluster.running["w1"].task
+        await cluster.api.create_context(CreateContextRequest(text="stuck", wait=False))
+        async with asyncio.timeout(5):
+            await stuck.started.wait()
     assert time.monotonic() - started < 5.0 + CLOSE_S + 5.0  # grace + cancel + the rest
-    assert cluster.api._monitor is not None and cluster.api._monitor.done()  # closed anyway
-    stuck.release.set()  # let the task end, so the event loop can close
-    async with asyncio.timeout(5):
-        await asyncio.wait([task])
+    assert task.done()
+    assert cluster.api._monitor is not None and cluster.api._monitor.done()  # closed
+    pending = await redis_env.client.xpending(cluster.keys.stream(INGEST), GROUP)
+    assert pending["pending"] == 1  # nothing acknowledged: another worker takes it over
+    stuck.release.set()  # let the job task end, so the event loop can close

@@ -22,7 +22,7 @@ from service.config import ServiceConfig
 from service.engine.kvzip_engine import KVzipEngine
 from service.errors import ContextNotFoundError
 from service.serving.distributed.jobs import IngestJob, QueryJob
-from service.serving.distributed.stream_worker import Progress
+from service.serving.distributed.protocol import Progress
 from service.serving.engine_thread import EngineWorker
 from service.serving.pipeline import Pipeline
 from service.serving.records import ContextRecord, blob_key

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -290,6 +290,23 @@ class RecordStore:
         """Take the purge of `context_id` (True for exactly one caller, while still due)."""
         claimed = await self.client.eval(_CLAIM_PURGE, 1, self.keys.expiry, context_id, repr(now))
         return bool(claimed)
+
+    async def sweep(self, purge: Callable[[str], Awaitable[None]]) -> int:
+        """Purge (`purge(id)`, the bytes) every expired or deleted context whose purge this
+        caller claims (each by one worker); how many."""
+        now = time.time()
+        purged = 0
+        for cid in await self.due(now):
+            current = await self.get(cid)
+            if current is not None and not current.record.expired():
+                await self.reschedule(current)
+                continue
+            if await self.claim_purge(cid, now):
+                if current is not None:
+                    await self.client.delete(self.keys.context(cid))
+                await purge(cid)
+                purged += 1
+        return purged
 
     async def reschedule(self, record: RemoteRecord) -> None:
         """The record outlives its entry in the expiry set (clock skew): put it right."""

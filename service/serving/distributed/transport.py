@@ -84,18 +84,33 @@ class JobQueue:
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in entries]
         return found
 
-    async def read_new(self, consumer: str, block_ms: int) -> list[Delivery]:
-        """At most one new entry per stream (queries first), waiting up to `block_ms`."""
+    async def read_new(
+        self, consumer: str, block_ms: int, free: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        """New entries, at most `free[kind]` of each kind (default one; queries first),
+        waiting up to `block_ms` for the first."""
+        free = free or dict.fromkeys(KINDS, 1)
+        streams = {self.keys.stream(k): free.get(k, 0) for k in KINDS if free.get(k, 0) > 0}
+        if not streams:
+            return []
         reply = await self.client.xreadgroup(
-            GROUP, consumer, {s: ">" for s in self.streams}, count=1, block=block_ms
+            GROUP, consumer, dict.fromkeys(streams, ">"), count=1, block=block_ms
         )
-        rows: list[Any] = list(reply or [])
-        by_stream: dict[str, list[Any]] = {_text(row[0]): row[1] for row in rows}
-        return [
-            Delivery(stream, _text(i), f or None, 1)
-            for stream in self.streams
-            for i, f in by_stream.get(stream, [])
-        ]
+        found = _deliveries(reply)
+        for stream, wanted in streams.items():  # top up, without waiting, to the free slots
+            more = wanted - sum(d.stream == stream for d in found)
+            if more > 0 and found:
+                extra = await self.client.xreadgroup(GROUP, consumer, {stream: ">"}, count=more)
+                found += _deliveries(extra)
+        order = {s: i for i, s in enumerate(self.streams)}
+        return sorted(found, key=lambda d: order[d.stream])
+
+    async def owns(self, delivery: Delivery, consumer: str) -> bool:
+        """Whether `consumer` still holds the entry (another worker may have claimed it)."""
+        rows = await self.client.xpending_range(
+            delivery.stream, GROUP, delivery.entry_id, delivery.entry_id, 1
+        )
+        return bool(rows) and _text(rows[0]["consumer"]) == consumer
 
     async def claim_idle(self, consumer: str, min_idle_ms: int, count: int = 16) -> list[Delivery]:
         """Take over entries idle for at least `min_idle_ms` (their worker died or hung)."""
@@ -114,11 +129,13 @@ class JobQueue:
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in claimed]
         return found
 
-    async def keep_alive(self, delivery: Delivery, consumer: str) -> None:
-        """Reset the entry's idle time so that no other worker claims it while it runs."""
-        await self.client.xclaim(
-            delivery.stream, GROUP, consumer, 0, [delivery.entry_id], justid=True
+    async def keep_alive(self, delivery: Delivery, consumer: str) -> bool:
+        """Reset the entry's idle time so that no other worker claims it while it runs;
+        False (and nothing changed) when another worker holds it already."""
+        kept = await self.client.eval(
+            _KEEP_ALIVE, 1, delivery.stream, GROUP, delivery.entry_id, consumer
         )
+        return bool(kept)
 
     async def ack(self, delivery: Delivery) -> None:
         """Done for good: acknowledge and delete the entry."""
@@ -152,6 +169,22 @@ class JobQueue:
     async def _delivery_counts(self, stream: str, consumer: str) -> dict[str, int]:
         rows = await self.client.xpending_range(stream, GROUP, "-", "+", 10_000, consumer)
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+
+def _deliveries(reply: Any) -> list[Delivery]:
+    return [
+        Delivery(_text(stream), _text(i), f or None, 1)
+        for stream, items in reply or []
+        for i, f in items
+    ]
+
+
+_KEEP_ALIVE = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1
+"""
 
 
 def _entries(reply: Any) -> list[tuple[str, Mapping[bytes, bytes] | None]]:

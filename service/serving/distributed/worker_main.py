@@ -60,6 +60,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Bas
         executor,
         name,
         sweep_interval_s=config.sweep_interval_s,
+        max_queries=config.batching.max_rows,  # the scheduler decodes them together
     )
     try:
         await worker.run(stop)
