@@ -68,6 +68,7 @@ class Pipeline:
             "format_version": FORMAT_VERSION,
         }
         self._layouts: dict[str | None, PromptLayout] = {}
+        self._loading: dict[str, asyncio.Future[CompressedContext]] = {}
 
     async def close(self) -> None:
         """Stop the scheduler (requests still waiting get no more tokens)."""
@@ -148,10 +149,19 @@ class Pipeline:
     # -- answer ------------------------------------------------------------------------------
 
     async def load(self, cid: str) -> CompressedContext:
-        """The decoded context: resident, or read through the tiers and decoded."""
+        """The decoded context: resident, or read (memory-mapped from disk when there) and
+        decoded off the engine thread, so the batch keeps decoding meanwhile. Concurrent
+        loads of one context share one read."""
         if (ctx := self.resident.get(cid)) is not None:
             return ctx
-        blob = await self.registry.blob(cid)
+        if (loading := self._loading.get(cid)) is None:
+            loading = asyncio.ensure_future(self._read(cid))
+            self._loading[cid] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(cid, None))
+        return await asyncio.shield(loading)
+
+    async def _read(self, cid: str) -> CompressedContext:
+        blob = await self.registry.blob_view(cid)
         if blob is None:
             raise ContextNotFoundError(cid)
         ctx = await asyncio.to_thread(self._decode, blob)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from service.serving.records import ContextRecord, blob_key, record_key
 from service.serving.validation import CheckedCreate
-from storage import TieredStore
+from storage import DiskTier, TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,18 @@ class ContextRegistry:
 
     async def blob(self, cid: str) -> bytes | None:
         return await self.store.get(blob_key(cid))
+
+    async def blob_view(self, cid: str) -> bytes | memoryview | None:
+        """The stored object the fast way: the memory tier's bytes, else a read-only memory
+        map of the disk tier's file (no copy; the page cache serves it), else through the
+        tiers (Redis)."""
+        key = blob_key(cid)
+        for tier in self.store.tiers:
+            if tier.name == "memory" and (data := await tier.get(key)) is not None:
+                return data
+            if isinstance(tier, DiskTier) and (view := await tier.get_view(key)) is not None:
+                return view
+        return await self.store.get(key)
 
     async def commit(self, record: ContextRecord, blob: bytes) -> None:
         """Store the blob, then the record (the commit point)."""

@@ -460,3 +460,23 @@ async def test_a_context_stored_under_a_pre_0_2_id_still_answers(tiny_engine, tm
     again, created = await upgraded.create_context(request)
     assert (again.id, created) == (legacy, False)
     await upgraded.close()
+
+
+async def test_concurrent_loads_of_one_context_read_it_once(tiny_engine, tmp_path):
+    svc = await _started(tiny_engine, tmp_path)
+    cid = await _ready_context(svc)
+    svc.resident.drop(cid)
+    await svc.store.tier("memory").delete(f"{cid}.safetensors")  # only the disk holds it
+    reads = []
+    view = svc.registry.blob_view
+
+    async def counted(key: str):
+        reads.append(key)
+        await asyncio.sleep(0.05)  # the read is in flight while the others ask
+        return await view(key)
+
+    svc.registry.blob_view = counted  # type: ignore[method-assign]
+    loaded = await asyncio.gather(*(svc.pipeline.load(cid) for _ in range(3)))
+    assert reads == [cid] and loaded[0] is loaded[1] is loaded[2]
+    assert isinstance(await view(cid), memoryview)  # not in memory: a map of the disk file
+    await svc.close()
