@@ -50,3 +50,36 @@ async def test_bad_registrations_are_refused_before_any_ingest_job(redis_env: Re
             with pytest.raises(InvalidInputError, match=field):
                 await cluster.api.create_context(request)
         assert await redis_env.client.xlen(cluster.keys.stream(INGEST)) == 0
+
+
+def test_the_distributed_http_api_answers_422_for_bad_sampling_before_any_job() -> None:
+    """Through HTTP in distributed mode (no worker needed: the checks run first)."""
+    from uuid import uuid4
+
+    import redis
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    prefix = f"kvzip-test:{uuid4().hex}:"
+    settings = Settings(
+        mode="distributed", redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix,
+        max_new_tokens_limit=64,
+    )  # fmt: skip
+    bad = [{"top_p": 0}, {"top_p": 1.5}, {"temperature": -1}, {"max_new_tokens": 0},
+           {"max_new_tokens": 65}, {"top_p": "NaN"}]  # fmt: skip
+    client_redis = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
+    try:
+        with TestClient(create_app(settings)) as client:
+            for fields in bad:
+                body = {"question": "What is the key?", **fields}
+                response = client.post(f"/contexts/ctx_{'0' * 32}/query", json=body)
+                assert response.status_code == 422, (fields, response.text)
+                assert response.json()["error"]["code"] == "invalid_request"
+        keys = list(client_redis.scan_iter(match=f"{prefix}*"))
+        assert not [k for k in keys if b"jobs" in k], keys  # no job stream was written
+    finally:
+        for key in client_redis.scan_iter(match=f"{prefix}*"):
+            client_redis.delete(key)
+        client_redis.close()
