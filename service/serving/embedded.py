@@ -20,7 +20,6 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 
 from service import telemetry
 from service.config import ServiceConfig
@@ -30,7 +29,7 @@ from service.serving.engine_thread import EngineWorker
 from service.serving.inflight import FAILED, InFlight, Ingest
 from service.serving.pipeline import IngestAborted, Pipeline
 from service.serving.records import ContextRecord, paginate
-from service.serving.registry import ContextRegistry, processing_record
+from service.serving.registry import ContextRegistry, local_store, processing_record
 from service.serving.resident import ResidentContexts
 from service.serving.validation import (
     CheckedCreate,
@@ -46,7 +45,7 @@ from service.types import (
     QueryRequest,
     QueryResult,
 )
-from storage import DiskTier, MemoryTier, TieredStore
+from storage import DiskTier, TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +222,6 @@ class EmbeddedContextService:
             result = event.result or result
         assert result is not None
         return result
-
-
-def local_store(config: ServiceConfig) -> TieredStore:
-    """Memory LRU -> disk under the data dir (each tier's size in /metrics)."""
-    memory = MemoryTier(config.memory_cache_bytes)
-    disk = DiskTier(Path(config.data_dir) / "contexts")
-    for tier in (memory, disk):
-        telemetry.track_tier(tier.name, tier)
-    return TieredStore([memory, disk])
 
 
 def build_embedded_service(

@@ -17,10 +17,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+from service import telemetry
+from service.config import ServiceConfig
 from service.serving.records import ContextRecord, blob_key, record_key
 from service.serving.validation import CheckedCreate
-from storage import DiskTier, TieredStore
+from storage import DiskTier, MemoryTier, TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,15 @@ class ContextRegistry:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # out of shape
             log.error("record of %s does not parse (%s); skipped", cid, exc)
             return None
+
+
+def local_store(config: ServiceConfig) -> TieredStore:
+    """The embedded store: memory LRU -> disk under the data dir (sizes in /metrics)."""
+    memory = MemoryTier(config.memory_cache_bytes)
+    disk = DiskTier(Path(config.data_dir) / "contexts")
+    for tier in (memory, disk):
+        telemetry.track_tier(tier.name, tier)
+    return TieredStore([memory, disk])
 
 
 def extended_expiry(expire_time: str | None, ttl_s: float) -> str | None:
