@@ -68,3 +68,17 @@ async def test_a_job_claimed_away_is_not_run_twice(redis_env: RedisEnv) -> None:
         await b.handle(claimed)
         assert theirs.answered == [info.id]
         assert job.request_id
+
+
+async def test_workers_recreate_their_streams_after_redis_lost_them(redis_env: RedisEnv) -> None:
+    """Issue 13 item 6: after the job streams vanish (FLUSHALL, a restart without
+    persistence), a running worker makes them again and serves the next registration."""
+    async with Cluster(redis_env) as cluster:
+        await cluster.start_worker("w1", FakeExecutor())
+        keys = [k async for k in redis_env.client.scan_iter(match=f"{redis_env.prefix}jobs:*")]
+        assert keys
+        await redis_env.client.delete(*keys)  # what a flush does to this deployment's streams
+        info, _ = await asyncio.wait_for(
+            cluster.api.create_context(CreateContextRequest("after the loss " + DOC)), 15
+        )
+        assert info.state == "READY"

@@ -143,6 +143,11 @@ class StreamWorker:
                 else:  # every slot busy: wait for one (or the next claim round)
                     await asyncio.wait(self._tasks(), timeout=self.block_ms / 1000)
             except (RedisError, OSError) as exc:
+                if "NOGROUP" in str(exc):  # Redis lost its data: make the streams again
+                    log.warning("worker %s: job streams gone; recreating them", self.name)
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.queue.ensure_group()
+                    continue
                 log.warning("worker %s: Redis failed (%s); retrying in 1 s", self.name, exc)
                 await sleep_or_stop(stop, 1.0)
 
