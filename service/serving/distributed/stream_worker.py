@@ -3,20 +3,17 @@ by an `Executor`, see service.serving.distributed.executor).
 
     start ─► own pending entries (after a restart) ─► loop:
                every claim_idle_s/2: XAUTOCLAIM entries idle > claim_idle_s (dead workers)
-               XREADGROUP as many new entries as there are free slots: up to `max_queries`
-               queries at once (the executor's scheduler decodes them in one batch) and one
-               ingest at a time; each entry runs as its own task
-             each entry: still ours? (else another worker claimed it: skip)
-                         delivered > max_deliveries? ─► dead letter (+ context FAILED)
-                         else run it, keeping it alive; ACK only once the result is durable
+               XREADGROUP as many new entries as there are free slots (`max_queries`
+               queries, decoded in one batch by the executor's scheduler; one ingest)
+             each entry, a task: still ours? else skip (another worker claimed it);
+               delivered > max_deliveries? ─► dead letter (+ context FAILED)
+               else run it, keeping it alive; ACK only once the result is durable
 
-An ingest whose record is no longer PROCESSING (READY already, deleted, expired) is
-acknowledged without work: jobs are idempotent, so at-least-once delivery never duplicates
-a context. A domain error (document too long...) fails the context at once; any other
-error leaves the entry unacknowledged, to be retried by whichever worker claims it next,
-at most `max_deliveries` times in all. Queries: service.serving.distributed.query_jobs.
+Jobs are idempotent, so at-least-once delivery never duplicates a context (an ingest whose
+record is not PROCESSING any more is acknowledged without work). A domain error fails the
+context at once; any other error leaves the entry for whichever worker claims it next, at
+most `max_deliveries` times. Ingest: ingest_jobs; queries: query_jobs.
 """
-
 from __future__ import annotations
 
 import asyncio
