@@ -51,6 +51,9 @@ DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
 export DOCKER
 COMPOSE=(docker-compose --env-file "$OUT/empty.env")
 : >"$OUT/empty.env"  # never read a developer's .env
+# the API binds 0.0.0.0 in its container and refuses to serve open there: one test key
+CHECK_KEY=sk-compose-check-0001
+export KVZIP_API_KEYS="{\"$CHECK_KEY\": \"check\"}"
 "${COMPOSE[0]}" version --short >/dev/null
 
 # --- 2. daemon -----------------------------------------------------------------------------
@@ -136,7 +139,7 @@ T[up_to_healthy_s]=$(since "$t")
 # --- 7. register -> query -> delete ----------------------------------------------------------
 log "register -> query -> delete through http://127.0.0.1:$PORT"
 t=$(now)
-"$PY" -m tests.deploy.flow "http://127.0.0.1:$PORT" --expect-pass-key | tee "$OUT/flow.json"
+"$PY" -m tests.deploy.flow "http://127.0.0.1:$PORT" --api-key "$CHECK_KEY" --expect-pass-key | tee "$OUT/flow.json"
 T[flow_s]=$(since "$t")
 
 # --- 8. image checks, sizes ----------------------------------------------------------------
