@@ -4,6 +4,7 @@ batch), queries spread over workers, and a job claimed away is never run twice."
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -82,3 +83,19 @@ async def test_workers_recreate_their_streams_after_redis_lost_them(redis_env: R
             cluster.api.create_context(CreateContextRequest("after the loss " + DOC)), 15
         )
         assert info.state == "READY"
+
+
+async def test_a_heartbeat_with_unknown_or_broken_fields_does_not_stop_the_monitor(
+    redis_env: RedisEnv,
+) -> None:
+    """Issue 13 item 11: a newer worker's extra field, or a broken beat, is ignored."""
+    async with Cluster(redis_env) as cluster:
+        await cluster.start_worker("w1", FakeExecutor())
+        beat = cluster.keys.heartbeat("w1")
+        body = json.loads(await redis_env.client.get(beat))
+        await redis_env.client.set(beat, json.dumps({**body, "gpu_temp": 71}), px=5000)
+        await redis_env.client.sadd(cluster.keys.workers, "broken")
+        await redis_env.client.set(cluster.keys.heartbeat("broken"), b"{not json", px=5000)
+        await cluster.api.refresh()
+        assert [w.name for w in cluster.api.workers] == ["w1"] and cluster.api.is_ready()
+        assert cluster.api._monitor is not None and not cluster.api._monitor.done()

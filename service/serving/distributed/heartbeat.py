@@ -9,14 +9,17 @@ it takes the model identity (fingerprints) that context ids hash from the beats.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from redis.asyncio import Redis
 
 from service.serving.distributed.keys import RedisKeys
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,10 @@ class WorkerBeat:
 
     @staticmethod
     def from_json(data: bytes | str) -> WorkerBeat:
-        return WorkerBeat(**json.loads(data))
+        """Fields this version does not know (a newer worker's) are ignored."""
+        body = json.loads(data)
+        known = {f.name for f in fields(WorkerBeat)}
+        return WorkerBeat(**{k: v for k, v in body.items() if k in known})
 
 
 def default_worker_name(device: str) -> str:
@@ -76,4 +82,11 @@ class Heartbeats:
         dead = [n for n, raw in zip(names, raws, strict=True) if raw is None]
         if dead:
             await self.client.srem(self.keys.workers, *dead)
-        return [WorkerBeat.from_json(raw) for raw in raws if raw is not None]
+        beats = []
+        for name, raw in zip(names, raws, strict=True):
+            try:
+                if raw is not None:
+                    beats.append(WorkerBeat.from_json(raw))
+            except (ValueError, TypeError, AttributeError) as exc:  # never kill the monitor
+                log.warning("heartbeat of worker %s does not parse (%s); ignored", name, exc)
+        return beats
