@@ -23,7 +23,7 @@ from service import telemetry
 from service.config import ServiceConfig
 from service.serving.records import ContextRecord, blob_key, record_key
 from service.serving.validation import CheckedCreate
-from storage import DiskTier, MemoryTier, TieredStore
+from storage import DiskTier, MemoryTier, Tier, TieredStore, TierUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,22 @@ class ContextRegistry:
         map of the disk tier's file (no copy; the page cache serves it), else through the
         tiers (Redis)."""
         key = blob_key(cid)
-        for tier in self.store.tiers:
+        for index, tier in enumerate(self.store.tiers):
             if tier.name == "memory" and (data := await tier.get(key)) is not None:
                 return data
             if isinstance(tier, DiskTier) and (view := await tier.get_view(key)) is not None:
+                shared = [t for t in self.store.tiers[:index] if t.name != "memory"]
+                await self._promote(key, view, shared)  # reads promote (the Redis tier)
                 return view
         return await self.store.get(key)
+
+    async def _promote(self, key: str, view: memoryview, tiers: list[Tier]) -> None:
+        for tier in tiers:
+            try:
+                if not await tier.exists(key):
+                    await tier.put(key, bytes(view), ttl_s=self.store.promote_ttl_s)
+            except TierUnavailableError as exc:
+                log.warning("could not promote %s into %s: %s", key, tier.name, exc)
 
     async def commit(self, record: ContextRecord, blob: bytes) -> None:
         """Store the blob, then the record (the commit point)."""

@@ -99,3 +99,30 @@ async def test_a_heartbeat_with_unknown_or_broken_fields_does_not_stop_the_monit
         await cluster.api.refresh()
         assert [w.name for w in cluster.api.workers] == ["w1"] and cluster.api.is_ready()
         assert cluster.api._monitor is not None and not cluster.api._monitor.done()
+
+
+async def test_a_registration_whose_job_never_reached_the_stream_is_resubmitted(
+    redis_env: RedisEnv,
+) -> None:
+    """Issue 13 item 7: the API stopped between the record and XADD; registering the same
+    document again submits the job (instead of PROCESSING for the whole TTL)."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from service.config import ServiceConfig
+    from service.serving.distributed.redis_records import RemoteRecord
+    from service.serving.ids import context_id
+    from service.serving.registry import processing_record
+    from service.serving.validation import validated_create
+    from tests.distributed.distributed_testing import IDENTITY
+
+    async with Cluster(redis_env) as cluster:
+        await cluster.start_worker("w1", FakeExecutor())
+        request = CreateContextRequest("orphaned " + DOC)
+        checked = validated_create(request, ServiceConfig())
+        cid = context_id(IDENTITY, checked.compression, "", None, request.text)
+        old = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+        record = replace(processing_record(cid, checked, "fake-model"), create_time=old)
+        await cluster.api.records.create(RemoteRecord(record))  # ...and then the API died
+        info, created = await asyncio.wait_for(cluster.api.create_context(request), 15)
+        assert (info.id, info.state, created) == (cid, "READY", False)

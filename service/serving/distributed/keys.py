@@ -56,6 +56,10 @@ class RedisKeys:
     def heartbeat(self, worker: str) -> str:
         return f"{self.prefix}worker:{worker}"
 
+    def ingest_job(self, context_id: str) -> str:
+        """The stream entry id of the ingest job submitted for a context."""
+        return f"{self.prefix}ingest-job:{context_id}"
+
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}reply:{request_id}"
 

@@ -16,6 +16,7 @@ the workers' heartbeats).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from service.errors import InvalidInputError
+from service.errors import ContextNotFoundError, InvalidInputError
 from service.serving.distributed.keys import RedisKeys
 from service.serving.records import (
     ContextRecord,
@@ -307,6 +308,20 @@ class RecordStore:
                 await purge(cid)
                 purged += 1
         return purged
+
+    async def wait_settled(self, cid: str, timeout_s: float) -> RemoteRecord:
+        """The record once it leaves PROCESSING, or as it is after `timeout_s`;
+        ContextNotFoundError when it goes (deleted or expired) meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.05
+        while True:
+            record = await self.get(cid)
+            if record is None:
+                raise ContextNotFoundError(cid)
+            if record.state != PROCESSING or time.monotonic() >= deadline:
+                return record
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 1.5, 0.5)
 
     async def reschedule(self, record: RemoteRecord) -> None:
         """The record outlives its entry in the expiry set (clock skew): put it right."""

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 REDIS_TIMEOUT_S = 2.0  # per socket operation (a Redis that is down costs at most this)
 REPLY_BLOCK_MS = 250  # one blocking read of a reply stream, well inside the socket timeout
-WAIT_POLL_S = (0.05, 0.5)  # first and longest pause between looks at a PROCESSING record
+ORPHAN_GRACE_S = 10.0  # a PROCESSING record this old with no job was never submitted
 
 
 class RemoteContextService:
@@ -204,10 +204,13 @@ class RemoteContextService:
             record, created = await self.records.create(new)
             if created:
                 await self._submit_ingest(record, request, compression)
-            else:
+            elif record.state == PROCESSING and await self._orphaned(record):
+                await self._submit_ingest(record, request, compression)  # its job was lost
+            if not created:
                 record = await self._extend(record, checked.ttl_s)
             if request.wait and record.state == PROCESSING:
-                record = await self._wait(cid)
+                timeout = self.config.distributed.wait_timeout_s
+                record = await self.records.wait_settled(cid, timeout)
         if request.wait and record.state == FAILED and record.failure is not None:
             raise error_from_payload(record.failure)
         return record.info(), created
@@ -224,11 +227,22 @@ class RemoteContextService:
             system=request.system,
         )
         try:
-            await self.queue.submit(job)
+            entry = await self.queue.submit(job)
+            key = self.keys.ingest_job(record.id)
+            await self.client.set(key, entry, px=int(self.config.max_ttl_s * 1000))
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await self.records.delete(record)  # no job, no record
             raise
+
+    async def _orphaned(self, record: RemoteRecord) -> bool:
+        """A PROCESSING context whose ingest job is gone: the API stopped between the record
+        and the job (then no entry id after ORPHAN_GRACE_S), or Redis lost the entry."""
+        entry = await self.client.get(self.keys.ingest_job(record.id))
+        if entry is None:
+            created = datetime.fromisoformat(record.record.create_time)
+            return (datetime.now(UTC) - created).total_seconds() > ORPHAN_GRACE_S
+        return not await self.client.xrange(self.keys.stream(INGEST), entry, entry)
 
     async def _extend(self, record: RemoteRecord, ttl: float) -> RemoteRecord:
         """Registering a document again keeps it alive at least `ttl` more seconds."""
@@ -239,19 +253,6 @@ class RemoteContextService:
             record.id, datetime.fromisoformat(expire), record.record.tenant
         )
         return await self.records.get(record.id) or record
-
-    async def _wait(self, cid: str) -> RemoteRecord:
-        """The record once it leaves PROCESSING, or as it is after `wait_timeout_s`."""
-        deadline = time.monotonic() + self.config.distributed.wait_timeout_s
-        pause = WAIT_POLL_S[0]
-        while True:
-            record = await self.records.get(cid)
-            if record is None:
-                raise ContextNotFoundError(cid)  # deleted (or expired) while we waited
-            if record.state != PROCESSING or time.monotonic() >= deadline:
-                return record
-            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
-            pause = min(pause * 1.5, WAIT_POLL_S[1])
 
     async def _visible(self, context_id: str, tenant: str) -> RemoteRecord:
         with self._redis():
