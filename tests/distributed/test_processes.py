@@ -296,14 +296,19 @@ async def test_a_worker_killed_mid_ingest_is_replaced_and_ready_exactly_once(
     deployment: Deployment,
 ) -> None:
     api1, _ = deployment.apis
-    lines = [f"Line {i}: the orchard keeps apples, pears and plums in rows." for i in range(170)]
     async with httpx.AsyncClient(timeout=60.0) as http:
-        accepted = await http.post(
-            f"{api1}/contexts", json={"text": "\n".join(lines), "wait": False}
-        )
-        assert accepted.status_code == 202, accepted.text
-        cid = accepted.json()["id"]
-        owner = await scoring_worker(deployment, http, f"{api1}/contexts/{cid}")
+        owner = None
+        for attempt in range(4):  # an ingest may finish before it is seen scoring: again
+            lines = [f"Line {i}: the orchard {attempt} keeps apples and pears." for i in range(170)]
+            accepted = await http.post(
+                f"{api1}/contexts", json={"text": "\n".join(lines), "wait": False}
+            )
+            assert accepted.status_code == 202, accepted.text
+            cid = accepted.json()["id"]
+            owner = await scoring_worker(deployment, http, f"{api1}/contexts/{cid}")
+            if owner is not None:
+                break
+        assert owner is not None, "every ingest finished before it could be killed"
         assert deployment.record(cid)["record"]["state"] == "PROCESSING"
         os.kill(deployment.procs[owner].popen.pid, signal.SIGKILL)
         deployment.procs[owner].popen.wait()
@@ -322,8 +327,11 @@ async def test_a_worker_killed_mid_ingest_is_replaced_and_ready_exactly_once(
     assert deployment.redis.xlen(deployment.key("jobs:dead")) == 0
 
 
-async def scoring_worker(deployment: Deployment, http: httpx.AsyncClient, url: str) -> str:
-    """The name of the worker that holds the ingest job, once it is scoring (progress > 0)."""
+async def scoring_worker(
+    deployment: Deployment, http: httpx.AsyncClient, url: str
+) -> str | None:
+    """The name of the worker that holds the ingest job while it runs; None when the ingest
+    finished before that could be seen."""
     deadline = time.monotonic() + 60
     while True:
         assert time.monotonic() < deadline, deployment.diagnostics()
@@ -331,7 +339,8 @@ async def scoring_worker(deployment: Deployment, http: httpx.AsyncClient, url: s
             deployment.key("jobs:ingest"), "workers", "-", "+", 10
         )
         info = (await http.get(url)).json()
-        assert info["state"] == "PROCESSING", f"finished before it could be killed: {info}"
-        if pending and info["progress"] > 0:
+        if info["state"] != "PROCESSING":
+            return None
+        if pending:  # a worker holds it and works on it (progress may not show yet)
             return str(pending[0]["consumer"].decode())
         await asyncio.sleep(0.05)
