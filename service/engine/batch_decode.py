@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from service.engine.generation import compiled_step_logits, forward, step_logits
 from service.engine.kvcache import CompressedContext
 from service.engine.sampler import RowSampling, per_row, sample
-from service.engine.static_cache import StaticKVzipCache
+from service.engine.static_cache import StaticKVzipCache, bucket
 from service.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class BatchDecoder:
             context,
             cfg.num_hidden_layers,
             len(prompts),
-            _bucket(max(len(p) for p in prompts) + max_new_tokens + 1),
+            bucket(max(len(p) for p in prompts) + max_new_tokens + 1),
             cfg.num_key_value_heads,
             getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
             model.dtype,
@@ -136,8 +136,3 @@ class BatchDecoder:
                 return
             yield [t if a else None for t, a in zip(host, alive, strict=True)]
             logits = self.step(tokens)
-
-
-def _bucket(tokens: int, granule: int = 256) -> int:
-    """Tail capacity rounded up, so similar requests share one compiled/captured shape."""
-    return -(-tokens // granule) * granule

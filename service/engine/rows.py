@@ -21,9 +21,7 @@ from transformers import PreTrainedModel
 
 from service.engine.generation import forward, step_logits
 from service.engine.kvcache import CompressedContext, KVzipCache
-from service.engine.static_cache import StaticKVzipCache
-
-GRANULE = 256  # tail capacity granule (tokens)
+from service.engine.static_cache import GRANULE, StaticKVzipCache, bucket
 
 
 class RowsCache(StaticKVzipCache):
@@ -126,13 +124,13 @@ class DecodeRows:
 
     def __init__(self, model: PreTrainedModel, slots: int = 4, capacity: int = GRANULE) -> None:
         self.model = model
-        self.cache = RowsCache(model, slots, _round(capacity, GRANULE))
+        self.cache = RowsCache(model, slots, bucket(capacity))
         self.active = 0
         self.pending: int | None = None
 
     def tail_bytes(self, tokens: int) -> int:
         """Bytes a row whose tail holds `tokens` tokens needs (capacity granules)."""
-        return _round(tokens, GRANULE) * self.cache.bytes_per_token()
+        return bucket(tokens) * self.cache.bytes_per_token()
 
     def add(self, context: CompressedContext, tail_tokens: int) -> int:
         """A row for a request over `context` whose tail needs `tail_tokens` tokens."""
@@ -140,7 +138,7 @@ class DecodeRows:
         b = self.active
         slots = b + 1 if b + 1 <= self.cache.slots else 2 * self.cache.slots
         if slots > self.cache.slots or tail_tokens > self.cache.tail_capacity:
-            capacity = _round(max(tail_tokens, self.cache.tail_capacity), GRANULE)
+            capacity = bucket(max(tail_tokens, self.cache.tail_capacity))
             self.cache = self.cache.grown(self.model, slots, capacity)
         self.cache.contexts[b] = context
         self.cache.length[b] = 0
@@ -199,7 +197,3 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     """Row indices (R,) on `device` without a blocking copy (pinned staging on CUDA)."""
     host = torch.tensor(rows, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
-
-
-def _round(tokens: int, granule: int) -> int:
-    return max(granule, -(-tokens // granule) * granule)

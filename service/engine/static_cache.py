@@ -12,6 +12,15 @@ import torch
 
 from service.engine.kvcache import CompressedContext, KVzipCache
 
+GRANULE = 256
+"""Tail capacities are rounded up to this many tokens, so similar requests share one
+compiled/captured shape and a growing batch reallocates rarely."""
+
+
+def bucket(tokens: int, granule: int = GRANULE) -> int:
+    """A tail capacity for `tokens` tokens: rounded up to the granule, at least one."""
+    return max(granule, -(-tokens // granule) * granule)
+
 
 class StaticKVzipCache(KVzipCache):
     def __init__(

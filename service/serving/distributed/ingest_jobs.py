@@ -9,12 +9,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.errors import ServiceError
 from service.serving.distributed.jobs import IngestJob, error_payload
-from service.serving.distributed.keys import RedisKeys
 from service.serving.distributed.loops import Fraction, beside, sleep_or_stop
 from service.serving.distributed.protocol import Executor
 from service.serving.distributed.redis_records import PROCESSING, RecordStore
@@ -28,16 +26,15 @@ class IngestJobs:
 
     def __init__(
         self,
-        client: Redis,
-        keys: RedisKeys,
+        queue: JobQueue,
+        records: RecordStore,
         executor: Executor,
         name: str,
         on_fatal: Callable[[BaseException], bool],
         progress_interval_s: float,
     ) -> None:
+        self.queue, self.records = queue, records  # the worker's own
         self.executor, self.name, self.on_fatal = executor, name, on_fatal
-        self.queue = JobQueue(client, keys)
-        self.records = RecordStore(client, keys)
         self.progress_interval_s = progress_interval_s
 
     async def ingest(self, delivery: Delivery, job: IngestJob) -> bool:

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.errors import (
@@ -27,7 +26,6 @@ from service.serving.distributed.jobs import (
     Reply,
     error_payload,
 )
-from service.serving.distributed.keys import RedisKeys
 from service.serving.distributed.protocol import Executor
 from service.serving.distributed.redis_records import READY, RecordStore
 from service.serving.distributed.transport import Delivery, JobQueue, ReplyWriter
@@ -40,16 +38,15 @@ class QueryJobs:
 
     def __init__(
         self,
-        client: Redis,
-        keys: RedisKeys,
+        queue: JobQueue,
+        records: RecordStore,
         executor: Executor,
         name: str,
         on_fatal: Callable[[BaseException], bool],
     ) -> None:
-        self.client, self.keys, self.executor, self.name = client, keys, executor, name
-        self.queue = JobQueue(client, keys)
-        self.records = RecordStore(client, keys)
-        self.on_fatal = on_fatal
+        self.queue, self.records = queue, records  # the worker's own
+        self.client, self.keys = queue.client, queue.keys
+        self.executor, self.name, self.on_fatal = executor, name, on_fatal
 
     def reply_writer(self, job: QueryJob, attempt: str) -> ReplyWriter:
         ttl = max(60.0, job.deadline - time.time() + 60.0)

@@ -80,9 +80,9 @@ class StreamWorker:
         self.queue = JobQueue(client, keys)
         self.records = RecordStore(client, keys)
         self.heartbeats = Heartbeats(client, keys, config.heartbeat_ttl_s)
-        self.queries = QueryJobs(client, keys, executor, name, self._stop_if_fatal)
+        self.queries = QueryJobs(self.queue, self.records, executor, name, self._stop_if_fatal)
         self.ingests = IngestJobs(
-            client, keys, executor, name, self._stop_if_fatal, progress_interval_s
+            self.queue, self.records, executor, name, self._stop_if_fatal, progress_interval_s
         )
         self.block_ms = block_ms
         self.sweep_interval_s = sweep_interval_s
