@@ -159,6 +159,10 @@ def kvzip_attention(
         )
         if fused is not None:
             return fused.transpose(1, 2).contiguous(), None
+    if isinstance(kvzip_cache, RowsCache) and kvzip_cache.table is not None:
+        fused = backend.rows_decode(query, kvzip_cache, layer_idx, scale)
+        if fused is not None:
+            return fused.transpose(1, 2).contiguous(), None
     out, lse = _tail_attention(query, key, value, kvzip_cache, scale, backend)
     if isinstance(kvzip_cache, RowsCache):  # continuous batch: each row its own context
         out_r, lse_r = _rows_context_attention(query, kvzip_cache, layer_idx, scale, backend)

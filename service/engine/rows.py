@@ -16,12 +16,50 @@ in one call) and to its own tail, merged by log-sum-exp (service.engine.attentio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedModel
 
 from service.engine.generation import forward, step_logits
 from service.engine.kvcache import CompressedContext, KVzipCache
 from service.engine.static_cache import GRANULE, StaticKVzipCache, bucket
+
+
+@dataclass(frozen=True)
+class RowsTable:
+    """Where each row's context lives, for the one-launch multi-context decode kernel:
+    pointers (L, 3, B) int64 on the device (keys, values, cu_lens of row b's context in
+    layer l) and the split count of the batch's longest context head."""
+
+    key: tuple[int, ...]
+    pointers: torch.Tensor
+    splits: int
+    contexts: tuple[CompressedContext, ...]  # alive while their addresses are in use
+    dtype: torch.dtype | None  # of every context's keys/values; None when they differ
+
+    @staticmethod
+    def build(contexts: list[CompressedContext], device: torch.device) -> RowsTable:
+        from service.engine.backends import triton_rows
+
+        layers = range(len(contexts[0].layers))
+        per_layer = [
+            triton_rows.pointer_table(
+                [(c.layers[i].keys, c.layers[i].values, c.layers[i].cu_lens) for c in contexts],
+                torch.device("cpu"),
+            )
+            for i in layers
+        ]
+        heads = contexts[0].layers[0].n_heads
+        dtypes = {c.layers[i].keys.dtype for c in contexts for i in layers}
+        longest = [c.layers[i].keys.shape[0] for c in contexts for i in layers]
+        return RowsTable(
+            tuple(id(c) for c in contexts),
+            _to_device(torch.stack(per_layer), device),
+            triton_rows.splits_for(longest, heads),
+            tuple(contexts),
+            dtypes.pop() if len(dtypes) == 1 else None,
+        )
 
 
 class RowsCache(StaticKVzipCache):
@@ -43,6 +81,7 @@ class RowsCache(StaticKVzipCache):
             model.device,
         )
         self.contexts: list[CompressedContext | None] = [None] * slots
+        self.table: RowsTable | None = None
 
     @property
     def tail_capacity(self) -> int:
@@ -94,6 +133,7 @@ class RowsCache(StaticKVzipCache):
         view.length = self.length[start:stop]
         view.capacity = self.capacity
         view.contexts = self.contexts[start:stop]
+        view.table = None
         return view
 
     def grown(self, model: PreTrainedModel, slots: int, capacity: int) -> RowsCache:
@@ -165,11 +205,23 @@ class DecodeRows:
         """tokens (B,) for the B active rows -> next-token logits (B, V) fp32."""
         b = self.active
         view = self.cache.view(0, b)
+        view.table = self._table(view)
         bases = torch.tensor([c.seq_len for c in view.contexts if c is not None])
         positions = (bases.to(view.length.device) + view.length).view(b, 1)
         logits = step_logits(self.model, tokens.view(b, 1).to(self.model.device), positions, view)
         view.length += 1
         return logits
+
+    def _table(self, view: RowsCache) -> RowsTable | None:
+        """The pointer table of the active rows on CUDA (rebuilt only when the rows'
+        contexts change), None elsewhere."""
+        if self.model.device.type != "cuda":
+            return None
+        contexts = [c for c in view.contexts if c is not None]
+        key = tuple(id(c) for c in contexts)
+        if self.cache.table is None or self.cache.table.key != key:
+            self.cache.table = RowsTable.build(contexts, self.model.device)
+        return self.cache.table
 
     def remove(self, b: int) -> int | None:
         """Free active row b; the last active row moves into its slot (its old index is
@@ -195,5 +247,11 @@ class DecodeRows:
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     """Row indices (R,) on `device` without a blocking copy (pinned staging on CUDA)."""
-    host = torch.tensor(rows, pin_memory=device.type == "cuda")
+    return _to_device(torch.tensor(rows), device)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device` without a blocking copy (pinned staging on CUDA)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
     return host.to(device, non_blocking=True)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from service.engine.backends import reference, sdpa
+
+if TYPE_CHECKING:
+    from service.engine.rows import RowsCache
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _BACKENDS: dict[str, tuple[AttentionFn, AttentionFn]] = {
@@ -117,6 +121,27 @@ class Backend:
         from service.engine.backends import cuda
 
         return cuda.fused_static_decode(q, keys, values, cu_lens, tail_k, tail_v, length, scale)
+
+    def rows_decode(
+        self, q: torch.Tensor, rows: RowsCache, layer: int, scale: float
+    ) -> torch.Tensor | None:
+        """Decode-step attention of a continuous batch, each row over its own context and
+        tail, in one launch (the rows' pointer table), when the backend has it.
+
+        q (B, Hq, T, d) -> (B, Hq, T, d), or None (CPU backends, blocks too big)."""
+        table = rows.table
+        b, hq, t, _ = q.shape
+        if not self.gpu_kernels or table is None or not q.is_cuda:
+            return None
+        from service.engine.backends import triton_ragged, triton_rows
+
+        keys, values = rows.tail_keys[layer], rows.tail_values[layer]
+        assert keys is not None and values is not None
+        if (hq // keys.shape[1]) * t > triton_ragged.MAX_ROWS or table.dtype != keys.dtype:
+            return None
+        return triton_rows.rows_decode(
+            q, table.pointers[layer], keys, values, rows.length, scale, table.splits
+        )
 
     def merge_partials(
         self, out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
