@@ -29,8 +29,8 @@ def _rows_ms(engine, contexts, b: int, prompt: list[int]) -> tuple[float, float]
     rows = DecodeRows(engine.model)
     for i in range(b):
         rows.add(contexts[i % len(contexts)], len(prompt) + STEPS + 8)
-        rows.prefill(rows.pending, prompt)
-        rows.activate(rows.pending)
+        rows.prefill([prompt])
+        rows.activate()
     tokens = torch.zeros(b, dtype=torch.long, device="cuda")
     rows.step(tokens)  # warm-up
     torch.cuda.synchronize()

@@ -58,6 +58,30 @@ def step_logits(
     return _raw_step(model, input_ids, positions, cache, _cache_kwarg(model))
 
 
+@torch.inference_mode()
+def rows_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVzipCache,
+    last: torch.Tensor,
+) -> torch.Tensor:
+    """input_ids, positions (B, T), right-padded rows whose last real token is at `last`
+    (B,) -> the logits there (B, V) fp32 (the LM head runs only at those positions)."""
+    keep, where = torch.unique(last, return_inverse=True)
+    out = model(
+        input_ids=input_ids,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=keep,
+        kvzip_cache=cache,
+        **{_cache_kwarg(model): cache},
+    )
+    rows = torch.arange(len(last), device=last.device)
+    logits: torch.Tensor = out.logits[rows, where].float()
+    return logits
+
+
 def _raw_step(
     model: PreTrainedModel,
     input_ids: torch.Tensor,

@@ -1,13 +1,13 @@
 """The rows of a continuous batch: each row its own compressed context and its own tail.
 
     rows = DecodeRows(model)
-    b = rows.add(context)                  # a free row (its tail empty)
-    logits = rows.prefill(b, prompt_ids)   # (V,) fp32; may be called chunk by chunk
-    rows.activate(b)                       # from now on it takes part in every step
+    b = rows.add(context, tail_tokens)     # a pending row (its tail empty)
+    logits = rows.prefill([prompt_ids])    # (P, V) fp32: every pending row in one forward
+    rows.activate()                        # the pending rows take part in every step
     logits = rows.step(tokens)             # tokens (B,) of the B active rows -> (B, V)
     moved = rows.remove(b)                 # the row's slot is taken by the last one
 
-Rows [0, active) decode; at most one row, at index `active`, is being prefilled. Tails live
+Rows [0, active) decode; rows [active, active + pending) are being prefilled, together. Tails live
 in one `RowsCache`: per layer (slots, H, C, d) buffers that grow (slots and capacity C, both
 rounded up) when a request needs more, so memory follows what runs. In every layer the
 `kvzip` attention function attends each row to its own context (rows that share a context
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from service.engine.generation import forward, step_logits
+from service.engine.generation import rows_forward, step_logits
 from service.engine.kvcache import CompressedContext, KVzipCache
 from service.engine.static_cache import GRANULE, StaticKVzipCache, bucket
 
@@ -166,39 +166,45 @@ class DecodeRows:
         self.model = model
         self.cache = RowsCache(model, slots, bucket(capacity))
         self.active = 0
-        self.pending: int | None = None
+        self.pending = 0  # rows [active, active + pending) are being prefilled
 
     def tail_bytes(self, tokens: int) -> int:
         """Bytes a row whose tail holds `tokens` tokens needs (capacity granules)."""
         return bucket(tokens) * self.cache.bytes_per_token()
 
     def add(self, context: CompressedContext, tail_tokens: int) -> int:
-        """A row for a request over `context` whose tail needs `tail_tokens` tokens."""
-        assert self.pending is None, "one row is prefilled at a time"
-        b = self.active
+        """A pending row for a request over `context` whose tail needs `tail_tokens`."""
+        b = self.active + self.pending
         slots = b + 1 if b + 1 <= self.cache.slots else 2 * self.cache.slots
         if slots > self.cache.slots or tail_tokens > self.cache.tail_capacity:
             capacity = bucket(max(tail_tokens, self.cache.tail_capacity))
             self.cache = self.cache.grown(self.model, slots, capacity)
         self.cache.contexts[b] = context
         self.cache.length[b] = 0
-        self.pending = b
+        self.pending += 1
         return b
 
-    def prefill(self, b: int, ids: list[int]) -> torch.Tensor:
-        """Append `ids` to row b's tail; the logits after its last token (V,) fp32."""
-        context = self.cache.contexts[b]
-        assert context is not None
-        start = context.seq_len + int(self.cache.length[b])
-        logits = forward(self.model, ids, start, self.cache.view(b, b + 1))
-        self.cache.length[b] += len(ids)
+    def prefill(self, chunks: list[list[int]]) -> torch.Tensor:
+        """Append chunks[i] to pending row active + i, every pending row in one forward
+        (right-padded to the longest chunk); the logits after each chunk's last token
+        (P, V) fp32. A row may be prefilled chunk by chunk."""
+        assert len(chunks) == self.pending and all(chunks)
+        first, k = self.active, self.pending
+        view = self.cache.view(first, first + k)
+        width = max(len(c) for c in chunks)
+        device = self.model.device
+        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)
+        bases = torch.tensor([c.seq_len for c in view.contexts if c is not None], device=device)
+        positions = (bases + view.length).view(k, 1) + torch.arange(width, device=device)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=device)
+        logits = rows_forward(self.model, ids, positions, view, last)
+        view.length += torch.tensor([len(c) for c in chunks], device=device)
         return logits
 
-    def activate(self, b: int) -> None:
-        """The prefilled row joins the decoding rows."""
-        assert b == self.pending == self.active
-        self.pending = None
-        self.active += 1
+    def activate(self) -> None:
+        """The prefilled rows join the decoding rows."""
+        self.active += self.pending
+        self.pending = 0
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -225,7 +231,8 @@ class DecodeRows:
 
     def remove(self, b: int) -> int | None:
         """Free active row b; the last active row moves into its slot (its old index is
-        returned, None when nothing moved). A row being prefilled follows along."""
+        returned, None when nothing moved). Pending rows stay right after the active ones:
+        the last pending row moves into the slot the active rows gave up."""
         last = self.active - 1
         moved = None
         if b != last:
@@ -234,15 +241,15 @@ class DecodeRows:
         else:
             self.cache.contexts[b] = None
         self.active -= 1
-        if self.pending is not None:
-            self.cache.move(self.pending, self.active)
-            self.pending = self.active
+        if self.pending:
+            self.cache.move(self.active + self.pending, self.active)
         return moved
 
     def drop_pending(self) -> None:
-        if self.pending is not None:
-            self.cache.contexts[self.pending] = None
-            self.pending = None
+        """Forget every pending row (their requests start over)."""
+        for b in range(self.active, self.active + self.pending):
+            self.cache.contexts[b] = None
+        self.pending = 0
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

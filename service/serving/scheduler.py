@@ -6,11 +6,14 @@ tail. One iteration, on the engine thread:
 
     1. one decode step for every decoding row, then a token per row (its own sampler);
        rows that end (EOS, max tokens) or were cancelled leave the batch at once;
-    2. at most `prefill_chunk` tokens of the one question being prefilled, so a new
-       arrival stalls running decodes by at most that much compute per step;
-    3. when no question is being prefilled, the next waiting request is admitted, FIFO,
-       if the KV budget (tails of the rows + the distinct contexts they attend to) holds
-       it; the head of the queue is never skipped, so nobody starves.
+    2. when no question is being prefilled, waiting requests are admitted, FIFO, while
+       the KV budget (tails of the rows + the distinct contexts they attend to) holds them
+       and their questions fit `prefill_chunk` tokens together; the head of the queue is
+       never skipped, so nobody starves. A longer question is admitted alone;
+    3. one forward of at most `prefill_chunk` question tokens: the admitted questions
+       together (one padded batch, each row over its own context), or the next chunk of
+       the long one, so new arrivals stall running decodes by at most that much compute
+       per step.
 
 Beyond `queue_size` waiting requests, `generate` refuses with QueueFullError (503 +
 Retry-After). Closing a `generate` iterator (client gone, timeout) frees its row at the
@@ -75,7 +78,7 @@ class Scheduler:
         self.eos = frozenset(eos_ids)
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []  # by row index
-        self.pending: _Request | None = None
+        self.pending: list[_Request] = []  # being prefilled, rows after the running ones
         self._wake = asyncio.Event()
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -147,8 +150,8 @@ class Scheduler:
                 dispatch([(r, exc) for r in self._abort_all()])
 
     def _abort_all(self) -> list[_Request]:
-        requests = [*self.running, *([self.pending] if self.pending else [])]
-        self.running, self.pending = [], None
+        requests = [*self.running, *self.pending]
+        self.running, self.pending = [], []
         self.rows = DecodeRows(self.rows.model)
         return requests
 
@@ -164,10 +167,10 @@ class Scheduler:
             chosen = sample(logits, [r.sampling for r in self.running]).tolist()
             for request, token in zip(list(self.running), chosen, strict=True):
                 emitted += self._emit(request, int(token))
-        if self.pending is None:
+        if not self.pending:
             self._admit()
-        if self.pending is not None:
-            emitted += self._prefill_chunk(self.pending)
+        if self.pending:
+            emitted += self._prefill_chunk()
         telemetry.BATCH_ROWS.observe(len(self.running))
         return emitted
 
@@ -185,10 +188,14 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled]:
             self._leave(request)
-        if self.pending is not None and self.pending.cancelled:
-            self.rows.drop_pending()
-            self.pending = None
         with self._lock:
+            if any(r.cancelled for r in self.pending):  # the others start over, first
+                self.rows.drop_pending()
+                for request in reversed(self.pending):
+                    if not request.cancelled:
+                        request.prefilled = 0
+                        self.waiting.appendleft(request)
+                self.pending = []
             if any(r.cancelled for r in self.waiting):
                 self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
 
@@ -198,33 +205,48 @@ class Scheduler:
         last = self.running.pop()
         if moved is not None:
             self.running[b] = last
+        if self.pending:  # the last pending row took the slot the running rows gave up
+            self.pending.insert(0, self.pending.pop())
 
-    def _kv_bytes(self, extra: _Request | None = None) -> int:
-        requests = [*self.running, *([extra] if extra else [])]
+    def _kv_bytes(self, extra: list[_Request]) -> int:
+        requests = [*self.running, *extra]
         contexts = {id(r.context): r.context.nbytes for r in requests}
         tails = sum(self.rows.tail_bytes(r.tail_tokens) for r in requests)
         return sum(contexts.values()) + tails
 
     def _admit(self) -> None:
+        """Waiting requests into pending rows: FIFO, within the KV budget and the row
+        limit, questions together up to `prefill_chunk` tokens (a longer one alone)."""
+        chunk = self.config.prefill_chunk
         with self._lock:
-            if not self.waiting or len(self.running) >= self.config.max_rows:
-                return
-            head = self.waiting[0]
-            if self.running and self._kv_bytes(head) > self.config.kv_budget_bytes:
-                return  # FIFO: the head waits for rows to leave; nobody overtakes it
-            self.waiting.popleft()
-        self.rows.add(head.context, head.tail_tokens)
-        self.pending = head
+            while self.waiting and len(self.running) + len(self.pending) < self.config.max_rows:
+                head = self.waiting[0]
+                batch = [*self.pending, head]
+                if (self.running or self.pending) and (
+                    self._kv_bytes(batch) > self.config.kv_budget_bytes
+                ):
+                    break  # FIFO: the head waits for rows to leave; nobody overtakes it
+                if self.pending and sum(len(r.prompt) for r in batch) > chunk:
+                    break
+                self.pending.append(self.waiting.popleft())
+                if len(head.prompt) > chunk:
+                    break  # chunked over several iterations, alone
+        for request in self.pending:
+            self.rows.add(request.context, request.tail_tokens)
 
-    def _prefill_chunk(self, request: _Request) -> list[tuple[_Request, object]]:
-        assert self.rows.pending is not None
-        chunk = request.prompt[request.prefilled : request.prefilled + self.config.prefill_chunk]
-        logits = self.rows.prefill(self.rows.pending, chunk)
-        request.prefilled += len(chunk)
-        if request.prefilled < len(request.prompt):
-            return []
-        self.rows.activate(self.rows.pending)
-        self.pending = None
-        self.running.append(request)
-        token = int(sample(logits[None], [request.sampling])[0])
-        return self._emit(request, token)
+    def _prefill_chunk(self) -> list[tuple[_Request, object]]:
+        size = self.config.prefill_chunk
+        chunks = [r.prompt[r.prefilled : r.prefilled + size] for r in self.pending]
+        logits = self.rows.prefill(chunks)
+        for request, chunk in zip(self.pending, chunks, strict=True):
+            request.prefilled += len(chunk)
+        if any(r.prefilled < len(r.prompt) for r in self.pending):
+            return []  # only ever a long question alone
+        self.rows.activate()
+        done, self.pending = self.pending, []
+        self.running += done
+        tokens = sample(logits, [r.sampling for r in done]).tolist()
+        emitted: list[tuple[_Request, object]] = []
+        for request, token in zip(done, tokens, strict=True):
+            emitted += self._emit(request, int(token))
+        return emitted

@@ -169,3 +169,45 @@ async def test_the_queue_bound_refuses_and_the_kv_budget_serves_fifo(tiny_engine
     assert results == [
         alone(tiny_engine, contexts[i], QUESTIONS[0], SamplingParams(4)) for i in range(3)
     ]
+
+
+async def test_arrivals_are_prefilled_together_and_a_long_question_alone(
+    tiny_engine, contexts, monkeypatch
+):
+    """Questions waiting together share one padded prefill forward (each row over its own
+    context); a question longer than the chunk goes alone, chunk by chunk; answers are the
+    same as alone either way."""
+    from service.engine import rows as rows_module
+
+    widths: list[tuple[int, int]] = []
+    real = rows_module.rows_forward
+
+    def counting(model, ids, *args):  # type: ignore[no-untyped-def]
+        widths.append(tuple(ids.shape))
+        return real(model, ids, *args)
+
+    monkeypatch.setattr(rows_module, "rows_forward", counting)
+    thread = EngineWorker(8)
+    sched = scheduler(tiny_engine, thread, max_rows=16, prefill_chunk=40)
+    long_question = "Tell me everything about the museum, the tickets and the hours. " * 4
+    cases = [(contexts[i % 3], QUESTIONS[i % 3]) for i in range(4)] + [(contexts[0], long_question)]
+    params = SamplingParams(max_new_tokens=3)
+    try:
+        got = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    collect(sched.generate(c, tiny_engine.encode_question(q), params))
+                    for c, q in cases
+                )
+            ),
+            60,
+        )
+    finally:
+        await sched.close()
+        thread.close()
+    assert got == [alone(tiny_engine, c, q, params) for c, q in cases]
+    long_tokens = len(tiny_engine.encode_question(long_question))
+    assert long_tokens > 40
+    assert max(rows for rows, _ in widths) >= 2  # several questions in one forward
+    chunks = [width for rows, width in widths if rows == 1]
+    assert len(chunks) == -(-long_tokens // 40)  # the long one alone, chunk by chunk
