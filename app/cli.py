@@ -33,6 +33,7 @@ from kvzip.client import (
     Client,
     CompressionSpec,
     Context,
+    ContextFailedError,
     CreateOptions,
     KVzipError,
     QueryOptions,
@@ -83,6 +84,8 @@ def _ingest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         info = client.create_context(text, **options)
         if info.state == "PROCESSING":
             info = _follow(client, info, args.poll, err, quiet=args.quiet)
+    if info.state == "FAILED":
+        raise ContextFailedError(info)
     err.write(
         f"{info.id}: {info.usage.context_tokens} tokens, kept "
         f"{info.compression.kept_fraction:.3f} of the KV pairs ({info.compression.bytes} "

@@ -5,9 +5,12 @@ error event, Retry-After as a date, and the retry policy's choices."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +29,7 @@ from kvzip.client import (
 from kvzip.client.errors import error_from_response
 from kvzip.client.plans import RetryPolicy
 
+ROOT = Path(__file__).resolve().parents[2]
 CONTEXT_ID = "ctx_" + "1" * 32
 CONTEXT: dict[str, Any] = {
     "id": CONTEXT_ID,
@@ -151,3 +155,16 @@ async def test_the_async_client_drives_the_same_plans() -> None:
         ready = await client.wait_until_ready(CONTEXT_ID, poll_interval=0)
 
     assert ready.state == "READY" and ready.progress == 1.0 and len(calls) == 4
+
+
+def test_the_client_imports_no_server_code() -> None:
+    server = ("torch", "fastapi", "app", "service", "storage")
+    program = (
+        "import sys, kvzip.client\n"
+        f"loaded = [m for m in {server!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
