@@ -21,10 +21,15 @@ from kvzip.client import (
     APIError,
     AsyncClient,
     Client,
+    ConflictError,
     ContextFailedError,
+    InvalidRequestError,
+    NotFoundError,
     OverloadedError,
     RateLimitedError,
+    RequestTooLargeError,
     ServerError,
+    UnauthorizedError,
 )
 from kvzip.client.errors import error_from_response
 from kvzip.client.plans import RetryPolicy
@@ -168,3 +173,29 @@ def test_the_client_imports_no_server_code() -> None:
         [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, InvalidRequestError),
+        (401, UnauthorizedError),
+        (404, NotFoundError),
+        (405, APIError),
+        (409, ConflictError),
+        (413, RequestTooLargeError),
+        (422, InvalidRequestError),
+        (429, RateLimitedError),
+        (500, ServerError),
+        (503, OverloadedError),
+    ],
+)
+def test_each_status_has_its_class(status: int, kind: type[APIError]) -> None:
+    body = {"error": {"code": "some_code", "message": "refused"}}
+    response = httpx.Response(status, json=body, headers={"x-request-id": "req-1"})
+    error = error_from_response(response)
+
+    assert type(error) is kind
+    assert (error.status, error.code, error.message, error.request_id) == (
+        status, "some_code", "refused", "req-1"
+    )  # fmt: skip
