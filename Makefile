@@ -28,7 +28,7 @@ schemathesis: venv  ## Schemathesis vs the OpenAPI schema on a tiny model (EXAMP
 	$(BIN)/python -m tests.fuzz.run --max-examples $(or $(EXAMPLES),40) $(ARGS)
 
 lint: venv
-	$(BIN)/ruff check app service storage tests bench docker
+	$(BIN)/ruff check app kvzip service storage tests bench docker
 	$(BIN)/mypy
 
 bench-quality: venv  ## quality grid on CPU -> docs/quality.md (ARGS=--quick: minutes; ARGS="--device cuda")

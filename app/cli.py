@@ -1,4 +1,4 @@
-"""`kvzip`: the command line. It talks to a running server over HTTP (httpx), never torch.
+"""`kvzip`: the command line. It talks to a running server with `kvzip.client`, never torch.
 
     kvzip serve [--host H] [--port P]       run the HTTP service (KVZIP_* settings)
     kvzip worker                            run a distributed-mode worker (KVZIP_* settings)
@@ -18,20 +18,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
 from tqdm import tqdm
 
-__all__ = ["build_parser", "main"]
+from kvzip.client import (
+    APIConnectionError,
+    APIError,
+    Client,
+    CompressionSpec,
+    Context,
+    ContextFailedError,
+    CreateOptions,
+    KVzipError,
+    QueryOptions,
+)
+from kvzip.client.plans import DEFAULT_URL
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+__all__ = ["build_parser", "main"]
 
 
 class CommandError(Exception):
@@ -42,142 +51,105 @@ class CommandError(Exception):
         self.status = status
 
 
-# --- HTTP -------------------------------------------------------------------------------------
-
-
-def _client(args: argparse.Namespace) -> httpx.Client:
-    url = args.url or os.environ.get("KVZIP_URL") or DEFAULT_URL
-    key = args.api_key or os.environ.get("KVZIP_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(60.0, read=None))
-
-
-def _checked(response: httpx.Response) -> dict[str, Any]:
-    """The JSON body of a 2xx response, else CommandError with the server's message."""
-    if response.is_success:
-        body: dict[str, Any] = response.json() if response.content else {}
-        return body
-    response.read()
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text or response.reason_phrase
-    raise CommandError(f"{response.status_code}: {message}")
-
-
-def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    """The JSON payloads of a Server-Sent Events body, until `[DONE]`."""
-    for line in response.iter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line.removeprefix("data:").strip()
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
-
-
 # --- client commands --------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    url = args.url or os.environ.get("KVZIP_URL") or DEFAULT_URL
+    return Client(url, args.api_key or os.environ.get("KVZIP_API_KEY"))
+
+
+def _refusal(exc: KVzipError) -> str:
+    """`404: context ... not found`; an error that ended a stream has no status."""
+    return f"{exc.status}: {exc.message}" if exc.status is not None else exc.message
+
+
+def _rfc3339(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
 
 
 def _ingest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-    body: dict[str, Any] = {"text": text, "wait": False}
+    options: CreateOptions = {"wait": False, "system": args.system or None, "ttl_seconds": args.ttl}
     if args.display_name or args.file != "-":
-        body["display_name"] = args.display_name or Path(args.file).name
-    compression = {k: v for k, v in (("method", args.method), ("ratio", args.ratio)) if v}
+        options["display_name"] = args.display_name or Path(args.file).name
+    compression: CompressionSpec = {}
+    if args.method:
+        compression["method"] = args.method
+    if args.ratio:
+        compression["ratio"] = args.ratio
     if compression:
-        body["compression"] = compression
-    if args.system:
-        body["system"] = args.system
-    if args.ttl:
-        body["ttl_seconds"] = args.ttl
+        options["compression"] = compression
     with _client(args) as client:
-        info = _checked(client.post("/contexts", json=body))
-        if info["state"] == "PROCESSING":
+        info = client.create_context(text, **options)
+        if info.state == "PROCESSING":
             info = _follow(client, info, args.poll, err, quiet=args.quiet)
-    if info["state"] == "FAILED":
-        raise CommandError(f"ingest of {info['id']} failed: {info.get('error')}")
-    compression_out = info["compression"]
+    if info.state == "FAILED":
+        raise ContextFailedError(info)
     err.write(
-        f"{info['id']}: {info['usage']['context_tokens']} tokens, kept "
-        f"{compression_out['kept_fraction']:.3f} of the KV pairs ({compression_out['bytes']} "
-        f"bytes), expires {info.get('expire_time')}\n"
+        f"{info.id}: {info.usage.context_tokens} tokens, kept "
+        f"{info.compression.kept_fraction:.3f} of the KV pairs ({info.compression.bytes} "
+        f"bytes), expires {_rfc3339(info.expire_time)}\n"
     )
-    out.write(info["id"] + "\n")
+    out.write(info.id + "\n")
     return 0
 
 
-def _follow(
-    client: httpx.Client, info: dict[str, Any], poll: float, err: TextIO, quiet: bool
-) -> dict[str, Any]:
-    """Poll GET until the context leaves PROCESSING, drawing `progress` as a bar."""
+def _follow(client: Client, info: Context, poll: float, err: TextIO, quiet: bool) -> Context:
+    """Wait for the context to leave PROCESSING, drawing `progress` as a bar."""
     with tqdm(
         total=100, unit="%", desc="scoring", file=err, disable=quiet, bar_format="{l_bar}{bar}|"
     ) as bar:
-        while info["state"] == "PROCESSING":
-            bar.update(max(0, round(100 * info.get("progress", 0.0)) - bar.n))
-            time.sleep(poll)
-            info = _checked(client.get(f"/contexts/{info['id']}"))
-        bar.update(100 - bar.n if info["state"] == "READY" else 0)
-    return info
+
+        def show(seen: Context) -> None:
+            if seen.state != "FAILED":
+                bar.update(max(0, round(100 * seen.progress) - bar.n))
+
+        return client.wait_until_ready(info, timeout=None, poll_interval=poll, on_progress=show)
 
 
 def _ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    body: dict[str, Any] = {
-        "question": args.question,
+    options: QueryOptions = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
-        "stream": True,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
     }
-    optional = (("top_p", args.top_p), ("seed", args.seed), ("stop", args.stop))
-    body.update({name: value for name, value in optional if value is not None})
     with (
         _client(args) as client,
-        client.stream("POST", f"/contexts/{args.context_id}/query", json=body) as response,
+        client.stream_query(args.context_id, args.question, **options) as stream,
     ):
-        if not response.is_success:
-            _checked(response)
-        for payload in _events(response):
-            if "error" in payload:
-                raise CommandError(payload["error"]["message"])
-            if "delta" in payload:
-                out.write(payload["delta"])
-                out.flush()
-            elif "usage" in payload and args.verbose:
-                usage, timings = payload["usage"], payload["timings"]
-                err.write(
-                    f"\n[{usage['completion_tokens']} tokens, cached "
-                    f"{usage['prompt_tokens_details']['cached_tokens']}, first token after "
-                    f"{timings['ttft_s']:.3f} s, {payload['finish_reason']}]"
-                )
+        for delta in stream:
+            out.write(delta)
+            out.flush()
+    if args.verbose:
+        answer = stream.result
+        usage, timings = answer.usage, answer.timings
+        err.write(
+            f"\n[{usage.completion_tokens} tokens, cached "
+            f"{usage.prompt_tokens_details.cached_tokens}, first token after "
+            f"{timings.ttft_s:.3f} s, {answer.finish_reason}]"
+        )
     out.write("\n")
     return 0
 
 
 def _ls(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows = [("ID", "STATE", "TOKENS", "KEPT", "EXPIRES", "NAME")]
-    token: str | None = None
     with _client(args) as client:
-        while True:
-            params: dict[str, Any] = {"page_size": args.page_size}
-            if token:
-                params["page_token"] = token
-            page = _checked(client.get("/contexts", params=params))
-            for info in page["contexts"]:
-                rows.append(
-                    (
-                        info["id"],
-                        info["state"]
-                        + ("" if info["state"] != "PROCESSING" else f" {info['progress']:.0%}"),
-                        str(info["usage"]["context_tokens"]),
-                        f"{info['compression']['kept_fraction']:.3f}",
-                        str(info.get("expire_time") or "-"),
-                        info.get("display_name") or "",
-                    )
+        for info in client.iter_contexts(args.page_size):
+            state = info.state + (f" {info.progress:.0%}" if info.state == "PROCESSING" else "")
+            rows.append(
+                (
+                    info.id,
+                    state,
+                    str(info.usage.context_tokens),
+                    f"{info.compression.kept_fraction:.3f}",
+                    _rfc3339(info.expire_time) or "-",
+                    info.display_name or "",
                 )
-            token = page.get("next_page_token")
-            if not token:
-                break
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -190,10 +162,10 @@ def _rm(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with _client(args) as client:
         for context_id in args.context_ids:
             try:
-                _checked(client.delete(f"/contexts/{context_id}"))
+                client.delete_context(context_id)
                 out.write(f"deleted {context_id}\n")
-            except CommandError as exc:
-                err.write(f"kvzip: {context_id}: {exc}\n")
+            except APIError as exc:
+                err.write(f"kvzip: {context_id}: {_refusal(exc)}\n")
                 status = 1
     return status
 
@@ -316,9 +288,12 @@ def main(
     except CommandError as exc:
         err.write(f"kvzip: {exc}\n")
         return exc.status
-    except httpx.TransportError as exc:
-        err.write(f"kvzip: cannot reach the server: {exc}\n")
+    except APIConnectionError as exc:
+        err.write(f"kvzip: {exc}\n")
         return 2
+    except KVzipError as exc:
+        err.write(f"kvzip: {_refusal(exc)}\n")
+        return 1
     except OSError as exc:
         err.write(f"kvzip: {exc}\n")
         return 2

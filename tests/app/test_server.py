@@ -245,14 +245,18 @@ def test_cli_ingest_ls_ask_rm(live: dict[str, Any], tmp_path: Path) -> None:
     assert status == 0
     assert new_id in out and "report.txt" in out and out.startswith("ID")
 
-    status, out, err = run_cli(live, "ask", new_id, "Where are maps sold?", "--max-new-tokens", "8")
+    status, out, err = run_cli(
+        live, "ask", new_id, "Where are maps sold?", "--max-new-tokens", "8", "-v"
+    )
     with client(live) as http:
         expected = http.post(
             f"/contexts/{new_id}/query",
             json={"question": "Where are maps sold?", "max_new_tokens": 8},
-        ).json()["answer"]
+        ).json()
     assert status == 0, err
-    assert out == expected + "\n"
+    assert out == expected["answer"] + "\n"
+    completion = expected["usage"]["completion_tokens"]
+    assert f"[{completion} tokens, cached " in err and "first token after" in err
 
     status, out, _ = run_cli(live, "rm", new_id)
     assert (status, out) == (0, f"deleted {new_id}\n")
