@@ -13,8 +13,8 @@ refilled per minute, at most `KVZIP_RATE_LIMIT_BURST` at once; beyond it, 429 wi
 Retry-After. Requests without a valid key are throttled too, whatever that setting: each 401
 takes a token from the client address's bucket of AUTH_FAILURES_PER_MINUTE (burst
 AUTH_FAILURE_BURST), and an address whose bucket is empty gets 429 without its key being
-checked, so keys cannot be guessed at speed. Buckets live in this process (each API replica
-counts on its own), at most `max_buckets` of them, the least recently used evicted first.
+checked, so keys cannot be guessed at speed. The buckets (app.ratelimit) live in this process
+in embedded mode and on Redis in distributed mode, where every API replica shares them.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ import hashlib
 import hmac
 import logging
 import math
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -33,27 +30,13 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from app.ratelimit import RateLimit
 from app.settings import Settings
 from service.types import ANY_TENANT
 
-__all__ = [
-    "AUTH_FAILURES_PER_MINUTE",
-    "AUTH_FAILURE_BURST",
-    "Principal",
-    "PrincipalDep",
-    "RateLimiter",
-    "authenticate",
-    "log_access_mode",
-]
+__all__ = ["Principal", "PrincipalDep", "authenticate", "log_access_mode"]
 
 logger = logging.getLogger(__name__)
-
-AUTH_FAILURES_PER_MINUTE = 30
-"""Refill of each client address's bucket of requests without a valid key (401s)."""
-AUTH_FAILURE_BURST = 10
-"""401s a client address may collect at once before it is answered 429."""
-MAX_BUCKETS = 10_000
-"""Rate buckets kept per limiter; the least recently used is forgotten beyond it."""
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -73,57 +56,6 @@ class Principal:
     def scope(self) -> str:
         """The tenant to look contexts up in: every tenant for the admin key."""
         return ANY_TENANT if self.admin else self.tenant
-
-
-class RateLimiter:
-    """Token buckets by key: `per_minute` refill, `burst` capacity; thread-safe.
-
-    At most `max_buckets` buckets, least recently used evicted first (an evicted key starts
-    again with a full bucket, as a new one does), so a stream of new keys or client
-    addresses cannot grow the map without bound.
-    """
-
-    def __init__(self, per_minute: int, burst: int, max_buckets: int = MAX_BUCKETS) -> None:
-        self.rate = per_minute / 60.0
-        self.burst = float(burst)
-        self.max_buckets = max_buckets
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (tokens, at)
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def _tokens(self, key: str, now: float) -> float:
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + (now - at) * self.rate)
-
-    def _store(self, key: str, tokens: float, now: float) -> None:
-        self._buckets[key] = (tokens, now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_buckets:
-            self._buckets.popitem(last=False)
-
-    def acquire(self, key: str, now: float | None = None) -> float:
-        """0 when the request may go; else the seconds until it may (nothing is taken)."""
-        if self.rate <= 0:
-            return 0.0
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens = self._tokens(key, now)
-            if tokens >= 1.0:
-                self._store(key, tokens - 1.0, now)
-                return 0.0
-            self._store(key, tokens, now)
-            return (1.0 - tokens) / self.rate
-
-    def wait(self, key: str, now: float | None = None) -> float:
-        """The seconds until `key` may go (0: now), taking nothing."""
-        if self.rate <= 0:
-            return 0.0
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens = self._tokens(key, now)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -152,39 +84,39 @@ def _address(request: Request) -> str:
     return "addr-" + (request.client.host if request.client else "unknown")
 
 
-def _identified(
+async def _identified(
     request: Request, settings: Settings, credentials: HTTPAuthorizationCredentials | None
 ) -> Principal:
     """The principal of a valid key; else 401, charged to the client address (429 when it
     has had too many, before its key is even checked)."""
-    failures: RateLimiter = request.app.state.auth_failures
+    failures: RateLimit = request.app.state.auth_failures
     address = _address(request)
-    if wait := failures.wait(address):
+    if wait := await failures.wait(address):
         raise _too_many(
             f"too many requests without a valid API key from this address; retry in {wait:.1f} s",
             wait,
         )
     found = _identify(settings, credentials.credentials) if credentials is not None else None
     if found is None:
-        failures.acquire(address)
+        await failures.acquire(address)
         if credentials is None:
             raise _unauthorized("an API key is required: send `Authorization: Bearer <key>`")
         raise _unauthorized("invalid API key")
     return found
 
 
-def authenticate(
+async def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The caller (401 without a valid key when keys are configured), rate-limited (429)."""
     settings: Settings = request.app.state.settings
     if settings.auth_enabled:
-        principal = _identified(request, settings, credentials)
+        principal = await _identified(request, settings, credentials)
     else:
         principal = Principal("", key_id=_address(request))
-    limiter: RateLimiter = request.app.state.rate_limiter
-    if wait := limiter.acquire(principal.key_id):
+    limiter: RateLimit = request.app.state.rate_limiter
+    if wait := await limiter.acquire(principal.key_id):
         raise _too_many(
             f"rate limit of {settings.rate_limit_per_minute} requests per minute exceeded; "
             f"retry in {wait:.1f} s",

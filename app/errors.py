@@ -1,7 +1,7 @@
 """The one table from domain errors to HTTP statuses, and the handlers that apply it.
 
-Every error response is `{"error": {"code": <snake_case>, "message": <text>}}`; a 422 also
-carries FastAPI's per-field list under `error.detail`.
+Every error response is `{"error": {"code": <snake_case>, "message": <text>}}`; a 422 (and
+a 400 `unsupported_parameter`) also carries FastAPI's per-field list under `error.detail`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.schemas import ErrorBody, ErrorPublic
+from app.schemas import UNSUPPORTED_PARAMETER, ErrorBody, ErrorPublic
 from service.errors import (
     ContextNotFoundError,
     ContextNotReadyError,
@@ -27,6 +27,7 @@ from service.errors import (
     EngineUnavailableError,
     IncompatibleContextError,
     InvalidInputError,
+    QuestionTooLongError,
     QueueFullError,
     ServiceError,
 )
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 ERROR_STATUS: Mapping[type[ServiceError], int] = {
     InvalidInputError: 400,
     DocumentTooLongError: 413,
+    QuestionTooLongError: 413,
     ContextNotFoundError: 404,
     ContextNotReadyError: 409,
     IncompatibleContextError: 409,
@@ -114,13 +116,15 @@ def invalid_field(field: str, message: str, given: Any) -> RequestValidationErro
 
 ERROR_DOCS = {
     400: "Input that can never succeed (empty text or question, a bad page_token, an expiry "
-    "in the past, a question that does not fit the model window).",
+    "in the past), or on the OpenAI route a field it does not implement "
+    "(`unsupported_parameter`, naming the field).",
     401: "No API key, or an unknown one (only when the server has API keys).",
     404: "No such context for this caller (unknown, expired, deleted, another tenant's, or a "
     "malformed id), or no such model.",
     409: "The context is still PROCESSING or FAILED, or was made by another model.",
-    413: "The request body is over the size limit, or the document has too many tokens "
-    "(the message gives both counts).",
+    413: "The request body is over the size limit, the document has too many tokens, or the "
+    "question (with a chat's instructions and earlier turns) does not fit what the model "
+    "window leaves (the message gives both counts).",
     422: "Malformed body or a value out of range (the message names the field).",
     429: "Over this key's request rate; retry after Retry-After seconds.",
     503: "The work queue is full (retry after Retry-After seconds) or no engine is running.",
@@ -196,6 +200,8 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     message = "; ".join(_describe(error) for error in shown) or "invalid request"
     if len(errors) > len(shown):
         message += f"; and {len(errors) - len(shown)} more errors"
+    if any(error.get("type") == UNSUPPORTED_PARAMETER for error in errors):
+        return error_response(400, UNSUPPORTED_PARAMETER, message, detail=shown)
     return error_response(422, "invalid_request", message, detail=shown)
 
 

@@ -13,10 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.auth import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_MINUTE, RateLimiter, log_access_mode
+from app.auth import log_access_mode
 from app.errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.openapi import install_openapi
+from app.ratelimit import build_rate_limits
 from app.routes import contexts, health, openai
 from app.settings import Settings
 from service.facade import ContextService
@@ -53,7 +54,11 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
             yield
         finally:
             app.state.service = None
-            await running.close()
+            try:
+                await running.close()
+            finally:
+                await app.state.rate_limiter.aclose()
+                await app.state.auth_failures.aclose()
 
     app = FastAPI(
         title="KVzip context service",
@@ -64,8 +69,7 @@ def create_app(settings: Settings | None = None, service: ContextService | None 
     )
     app.state.settings = settings
     app.state.service = None
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    app.state.auth_failures = RateLimiter(AUTH_FAILURES_PER_MINUTE, AUTH_FAILURE_BURST)
+    app.state.rate_limiter, app.state.auth_failures = build_rate_limits(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_bytes))
     app.add_middleware(RequestContextMiddleware)  # outermost: ids and metrics for everything

@@ -1,20 +1,26 @@
 """OpenAI-compatible bodies: `POST /v1/chat/completions` and `GET /v1/models`.
 
-The request accepts what OpenAI clients send (unknown fields are ignored, as OpenAI-compatible
-servers do) plus `context_id`, which OpenAI clients pass through `extra_body`. The responses
-carry the fields the official client reads, with `usage.prompt_tokens_details.cached_tokens`
-= the context tokens served from the compressed cache.
+The request takes what OpenAI's chat API defines that this server implements, plus
+`context_id`, which OpenAI clients pass through `extra_body`. Nothing is ignored silently: a
+field it does not implement (an unknown one, or `n`, `logprobs`, `tools`, penalties... with
+anything but their neutral value) is refused as `unsupported_parameter` (400, naming it). The
+responses carry the fields the official client reads, with
+`usage.prompt_tokens_details.cached_tokens` = the context tokens served from the compressed
+cache.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.schemas import (
     CONTEXT_ID_EXAMPLE,
     CONTEXT_ID_PATTERN,
+    UNSUPPORTED_PARAMETER,
     JsonInt,
     PromptTokensDetails,
     Seed,
@@ -33,19 +39,64 @@ __all__ = [
     "ModelPublic",
 ]
 
+SYSTEM_ROLES = ("system", "developer")
+_NAME_CHARS = 64  # the longest unknown field name echoed back
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
-    type: Literal["text"] = "text"
+def unsupported(message: str) -> PydanticCustomError:
+    """The validation error that app.errors answers with 400 `unsupported_parameter`."""
+    return PydanticCustomError(UNSUPPORTED_PARAMETER, "{message}", {"message": message})
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _NAME_CHARS else text[:_NAME_CHARS] + "..."
+
+
+def _json(value: Any) -> str:
+    """`value` as the client wrote it (JSON), cut short."""
+    return _short(json.dumps(value, default=str))
+
+
+class OpenAIBody(BaseModel):
+    """A request object of the OpenAI route: a field it does not define is unsupported."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [repr(_short(str(key))) for key in data if key not in cls.model_fields]
+            if unknown:
+                names = ", ".join(unknown)
+                plural = "s" if len(unknown) > 1 else ""
+                raise unsupported(f"unsupported parameter{plural} {names}: not implemented here")
+        return data
+
+
+class TextPart(OpenAIBody):
+    type: str = "text"
     text: str
 
+    @model_validator(mode="after")
+    def _text_only(self) -> Self:
+        if self.type != "text":
+            raise unsupported(f"unsupported content part type {_short(self.type)!r}: only 'text'")
+        return self
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class ChatMessage(OpenAIBody):
+    """One message. System (and developer) messages join the question side of the prompt,
+    never the cached context; user and assistant messages are the conversation."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _no_tool_messages(self) -> Self:
+        if self.role in ("tool", "function"):
+            raise unsupported(f"unsupported role {self.role!r}: tool calls are not implemented")
+        return self
 
     @property
     def text(self) -> str:
@@ -54,26 +105,47 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class StreamOptions(OpenAIBody):
     include_usage: bool = False
 
 
 TokenCount = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (),
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": (),
+    "functions": (),
+}
+"""OpenAI fields this server does not implement, and the values (besides null) that ask for
+nothing it lacks; any other value is 400 `unsupported_parameter`."""
 
-class ChatCompletionCreate(BaseModel):
-    """A chat completion over a registered context: the last user message is the question.
 
-    System messages are ignored (a context's system instruction is fixed when it is
-    registered); `temperature` defaults to 0 (greedy), unlike OpenAI's 1.
+def _only(neutral: tuple[Any, ...]) -> str:
+    """`only null or 1`: what a field this server does not implement may be."""
+    return " or ".join(["only null", *(_json(value) for value in neutral)])
+
+
+def _described(neutral: tuple[Any, ...]) -> str:
+    return f"Not implemented: {_only(neutral)} (anything else is 400 unsupported_parameter)."
+
+
+class ChatCompletionCreate(OpenAIBody):
+    """A chat completion over a registered context.
+
+    The last message must be a user message: the question. Earlier user and assistant
+    messages are the conversation before it and system (or developer) messages the
+    instructions, both on the question side of the prompt (never cached), within what the
+    model window leaves after the context and `max_tokens` (413 with both counts when not).
+    `temperature` defaults to 0 (greedy), unlike OpenAI's 1.
     """
 
     model_config = ConfigDict(
-        extra="ignore",
-        strict=True,
-        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -85,7 +157,12 @@ class ChatCompletionCreate(BaseModel):
                 {
                     "model": "SmolLM2-135M-Instruct",
                     "context_id": CONTEXT_ID_EXAMPLE,
-                    "messages": [{"role": "user", "content": "Summarise the report."}],
+                    "messages": [
+                        {"role": "system", "content": "Answer in one word."},
+                        {"role": "user", "content": "Who wrote the report?"},
+                        {"role": "assistant", "content": "Ada."},
+                        {"role": "user", "content": "And when?"},
+                    ],
                     "stream": True,
                     "stream_options": {"include_usage": True},
                 },
@@ -110,9 +187,40 @@ class ChatCompletionCreate(BaseModel):
     stop: StopSequence | StopSequences | None = Field(
         default=None, description="One stop string, or a list as on the native query route."
     )
-    n: JsonInt = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: JsonInt | None = Field(default=None, ge=1, description=_described(NEUTRAL["n"]))
+    logprobs: bool | None = Field(default=None, description=_described(NEUTRAL["logprobs"]))
+    top_logprobs: JsonInt | None = Field(
+        default=None, description=_described(NEUTRAL["top_logprobs"])
+    )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description=_described(NEUTRAL["presence_penalty"])
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description=_described(NEUTRAL["frequency_penalty"])
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description=_described(NEUTRAL["logit_bias"])
+    )
+    response_format: dict[str, Any] | None = Field(
+        default=None, description=_described(NEUTRAL["response_format"])
+    )
+    tools: list[Any] | None = Field(default=None, description=_described(()))
+    functions: list[Any] | None = Field(default=None, description=_described(()))
+
+    @model_validator(mode="after")
+    def _neutral_only(self) -> Self:
+        refused = [
+            f"{name!r} (given {_json(value)}; {_only(neutral)})"
+            for name, neutral in NEUTRAL.items()
+            if (value := getattr(self, name)) is not None and value not in neutral
+        ]
+        if refused:
+            plural = "s" if len(refused) > 1 else ""
+            names = ", ".join(refused)
+            raise unsupported(f"unsupported parameter{plural} {names}: not implemented here")
+        return self
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:

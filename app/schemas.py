@@ -15,6 +15,8 @@ from pydantic.json_schema import SkipJsonSchema
 from service.types import CompressionStats, ContextInfo, QueryResult
 
 CONTEXT_ID_PATTERN = r"^ctx_[0-9a-f]{32}$"
+UNSUPPORTED_PARAMETER = "unsupported_parameter"
+"""The validation error type (and error code) of a field the server does not implement: 400."""
 CONTEXT_ID_EXAMPLE = "ctx_5f2b8c0e9a7d4b1c8e3f6a2d0b9c7e41"
 
 

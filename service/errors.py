@@ -5,6 +5,7 @@ The tree (app/errors.py maps each leaf to one HTTP status)::
     ServiceError                      root of everything service/ raises on purpose
     ├── InvalidInputError             a request that can never succeed (empty text, bad ratio)
     ├── DocumentTooLongError          document + room for a question exceeds the model window
+    ├── QuestionTooLongError          question (+ chat turns) + answer exceed what the window leaves
     ├── ContextNotFoundError          unknown, expired, deleted or another tenant's context id
     ├── ContextNotReadyError          the context exists but is still processing or failed
     ├── IncompatibleContextError      a stored object made by another model/tokenizer/format
@@ -34,6 +35,19 @@ class DocumentTooLongError(ServiceError):
         )
         self.tokens = tokens
         self.limit = limit
+
+
+class QuestionTooLongError(ServiceError):
+    """The question side of the prompt (instructions, earlier turns, the question) does not
+    fit what the model window leaves after the context and the answer's max_new_tokens."""
+
+    def __init__(self, tokens: int, budget: int) -> None:
+        super().__init__(
+            f"the question side of the prompt is {tokens} tokens; this context leaves room for "
+            f"{budget} (the model window minus the context and max_new_tokens)"
+        )
+        self.tokens = tokens
+        self.budget = budget
 
 
 class ContextNotFoundError(ServiceError):

@@ -64,12 +64,29 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
+TURN_ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier message of a conversation: `role` is "user" or "assistant"."""
+
+    role: str
+    text: str
+
+
 @dataclass(frozen=True)
 class QueryRequest:
+    """A question to one context. `instructions` and `history` are on the question side of
+    the prompt, after the cached context (never part of it): the request's own system text
+    first, then the earlier turns (oldest first), then `question` as the last user turn."""
+
     question: str
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = ""
     ratio: float | None = None  # query-time ratio <= the stored one (pure re-selection)
+    instructions: str = ""
+    history: tuple[Turn, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """OpenAI-compatible `/v1/chat/completions` and `/v1/models` over the compressed contexts.
 
-The last user message is the question; `context_id` (in OpenAI clients, `extra_body`)
-picks the context; `usage.prompt_tokens_details.cached_tokens` counts the context tokens
-served from the cache. Streaming follows OpenAI: a role chunk, content chunks, a chunk with
-`finish_reason`, a usage chunk when `stream_options.include_usage`, then `[DONE]`.
+The last message (a user message) is the question; earlier user and assistant messages are
+the conversation before it and system messages the request's instructions, all on the
+question side of the prompt (the cached context stays the one `context_id` names).
+`context_id` (in OpenAI clients, `extra_body`) picks the context;
+`usage.prompt_tokens_details.cached_tokens` counts the context tokens served from the cache.
+Streaming follows OpenAI: a role chunk, content chunks, a chunk with `finish_reason`, a
+usage chunk when `stream_options.include_usage`, then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from app.auth import PrincipalDep
 from app.dependencies import ServiceDep, SettingsDep, require_text
 from app.errors import documented, error_response, limit_exceeded
 from app.openai_schemas import (
+    SYSTEM_ROLES,
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionCreate,
     ChatCompletionPublic,
+    ChatMessage,
     ChatUsage,
     ChunkChoice,
     ChunkDelta,
@@ -34,7 +39,7 @@ from app.openai_schemas import (
 )
 from app.sse import DONE, EVENT_SCHEMA, EventStreamResponse, aclose, error_event, event
 from service.errors import InvalidInputError
-from service.types import QueryEvent, QueryRequest, QueryResult, SamplingParams
+from service.types import QueryEvent, QueryRequest, QueryResult, SamplingParams, Turn
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -69,13 +74,14 @@ async def list_models(principal: PrincipalDep, service: ServiceDep) -> ModelList
             "description": "A chat.completion, or with `stream: true` an event stream.",
             "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": _SSE_EXAMPLE}},
         },
-        **documented(400, 401, 404, 409, 422, 429, 503),
+        **documented(400, 401, 404, 409, 413, 422, 429, 503),
     },
 )
 async def create_chat_completion(
     principal: PrincipalDep, body: ChatCompletionCreate, service: ServiceDep, settings: SettingsDep
 ) -> Any:
-    """Answer the last user message from the compressed context `context_id`."""
+    """Answer the last user message from the compressed context `context_id`, after the
+    system messages (instructions) and the earlier turns of the conversation."""
     if body.model != service.model_name:
         message = f"model {body.model!r} is not served here; GET /v1/models lists the one that is"
         return error_response(404, "model_not_found", message)
@@ -91,7 +97,7 @@ async def create_chat_completion(
         seed=body.seed,
         stop=body.stop_sequences,
     )
-    request = QueryRequest(_question(body), sampling, tenant=principal.scope)
+    request = _conversation(body.messages, sampling, principal.scope)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         events = await start_answer(service, body.context_id, request)
@@ -103,12 +109,27 @@ async def create_chat_completion(
     return _completion(result, completion_id, service.model_name)
 
 
-def _question(body: ChatCompletionCreate) -> str:
-    users = [message.text for message in body.messages if message.role == "user"]
-    if not users or not users[-1].strip():
-        raise InvalidInputError("messages must end with a user message that has text")
-    require_text("the last user message", users[-1])
-    return users[-1]
+def _conversation(
+    messages: list[ChatMessage], sampling: SamplingParams, tenant: str
+) -> QueryRequest:
+    """System messages (in order) as the instructions, then the turns; the last message,
+    a user message, is the question."""
+    for index, message in enumerate(messages):
+        require_text(f"messages[{index}].content", message.text, blank_ok=True)
+    instructions = [m.text for m in messages if m.role in SYSTEM_ROLES and m.text.strip()]
+    turns = [Turn(m.role, m.text) for m in messages if m.role not in SYSTEM_ROLES]
+    if not turns or turns[-1].role != "user" or not turns[-1].text.strip():
+        raise InvalidInputError(
+            "messages must end with a user message that has text (the question; an "
+            "assistant message after it is not supported)"
+        )
+    return QueryRequest(
+        turns[-1].text,
+        sampling,
+        tenant=tenant,
+        instructions="\n\n".join(instructions),
+        history=tuple(turns[:-1]),
+    )
 
 
 def _completion(result: QueryResult, completion_id: str, model: str) -> ChatCompletionPublic:

@@ -25,7 +25,12 @@ from service.engine.kvcache import CompressedContext
 from service.engine.kvzip_engine import Document, IngestTimings, KVzipEngine
 from service.engine.prompt import PromptLayout, build_layout, question_ids
 from service.engine.tensor_blob import ByteSource
-from service.errors import ContextNotFoundError, DocumentTooLongError, InvalidInputError
+from service.errors import (
+    ContextNotFoundError,
+    DocumentTooLongError,
+    InvalidInputError,
+    QuestionTooLongError,
+)
 from service.serving.engine_thread import EngineWorker
 from service.serving.ids import context_id, legacy_context_id
 from service.serving.records import ContextRecord
@@ -34,7 +39,7 @@ from service.serving.resident import ResidentContexts
 from service.serving.scheduler import Scheduler
 from service.serving.textstream import TextStream
 from service.serving.validation import CheckedCreate
-from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings
+from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings, Turn
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +178,19 @@ class Pipeline:
         device, dtype = self.engine.model.device, self.engine.model.dtype
         return codec.decode(blob, self.engine.identity, device, dtype)
 
-    def question_ids(self, system: str | None, question: str) -> list[int]:
-        """The question in the layout the context was ingested with (its system prompt)."""
+    def question_ids(
+        self,
+        system: str | None,
+        question: str,
+        instructions: str = "",
+        history: tuple[Turn, ...] = (),
+    ) -> list[int]:
+        """The question side of the prompt in the layout the context was ingested with (its
+        system prompt): the request's instructions, earlier turns, then the question."""
         if system not in self._layouts:
             self._layouts[system] = build_layout(self.engine.tokenizer, system)
-        return question_ids(self._layouts[system], self.engine.tokenizer, question)
+        layout = self._layouts[system]
+        return question_ids(layout, self.engine.tokenizer, question, instructions, history)
 
     async def _prepared(
         self, record: ContextRecord, request: QueryRequest
@@ -193,14 +206,16 @@ class Pipeline:
         if request.ratio is not None:  # query-time ratio: re-select the stored scores
             ctx = await self.thread.run(self.engine.reselect, ctx, request.ratio)
         load_s = time.perf_counter() - t0
-        prompt = await asyncio.to_thread(self.question_ids, record.system, request.question)
-        needed = ctx.seq_len + len(prompt) + request.sampling.max_new_tokens
-        if needed > self.engine.max_positions:
-            raise InvalidInputError(
-                f"context ({ctx.seq_len}) + question ({len(prompt)}) + max_new_tokens "
-                f"({request.sampling.max_new_tokens}) = {needed} tokens exceeds the model "
-                f"window ({self.engine.max_positions})"
-            )
+        prompt = await asyncio.to_thread(
+            self.question_ids,
+            record.system,
+            request.question,
+            request.instructions,
+            request.history,
+        )
+        budget = self.engine.max_positions - ctx.seq_len - request.sampling.max_new_tokens
+        if len(prompt) > budget:
+            raise QuestionTooLongError(len(prompt), max(budget, 0))
         return ctx, prompt, load_s
 
     async def answer(

@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta
 
 from service.config import GROUP_SIZES, METHODS, QUANTIZATIONS, CompressionConfig, ServiceConfig
 from service.errors import InvalidInputError
-from service.types import ANY_TENANT, CreateContextRequest, QueryRequest, SamplingParams
+from service.types import (
+    ANY_TENANT,
+    TURN_ROLES,
+    CreateContextRequest,
+    QueryRequest,
+    SamplingParams,
+)
 
 MIN_TEMPERATURE = 1e-5
 """Below this, sampling is greedy decoding (its limit); logits / T would overflow float32."""
@@ -84,6 +90,11 @@ def validated_query(request: QueryRequest, config: ServiceConfig) -> QueryReques
     """Every check of a question that needs neither the model nor the context."""
     if not request.question.strip():
         raise InvalidInputError("question must contain at least one non-whitespace character")
+    for index, turn in enumerate(request.history):
+        if turn.role not in TURN_ROLES:
+            raise InvalidInputError(
+                f"history[{index}].role must be one of {TURN_ROLES}. Given: {turn.role!r}"
+            )
     if request.ratio is not None and not (math.isfinite(request.ratio) and 0 < request.ratio <= 1):
         raise InvalidInputError(f"ratio must be in (0, 1]. Given: {request.ratio}")
     sampling = checked_sampling(request.sampling, config.max_new_tokens_limit)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import RateLimiter
 from app.main import create_app
+from app.ratelimit import LocalRateLimiter
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -192,13 +193,48 @@ def test_rate_over_the_limit_is_429_with_retry_after(fake: FakeContextService) -
     assert other_key.status_code == 200  # buckets are per key
 
 
-def test_rate_limiter_refills_over_time() -> None:
-    limiter = RateLimiter(per_minute=60, burst=1)
+async def test_rate_limiter_refills_over_time() -> None:
+    limiter = LocalRateLimiter(per_minute=60, burst=1)
 
-    assert limiter.acquire("k", now=0.0) == 0.0
-    assert limiter.acquire("k", now=0.5) == pytest.approx(0.5)
-    assert limiter.acquire("k", now=1.0) == 0.0
-    assert RateLimiter(per_minute=0, burst=1).acquire("k") == 0.0  # off
+    assert await limiter.acquire("k", now=0.0) == 0.0
+    assert await limiter.acquire("k", now=0.5) == pytest.approx(0.5)
+    assert await limiter.acquire("k", now=1.0) == 0.0
+    assert await LocalRateLimiter(per_minute=0, burst=1).acquire("k") == 0.0  # off
+
+
+def test_embedded_mode_limits_in_process(fake: FakeContextService) -> None:
+    application = create_app(Settings(rate_limit_per_minute=6), fake)
+
+    assert isinstance(application.state.rate_limiter, LocalRateLimiter)
+    assert isinstance(application.state.auth_failures, LocalRateLimiter)
+
+
+def test_distributed_mode_limits_on_redis_and_a_redis_outage_is_503(
+    fake: FakeContextService,
+) -> None:
+    """Both buckets on Redis; a Redis that cannot be reached waives no limit: 503."""
+    from service.serving.distributed.ratelimit import RedisRateLimiter
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the block ends
+    settings = Settings(
+        mode="distributed",
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        api_keys={KEY_A: "team-a"},
+        rate_limit_per_minute=60,
+    )
+    application = create_app(settings, fake)
+    assert isinstance(application.state.rate_limiter, RedisRateLimiter)
+    assert isinstance(application.state.auth_failures, RedisRateLimiter)
+
+    with TestClient(application) as client:
+        keyed = client.get("/contexts", headers=bearer(KEY_A))
+        keyless = client.get("/contexts")
+
+    assert_error(keyed, 503, "engine_unavailable", "rate limit cannot be checked")
+    assert_error(keyless, 503, "engine_unavailable", "Redis is unreachable")
+    assert "list_contexts" not in fake.calls
 
 
 def test_document_over_the_token_cap_is_413_with_counts(client: TestClient) -> None:

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 import app.__main__
 from app import cli
-from app.auth import AUTH_FAILURE_BURST, RateLimiter
 from app.errors import handle_validation_error
 from app.main import create_app
+from app.ratelimit import AUTH_FAILURE_BURST, LocalRateLimiter
 from app.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 from app.settings import ExposureError, Settings
 from service.errors import InvalidInputError
@@ -400,34 +400,35 @@ def test_valid_keys_do_not_use_up_the_401_budget(keyed: TestClient) -> None:
         assert response.status_code == 200, response.text
 
 
-def test_401_throttle_refills_over_time() -> None:
-    limiter = RateLimiter(per_minute=30, burst=2)
-    assert limiter.acquire("addr-x", now=0.0) == limiter.acquire("addr-x", now=0.0) == 0.0
-    assert limiter.wait("addr-x", now=0.0) == pytest.approx(2.0)
-    assert limiter.wait("addr-x", now=2.0) == 0.0
-    assert limiter.wait("addr-y", now=0.0) == 0.0  # peeking takes nothing
+async def test_401_throttle_refills_over_time() -> None:
+    limiter = LocalRateLimiter(per_minute=30, burst=2)
+    assert await limiter.acquire("addr-x", now=0.0) == 0.0
+    assert await limiter.acquire("addr-x", now=0.0) == 0.0
+    assert await limiter.wait("addr-x", now=0.0) == pytest.approx(2.0)
+    assert await limiter.wait("addr-x", now=2.0) == 0.0
+    assert await limiter.wait("addr-y", now=0.0) == 0.0  # peeking takes nothing
     assert len(limiter) == 1
 
 
-def test_rate_buckets_are_bounded_least_recently_used_first() -> None:
-    limiter = RateLimiter(per_minute=60, burst=1, max_buckets=3)
+async def test_rate_buckets_are_bounded_least_recently_used_first() -> None:
+    limiter = LocalRateLimiter(per_minute=60, burst=1, max_buckets=3)
     for index in range(1000):
-        limiter.acquire(f"addr-{index}", now=0.0)
+        await limiter.acquire(f"addr-{index}", now=0.0)
     assert len(limiter) == 3
-    limiter.acquire("addr-997", now=0.0)  # used again: now the most recent
-    limiter.acquire("addr-new", now=0.0)
-    assert limiter.acquire("addr-997", now=0.0) > 0  # kept, still empty
-    assert limiter.acquire("addr-998", now=0.0) == 0.0  # evicted: a fresh bucket
+    await limiter.acquire("addr-997", now=0.0)  # used again: now the most recent
+    await limiter.acquire("addr-new", now=0.0)
+    assert await limiter.acquire("addr-997", now=0.0) > 0  # kept, still empty
+    assert await limiter.acquire("addr-998", now=0.0) == 0.0  # evicted: a fresh bucket
 
 
 def test_open_mode_buckets_stay_bounded(fake: FakeContextService) -> None:
     """One bucket per client address in open mode, at most max_buckets of them."""
     application = create_app(Settings(rate_limit_per_minute=60, rate_limit_burst=5), fake)
-    application.state.rate_limiter = RateLimiter(60, 5, max_buckets=4)
+    application.state.rate_limiter = LocalRateLimiter(60, 5, max_buckets=4)
     for index in range(20):
         with TestClient(application, client=(f"10.0.0.{index}", 5000)) as client:
             assert client.get("/contexts").status_code == 200
-    limiter: RateLimiter = application.state.rate_limiter
+    limiter: LocalRateLimiter = application.state.rate_limiter
     assert len(limiter) == 4
 
 

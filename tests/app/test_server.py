@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,10 +158,7 @@ def test_openai_client_chat_completion(live: dict[str, Any], context_id: str) ->
 
     completion = api.chat.completions.create(
         model=model,
-        messages=[
-            {"role": "system", "content": "ignored"},
-            {"role": "user", "content": question},
-        ],
+        messages=[{"role": "user", "content": question}],
         max_tokens=10,
         extra_body={"context_id": context_id},
     )
@@ -193,6 +191,95 @@ def test_openai_client_chat_completion(live: dict[str, Any], context_id: str) ->
     ].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+
+CONVERSATION: list[Any] = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "When does the museum open?"},
+    {"role": "assistant", "content": "At nine."},
+    {"role": "user", "content": "How much are tickets?"},
+]
+
+
+def test_openai_client_conversation_is_the_prompt_the_engine_gets(
+    live: dict[str, Any], context_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A system message and two turns: the engine decodes from the chat-templated
+    conversation after the cached context, and the context (cached tokens) is the same."""
+    import openai
+
+    service = live["service"]
+    scheduler = service.pipeline.scheduler
+    prompts: list[list[int]] = []
+    generate = scheduler.generate
+
+    def recording(ctx: Any, prompt: list[int], sampling: Any) -> Any:
+        prompts.append(list(prompt))
+        return generate(ctx, prompt, sampling)
+
+    monkeypatch.setattr(scheduler, "generate", recording)
+    api = openai.OpenAI(base_url=live["url"] + "/v1", api_key=KEY_A, max_retries=0)
+    with client(live) as http:
+        native = http.post(
+            f"/contexts/{context_id}/query", json={"question": "Hi?", "max_new_tokens": 2}
+        ).json()
+
+    completion = api.chat.completions.create(
+        model=service.model_name,
+        messages=CONVERSATION,
+        max_tokens=4,
+        extra_body={"context_id": context_id},
+    )
+
+    assert len(prompts) == 2
+    text = service.pipeline.engine.tokenizer.decode(prompts[-1])
+    assert text == (
+        "\n\nAnswer in one word.\n\nWhen does the museum open?<|im_end|>\n"
+        "<|im_start|>assistant\nAt nine.<|im_end|>\n<|im_start|>user\n"
+        "How much are tickets?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
+    cached = native["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert completion.usage.prompt_tokens_details.cached_tokens == cached
+    assert completion.usage.prompt_tokens == cached + len(prompts[-1])
+
+
+def test_openai_client_a_conversation_over_the_window_is_413_with_both_counts(
+    live: dict[str, Any], context_id: str
+) -> None:
+    import openai
+
+    api = openai.OpenAI(base_url=live["url"] + "/v1", api_key=KEY_A, max_retries=0)
+    long_turn = {"role": "assistant", "content": "word " * 5000}
+    messages: list[Any] = [*CONVERSATION[:3], long_turn, CONVERSATION[3]]
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        api.chat.completions.create(
+            model=live["service"].model_name,
+            messages=messages,
+            max_tokens=16,
+            extra_body={"context_id": context_id},
+        )
+
+    assert refused.value.status_code == 413
+    message = str(refused.value.body)
+    needed, budget = (int(n) for n in re.findall(r"(\d+) tokens; .*room for (\d+)", message)[0])
+    assert needed > 5000 > budget > 3000  # the 4096-token window minus the context and 16
+
+
+def test_openai_client_unsupported_fields_are_400(live: dict[str, Any], context_id: str) -> None:
+    import openai
+
+    api = openai.OpenAI(base_url=live["url"] + "/v1", api_key=KEY_A, max_retries=0)
+    asks: dict[str, Any] = {"n": 2, "logprobs": True, "presence_penalty": 0.5}
+    for field, value in asks.items():
+        with pytest.raises(openai.BadRequestError, match=f"'{field}'"):
+            api.chat.completions.create(
+                model=live["service"].model_name,
+                messages=[{"role": "user", "content": "Hi?"}],
+                extra_body={"context_id": context_id},
+                **{field: value},
+            )
 
 
 def test_openai_client_errors(live: dict[str, Any], context_id: str) -> None:

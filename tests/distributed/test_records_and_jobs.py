@@ -10,7 +10,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from service.config import CompressionConfig
-from service.errors import ContextNotFoundError, DocumentTooLongError, QueueFullError
+from service.errors import (
+    ContextNotFoundError,
+    DocumentTooLongError,
+    QuestionTooLongError,
+    QueueFullError,
+)
 from service.serving.distributed.jobs import (
     RESULT,
     IngestJob,
@@ -25,7 +30,7 @@ from service.serving.distributed.jobs import (
 from service.serving.distributed.keys import RedisKeys
 from service.serving.distributed.redis_records import RecordStore, RemoteRecord
 from service.serving.records import ContextRecord
-from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams
+from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams, Turn
 from tests.storage.storage_testing import RedisEnv
 
 
@@ -103,7 +108,12 @@ def test_jobs_round_trip() -> None:
     ingest = IngestJob("ctx_1", "acme", "text", CompressionConfig("snapkv", 0.2, 64), "d", "sys")
     assert decode_job({k.encode(): v.encode() for k, v in encode_job(ingest).items()}) == ingest
     request = QueryRequest(
-        "Why?", SamplingParams(9, 0.7, 0.9, 3, ("\\n", "END")), tenant="acme", ratio=0.1
+        "Why?",
+        SamplingParams(9, 0.7, 0.9, 3, ("\\n", "END")),
+        tenant="acme",
+        ratio=0.1,
+        instructions="Answer in one word.",
+        history=(Turn("user", "Who?"), Turn("assistant", "Ada.")),
     )
     query = QueryJob("req", "ctx_1", request, 123.5)
     assert decode_job({k.encode(): v.encode() for k, v in encode_job(query).items()}) == query
@@ -114,7 +124,11 @@ def test_jobs_round_trip() -> None:
 
 
 def test_domain_errors_travel_as_themselves() -> None:
-    for error in (DocumentTooLongError(5000, 3712), ContextNotFoundError("ctx_1")):
+    for error in (
+        DocumentTooLongError(5000, 3712),
+        QuestionTooLongError(900, 300),
+        ContextNotFoundError("ctx_1"),
+    ):
         rebuilt = error_from_payload(error_payload(error))
         assert type(rebuilt) is type(error) and str(rebuilt) == str(error)
         assert vars(rebuilt) == vars(error)

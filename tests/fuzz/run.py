@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from app.auth import RateLimiter
 from app.main import create_app
+from app.ratelimit import LocalRateLimiter
 from app.settings import ENV_PREFIX, Settings
 from tests.app.conftest import serving
 from tests.conftest import build_tiny_model_dir
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         # st sends hundreds of keyless requests from this one address and wants each to be
         # 401, so the per-address throttle of 401s is off here (tests/app/test_hardening.py
         # covers it); the configured rate limit is off too, as it is by default.
-        application.state.auth_failures = RateLimiter(per_minute=0, burst=1)
+        application.state.auth_failures = LocalRateLimiter(per_minute=0, burst=1)
         with serving(application) as url:
             config = Path(__file__).with_name("schemathesis.toml")
             command = [str(st), "--config-file", str(config), "run", f"{url}/openapi.json"]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from service import errors
 from service.config import CompressionConfig
 from service.errors import ServiceError
-from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams
+from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams, Turn
 
 INGEST, QUERY = "ingest", "query"
 KINDS = (QUERY, INGEST)  # the order a worker reads them in: answers before long ingests
@@ -75,7 +75,11 @@ def decode_job(fields: Mapping[bytes, bytes]) -> Job:
 def _query_request(body: dict[str, Any]) -> QueryRequest:
     sampling = body["sampling"]
     return QueryRequest(
-        **{**body, "sampling": SamplingParams(**{**sampling, "stop": tuple(sampling["stop"])})}
+        **{
+            **body,
+            "sampling": SamplingParams(**{**sampling, "stop": tuple(sampling["stop"])}),
+            "history": tuple(Turn(**turn) for turn in body.get("history", ())),
+        }
     )
 
 

@@ -9,6 +9,7 @@
 {p}workers, {p}worker:<name>    worker names; each worker's heartbeat (key with a TTL)
 {p}reply:<request>              one query's answer, token by token (stream with a TTL)
 {p}cancel:<request>             set when the asker went away (key with a TTL)
+{p}rate:<name>:<key>            a token bucket of the API's rate limits (hash with a TTL)
 {p}blob:<key>:...               the Redis tier (storage.RedisTier), chunked blobs
 """
 
@@ -65,3 +66,7 @@ class RedisKeys:
 
     def cancel(self, request_id: str) -> str:
         return f"{self.prefix}cancel:{request_id}"
+
+    def rate(self, name: str, key: str) -> str:
+        """The token bucket of `key` (a key digest or a client address) in limiter `name`."""
+        return f"{self.prefix}rate:{name}:{key}"
