@@ -2,7 +2,7 @@
 when that worker is alive and has a free query slot; otherwise to any worker.
 
     API: holder = a live heartbeat listing the context in `resident` whose `own_slots`
-         (its query slots minus those running jobs of other streams) exceed the entries
+         (its query slots minus those running jobs from other streams) exceed the entries
          of its own stream (checked and added in one script; most slots first)
            ├─ yes ─► XADD {p}jobs:direct:<holder> (and SADD {p}jobs:direct)    route "holder"
            └─ no ──► XADD {p}jobs:query (the shared stream)                    route "any"
