@@ -15,6 +15,7 @@ Engine side (service.telemetry, same registry when the engine runs in this proce
     kvzip_ingest_phase_seconds{phase}, kvzip_compression_kept_ratio, kvzip_context_tokens,
     kvzip_request_queue_time_seconds, kvzip_queue_depth, kvzip_generation_tokens_total,
     kvzip_queries_cancelled_total, kvzip_ingests_total{outcome},
+    kvzip_query_routes_total{route}                            (distributed API: affinity)
     kvzip_tier_{hits,misses,evictions}_total{tier}, kvzip_tier_bytes{tier}
 """
 

@@ -27,6 +27,7 @@ __all__ = [
     "INGESTS",
     "INGEST_PHASE_SECONDS",
     "QUERIES_CANCELLED",
+    "QUERY_ROUTES",
     "QUEUE_TIME",
     "track_tier",
     "track_worker",
@@ -61,6 +62,12 @@ QUEUE_TIME = Histogram(
 GENERATED_TOKENS = Counter("kvzip_generation_tokens", "Answer tokens generated.")
 QUERIES_CANCELLED = Counter(
     "kvzip_queries_cancelled", "Generations stopped early because the client went away."
+)
+QUERY_ROUTES = Counter(
+    "kvzip_query_routes",
+    "Distributed mode, API side: query jobs sent to the worker holding their context "
+    "resident (route=holder) or to any worker (route=any).",
+    ["route"],
 )
 BATCH_ROWS = Histogram(
     "kvzip_decode_batch_rows",

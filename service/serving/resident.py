@@ -42,6 +42,11 @@ class ResidentContexts:
                 self.bytes_used -= old.nbytes
                 self.evictions += 1
 
+    def ids(self, limit: int) -> list[str]:
+        """The keys held, most recently used first, at most `limit`."""
+        with self._lock:
+            return list(reversed(self._items))[:limit]
+
     def drop(self, key: str) -> None:
         with self._lock:
             self._drop(key)

@@ -42,7 +42,9 @@ class FakeExecutor:
     ingested: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)  # request ids answered to the end
     stopped_early: list[str] = field(default_factory=list)
+    resident: list[str] = field(default_factory=list)  # "on the device", most recent first
     words: tuple[str, ...] = ("the", " pass", " key", " is", " 48213")
     word_delay_s: float = 0.0
 
@@ -50,6 +52,7 @@ class FakeExecutor:
         self, job: IngestJob, progress: Progress
     ) -> tuple[ContextRecord, tuple[str, ...]]:
         self.ingested.append(job.context_id)
+        self._touch(job.context_id)
         progress(0.5)
         if self.gate is not None:
             await self.gate.wait()
@@ -79,6 +82,7 @@ class FakeExecutor:
 
     async def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
         self.answered.append(job.context_id)
+        self._touch(job.context_id)
         finished = False
         try:
             for word in self.words:
@@ -92,6 +96,7 @@ class FakeExecutor:
                 cached_tokens=8,
                 timings=QueryTimings(0.0, 0.01, 0.02),
             )
+            self.completed.append(job.request_id)
             yield QueryEvent(result=result)
         finally:
             if not finished:
@@ -99,6 +104,14 @@ class FakeExecutor:
 
     async def purge(self, context_id: str) -> None:
         self.purged.append(context_id)
+
+    def resident_ids(self, limit: int) -> list[str]:
+        return self.resident[:limit]
+
+    def _touch(self, context_id: str) -> None:
+        if context_id in self.resident:
+            self.resident.remove(context_id)
+        self.resident.insert(0, context_id)
 
 
 def distributed_config(prefix: str, **overrides: object) -> ServiceConfig:

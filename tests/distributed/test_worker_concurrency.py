@@ -58,7 +58,7 @@ async def test_a_job_claimed_away_is_not_run_twice(redis_env: RedisEnv) -> None:
         await cluster.stop_worker("w0")
         a = cluster.worker("a", mine)
         b = cluster.worker("b", theirs)
-        await a.queue.ensure_group()
+        await a.queue.ensure_group("a")
         job = await cluster.api._submit_query(info.id, QueryRequest("Key?"))
         (delivery,) = await a.queue.read_new("a", 100, {QUERY: 1})  # prefetched by a
         stream = cluster.keys.stream(QUERY)

@@ -8,7 +8,8 @@
 
 Modules: `keys` (every key name), `jobs` (what the streams carry), `transport` (the consumer
 group: own pending first, XAUTOCLAIM, dead letters), `records` (context records in Redis),
-`heartbeat` (live workers), `remote` (the facade for app/, torch-free), `worker` (the job
-loop, torch-free), `executor` (runs jobs on the engine), `worker_main` (`run_worker`).
+`heartbeat` (live workers), `affinity` (queries to the worker holding their context),
+`remote` (the facade for app/, torch-free), `worker` (the job loop, torch-free), `executor`
+(runs jobs on the engine), `worker_main` (`run_worker`).
 Importing this package imports nothing heavy.
 """

@@ -82,6 +82,9 @@ class EngineExecutor:
         base = replace(base, expire_time=None)  # the Redis record owns expiry
         return await self.pipeline.ingest(lambda: base, doc, checked.compression, progress)
 
+    def resident_ids(self, limit: int) -> list[str]:
+        return self.resident.ids(limit)
+
     async def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
         record = await self.registry.record(job.context_id, job.request.tenant)
         if record is None:

@@ -1,4 +1,5 @@
-"""Worker heartbeats: who is alive, and which model (identity) they serve.
+"""Worker heartbeats: who is alive, which model (identity) they serve, and for query routing
+(distributed.affinity) the contexts each holds resident and its free query slots.
 
 Each worker SETs `{p}worker:<name>` (a JSON `WorkerBeat`) with a TTL of `heartbeat_ttl_s`
 every third of that, and adds its name to the set `{p}workers`. A worker whose key expired
@@ -35,6 +36,10 @@ class WorkerBeat:
     beat_at: float = 0.0
     jobs_done: int = 0
     current: str | None = None  # the job entry it works on
+    # query slots its own stream may fill (distributed.affinity): max queries minus those
+    # running from other streams; 0 while it stops
+    own_slots: int = 0
+    resident: list[str] = field(default_factory=list)  # context ids on its device, MRU first
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -71,6 +76,10 @@ class Heartbeats:
             pipe.delete(self.keys.heartbeat(name))
             pipe.srem(self.keys.workers, name)
             await pipe.execute()
+
+    async def alive(self, name: str) -> bool:
+        """Whether the heartbeat of worker `name` has not expired."""
+        return bool(await self.client.exists(self.keys.heartbeat(name)))
 
     async def live(self) -> list[WorkerBeat]:
         """Every worker whose heartbeat has not expired, by name."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from service.errors import ServiceError
+from service.errors import EngineUnavailableError, ServiceError
 from service.serving.distributed.jobs import IngestJob, error_payload
 from service.serving.distributed.loops import Fraction, beside, sleep_or_stop
 from service.serving.distributed.protocol import Executor
@@ -63,6 +63,12 @@ class IngestJobs:
             await self.records.schedule_purge(cid)
         await self.queue.ack(delivery)
         return True
+
+    async def dead_letter(self, delivery: Delivery, job: IngestJob, reason: str) -> None:
+        """Give up on `job`: its context FAILED with `reason`, the entry dead-lettered."""
+        failure = error_payload(EngineUnavailableError(reason))
+        await self.records.mark_failed(job.context_id, failure, self.name)
+        await self.queue.dead_letter(delivery, reason, self.name)
 
     async def _mirror_progress(self, done: asyncio.Event, cid: str, progress: Fraction) -> None:
         shown = 0.0

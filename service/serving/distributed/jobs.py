@@ -54,6 +54,14 @@ class QueryJob:
 Job = IngestJob | QueryJob
 
 
+def delivered_too_often(deliveries: int, limit: int) -> str:
+    """Why a job is dead-lettered."""
+    return (
+        f"the job was delivered {deliveries} times (at most {limit} allowed) without "
+        "completing: the workers that took it crashed or hung"
+    )
+
+
 def encode_job(job: Job) -> dict[str, str]:
     return {"kind": job.kind, "body": json.dumps(asdict(job), separators=(",", ":"))}
 

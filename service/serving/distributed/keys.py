@@ -2,6 +2,8 @@
 
 {p}jobs:ingest, {p}jobs:query   job streams, consumer group "workers"
 {p}jobs:dead                    dead-letter stream (jobs delivered too often)
+{p}jobs:direct:<worker>         query jobs routed to the worker holding their context
+{p}jobs:direct                  the workers that have such a stream (set)
 {p}ctx:<id>                     a context record (JSON); expires with the context
 {p}index, {p}index:<tenant>     listing order (sorted sets, score = create time)
 {p}expiry                       when each context's bytes may be purged (sorted set)
@@ -27,6 +29,14 @@ class RedisKeys:
 
     def stream(self, kind: str) -> str:
         return f"{self.prefix}jobs:{kind}"
+
+    def direct(self, worker: str) -> str:
+        """The query stream of one worker (context affinity, see distributed.affinity)."""
+        return f"{self.prefix}jobs:direct:{worker}"
+
+    @property
+    def direct_workers(self) -> str:
+        return f"{self.prefix}jobs:direct"
 
     @property
     def dead_letter(self) -> str:

@@ -25,6 +25,10 @@ class Executor(Protocol):
         """Compute (or find stored) and durably store the context; its READY record and the
         tiers that hold it. Raises a ServiceError for a document that can never succeed."""
 
+    def resident_ids(self, limit: int) -> list[str]:
+        """The contexts held decoded on the device, most recently used first (at most
+        `limit`): the worker publishes them so that their queries are routed to it."""
+
     def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
         """The answer as text deltas, then one event with the result."""
 

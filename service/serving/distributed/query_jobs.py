@@ -85,6 +85,14 @@ class QueryJobs:
         )
         return True
 
+    async def dead_letter(self, delivery: Delivery, job: QueryJob, reason: str) -> None:
+        """Give up on `job`: the asker gets an error with `reason`, the entry is
+        dead-lettered."""
+        writer = self.reply_writer(job, "dead-letter")
+        failure = error_payload(EngineUnavailableError(reason))
+        await writer.send(Reply(ERROR, writer.attempt, error=failure))
+        await self.queue.dead_letter(delivery, reason, self.name)
+
     async def _check_answerable(self, job: QueryJob) -> None:
         current = await self.records.get(job.context_id)
         if current is None or not current.record.visible_to(job.request.tenant):

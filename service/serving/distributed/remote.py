@@ -31,6 +31,7 @@ from service.errors import (
     EngineUnavailableError,
     QueueFullError,
 )
+from service.serving.distributed.affinity import submit_query
 from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
 from service.serving.distributed.jobs import (
     DELTA,
@@ -153,20 +154,20 @@ class RemoteContextService:
             yield
         except (RedisError, OSError) as exc:
             self.redis_error = str(exc) or repr(exc)
-            raise EngineUnavailableError(
-                f"Redis at {self.redis_url} is unreachable ({self.redis_error}); the service "
-                "cannot take requests until it is back"
-            ) from exc
+            raise self._unreachable() from exc
+
+    def _unreachable(self) -> EngineUnavailableError:
+        return EngineUnavailableError(
+            f"Redis at {self.redis_url} is unreachable ({self.redis_error}); the service "
+            "cannot take requests until it is back"
+        )
 
     async def _require_worker(self) -> dict[str, str]:
         """The model identity of the live workers; 503 when Redis or every worker is gone."""
         if self.redis_error is not None or not self.workers:
             await self.refresh()
         if self.redis_error is not None:
-            raise EngineUnavailableError(
-                f"Redis at {self.redis_url} is unreachable ({self.redis_error}); the service "
-                "cannot take requests until it is back"
-            )
+            raise self._unreachable()
         if self.workers:
             return self._identity()
         if self._last_identity is None or self._workers_gone():
@@ -302,7 +303,7 @@ class RemoteContextService:
             await self._admit(QUERY)
             deadline = time.time() + self.config.distributed.wait_timeout_s
             job = QueryJob(uuid.uuid4().hex, context_id, request, deadline)
-            await self.queue.submit(job)
+            await submit_query(self.queue, job, self.workers)  # to its holder, or any worker
         return job
 
     async def _replies(self, job: QueryJob) -> AsyncIterator[Reply]:

@@ -3,8 +3,11 @@ by an `Executor`, see service.serving.distributed.executor).
 
     start ─► own pending entries (after a restart) ─► loop:
                every claim_idle_s/2: XAUTOCLAIM entries idle > claim_idle_s (dead workers)
+               every grace_s/2: unread queries routed to other workers that are gone or
+                 busy (distributed.affinity), up to the free query slots
                XREADGROUP as many new entries as there are free slots (`max_queries`
-               queries, decoded in one batch by the executor's scheduler; one ingest)
+               queries, decoded in one batch by the executor's scheduler; one ingest),
+                 from its own query stream first (context affinity), then the shared ones
              each entry, a task: still ours? else skip (another worker claimed it);
                delivered > max_deliveries? ─► dead letter (+ context FAILED)
                else run it, keeping it alive; ACK only once the result is durable
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,18 +31,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.config import DistributedConfig
-from service.errors import EngineUnavailableError
+from service.serving.distributed.affinity import RESIDENT_PUBLISHED, TakeOvers
 from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
 from service.serving.distributed.ingest_jobs import IngestJobs
 from service.serving.distributed.jobs import (
-    ERROR,
     INGEST,
     QUERY,
     IngestJob,
     MalformedJobError,
-    QueryJob,
-    Reply,
-    error_payload,
+    delivered_too_often,
 )
 from service.serving.distributed.keys import RedisKeys
 from service.serving.distributed.loops import (
@@ -87,10 +88,11 @@ class StreamWorker:
         self.block_ms = block_ms
         self.sweep_interval_s = sweep_interval_s
         self.slots = {QUERY: max_queries, INGEST: 1}
+        self.take_overs = TakeOvers(self.queue, self.heartbeats, name, config, block_ms)
         self.beat = WorkerBeat(name, executor.identity, device=executor.device)
         self.jobs_done = 0
         self.fatal: BaseException | None = None  # a device failure that stopped this worker
-        self._running: dict[str, set[asyncio.Task[None]]] = {QUERY: set(), INGEST: set()}
+        self._running: dict[str, set[asyncio.Task[None]]] = defaultdict(set)  # by stream
         self._stop = asyncio.Event()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class StreamWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, or until the device fails (then `fatal` says why)."""
         self._stop = stop
-        await self._until_redis(self.queue.ensure_group, stop)
+        await self._until_redis(lambda: self.queue.ensure_group(self.name), stop)
         log.info("worker %s serving %s", self.name, self.keys.prefix)
         try:
             async with beside(self._beat_forever), beside(self._sweep_forever):
@@ -123,18 +125,14 @@ class StreamWorker:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         own_pending_done = False
-        next_claim = 0.0
         while not stop.is_set():
             raise_if_cancelled()
             try:
                 if not own_pending_done:
                     self._start_all(await self.queue.read_own_pending(self.name))
                     own_pending_done = True
-                if time.monotonic() >= next_claim:
-                    idle_ms = int(self.config.claim_idle_s * 1000)
-                    self._start_all(await self.queue.claim_idle(self.name, idle_ms))
-                    next_claim = time.monotonic() + self.config.claim_idle_s / 2
-                free = {kind: n - len(self._running[kind]) for kind, n in self.slots.items()}
+                self._start_all(await self.take_overs.due(self._free()[QUERY]))
+                free = self._free()
                 if any(n > 0 for n in free.values()):
                     self._start_all(await self.queue.read_new(self.name, self.block_ms, free))
                 else:  # every slot busy: wait for one (or the next claim round)
@@ -143,13 +141,17 @@ class StreamWorker:
                 if "NOGROUP" in str(exc):  # Redis lost its data: make the streams again
                     log.warning("worker %s: job streams gone; recreating them", self.name)
                     with contextlib.suppress(RedisError, OSError):
-                        await self.queue.ensure_group()
+                        await self.queue.ensure_group(self.name)
                     continue
                 log.warning("worker %s: Redis failed (%s); retrying in 1 s", self.name, exc)
                 await sleep_or_stop(stop, 1.0)
 
+    def _free(self) -> dict[str, int]:
+        busy = Counter(self.queue.kind_of(s) for s, tasks in self._running.items() for _ in tasks)
+        return {kind: n - busy[kind] for kind, n in self.slots.items()}
+
     def _tasks(self) -> set[asyncio.Task[None]]:
-        return self._running[QUERY] | self._running[INGEST]
+        return set().union(*self._running.values())
 
     async def _drain(self) -> None:
         while tasks := self._tasks():
@@ -170,10 +172,9 @@ class StreamWorker:
         if taken_over:
             log.info("worker %s: taking over %s", self.name, ", ".join(taken_over))
         for delivery in deliveries:
-            kind = QUERY if delivery.stream == self.keys.stream(QUERY) else INGEST
             task = asyncio.create_task(self._handle_logged(delivery), name=delivery.entry_id)
-            self._running[kind].add(task)
-            task.add_done_callback(self._running[kind].discard)
+            self._running[delivery.stream].add(task)
+            task.add_done_callback(self._running[delivery.stream].discard)
 
     async def _handle_logged(self, delivery: Delivery) -> None:
         try:
@@ -195,7 +196,12 @@ class StreamWorker:
             await self.queue.dead_letter(delivery, str(exc), self.name)
             return
         if delivery.deliveries > self.config.max_deliveries:
-            await self._dead_letter(delivery, job)
+            reason = delivered_too_often(delivery.deliveries, self.config.max_deliveries)
+            log.error("worker %s: dead-lettering %s: %s", self.name, delivery.entry_id, reason)
+            if isinstance(job, IngestJob):
+                await self.ingests.dead_letter(delivery, job, reason)
+            else:
+                await self.queries.dead_letter(delivery, job, reason)
             return
         async with beside(self._keep_alive, delivery):
             if isinstance(job, IngestJob):
@@ -203,21 +209,6 @@ class StreamWorker:
             else:
                 done = await self.queries.answer(delivery, job)
         self.jobs_done += int(done)
-
-    async def _dead_letter(self, delivery: Delivery, job: IngestJob | QueryJob) -> None:
-        reason = (
-            f"the job was delivered {delivery.deliveries} times (at most "
-            f"{self.config.max_deliveries} allowed) without completing: the workers that "
-            "took it crashed or hung"
-        )
-        log.error("worker %s: dead-lettering %s: %s", self.name, delivery.entry_id, reason)
-        failure = error_payload(EngineUnavailableError(reason))
-        if isinstance(job, IngestJob):
-            await self.records.mark_failed(job.context_id, failure, self.name)
-        else:
-            writer = self.queries.reply_writer(job, "dead-letter")
-            await writer.send(Reply(ERROR, writer.attempt, error=failure))
-        await self.queue.dead_letter(delivery, reason, self.name)
 
     async def _keep_alive(self, done: asyncio.Event, delivery: Delivery) -> None:
         while not await sleep_or_stop(done, self.config.claim_idle_s / 3):
@@ -232,8 +223,16 @@ class StreamWorker:
 
     def _beat_now(self) -> WorkerBeat:
         running = sorted(t.get_name() for t in self._tasks())
-        current = running[0] if running else None
-        return replace(self.beat, beat_at=time.time(), jobs_done=self.jobs_done, current=current)
+        own = len(self._running[self.keys.direct(self.name)])  # counted by the API itself
+        free = 0 if self._stop.is_set() else max(0, self._free()[QUERY] + own)
+        return replace(
+            self.beat,
+            beat_at=time.time(),
+            jobs_done=self.jobs_done,
+            current=running[0] if running else None,
+            own_slots=free,
+            resident=self.executor.resident_ids(RESIDENT_PUBLISHED),
+        )
 
     async def _beat_forever(self, done: asyncio.Event) -> None:
         await beat_forever(done, self.heartbeats, self._beat_now, self.config.heartbeat_ttl_s / 3)

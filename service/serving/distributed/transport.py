@@ -3,11 +3,14 @@
 Delivery is at least once. A worker:
 1. after a (re)start reads its own pending entries first (XREADGROUP ... 0): the jobs it had
    taken and not acknowledged when it stopped;
-2. then new entries (XREADGROUP ... >), query jobs before ingest jobs;
-3. every so often takes over entries idle longer than a bound (XAUTOCLAIM): the jobs of
-   a worker that died. A live worker keeps its running job fresh (`keep_alive`, XCLAIM
-   JUSTID, which resets the idle time without counting a delivery), so only the jobs of
-   dead or hung workers move;
+2. then new entries (XREADGROUP ... >): its own query stream (`{p}jobs:direct:<name>`, the
+   queries routed to it for context affinity, see distributed.affinity) first, then the
+   shared streams, query jobs before ingest jobs;
+3. every so often takes over entries idle longer than a bound (XAUTOCLAIM, every stream,
+   the other workers' own ones too): the jobs of a worker that died. A live worker keeps
+   its running job fresh (`keep_alive`, XCLAIM JUSTID, which resets the idle time without
+   counting a delivery), so only the jobs of dead or hung workers move; entries another
+   worker never read are taken with `take_unread`;
 4. acknowledges (XACK + XDEL) only once the result is durable; an entry delivered more than
    `max_deliveries` times goes to the dead-letter stream instead (`dead_letter`).
 Entries are deleted once acknowledged, so XLEN of a job stream is its backlog.
@@ -15,6 +18,7 @@ Entries are deleted once acknowledged, so XLEN of a job stream is its backlog.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +27,15 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from service.serving.distributed.jobs import KINDS, Job, Reply, decode_job, encode_job
+from service.serving.distributed.jobs import (
+    INGEST,
+    KINDS,
+    QUERY,
+    Job,
+    Reply,
+    decode_job,
+    encode_job,
+)
 from service.serving.distributed.keys import GROUP, RedisKeys
 
 DEAD_LETTER_MAXLEN = 10_000
@@ -54,18 +66,30 @@ class JobQueue:
         self.keys = keys
         self.streams = [keys.stream(kind) for kind in KINDS]
 
-    async def ensure_group(self) -> None:
-        """Create the consumer group on every job stream (from the start; idempotent)."""
-        for stream in self.streams:
+    async def ensure_group(self, consumer: str | None = None) -> None:
+        """Create the consumer group on every job stream (from the start; idempotent), and
+        on the own query stream of `consumer` (a worker)."""
+        streams = self._streams(consumer) if consumer else self.streams
+        for stream in streams:
             try:
                 await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        if consumer:
+            await self.client.sadd(self.keys.direct_workers, consumer)
 
     async def submit(self, job: Job) -> str:
         entry_id = await self.client.xadd(self.keys.stream(job.kind), encode_job(job))  # type: ignore[arg-type]
         return _text(entry_id)
+
+    async def submit_to(self, job: Job, worker: str, below: int) -> str | None:
+        """Add the job to `worker`'s own stream if that holds fewer than `below` entries
+        (one script: concurrent submissions never overfill it); its entry id, else None."""
+        fields = [part for item in encode_job(job).items() for part in item]
+        keys = (self.keys.direct(worker), self.keys.direct_workers)
+        entry_id = await self.client.eval(_SUBMIT_BELOW, 2, *keys, below, worker, *fields)
+        return None if entry_id is None else _text(entry_id)
 
     async def backlog(self, kind: str) -> int:
         """Jobs of `kind` submitted and not yet acknowledged."""
@@ -73,10 +97,17 @@ class JobQueue:
 
     # -- worker side -------------------------------------------------------------------------
 
+    def _streams(self, consumer: str) -> list[str]:
+        """The streams `consumer` reads, in order: its own, then the shared ones."""
+        return [self.keys.direct(consumer), *self.streams]
+
+    def kind_of(self, stream: str) -> str:
+        return INGEST if stream == self.keys.stream(INGEST) else QUERY
+
     async def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery]:
         """The entries this consumer took and never acknowledged (after a restart)."""
         found: list[Delivery] = []
-        for stream in self.streams:
+        for stream in self._streams(consumer):
             reply = await self.client.xreadgroup(GROUP, consumer, {stream: "0"}, count=count)
             entries = _entries(reply)
             if entries:
@@ -87,23 +118,38 @@ class JobQueue:
     async def read_new(
         self, consumer: str, block_ms: int, free: Mapping[str, int] | None = None
     ) -> list[Delivery]:
-        """New entries, at most `free[kind]` of each kind (default one; queries first),
-        waiting up to `block_ms` for the first."""
-        free = free or dict.fromkeys(KINDS, 1)
-        streams = {self.keys.stream(k): free.get(k, 0) for k in KINDS if free.get(k, 0) > 0}
-        if not streams:
-            return []
-        reply = await self.client.xreadgroup(
-            GROUP, consumer, dict.fromkeys(streams, ">"), count=1, block=block_ms
-        )
-        found = _deliveries(reply)
-        for stream, wanted in streams.items():  # top up, without waiting, to the free slots
-            more = wanted - sum(d.stream == stream for d in found)
-            if more > 0 and found:
-                extra = await self.client.xreadgroup(GROUP, consumer, {stream: ">"}, count=more)
-                found += _deliveries(extra)
-        order = {s: i for i, s in enumerate(self.streams)}
+        """New entries, at most `free[kind]` of each kind (default one): the own stream's
+        first, then the shared ones (queries first). When there are none, waits up to
+        `block_ms` for the first (if the own and the shared query stream fill at the same
+        instant, that wait may bring one query beyond `free`)."""
+        left = dict(free or dict.fromkeys(KINDS, 1))
+        found = await self._read_each(consumer, left)
+        streams = [s for s in self._streams(consumer) if left.get(self.kind_of(s), 0) > 0]
+        if not found and streams:
+            found = _deliveries(
+                await self.client.xreadgroup(
+                    GROUP, consumer, dict.fromkeys(streams, ">"), count=1, block=block_ms
+                )
+            )
+            for delivery in found:
+                left[self.kind_of(delivery.stream)] -= 1
+            if found:  # top up, without waiting, to the free slots
+                found += await self._read_each(consumer, left)
+        order = {s: i for i, s in enumerate(self._streams(consumer))}
         return sorted(found, key=lambda d: order[d.stream])
+
+    async def _read_each(self, consumer: str, left: dict[str, int]) -> list[Delivery]:
+        """Without waiting, from each stream in order, as many as `left` of its kind."""
+        found: list[Delivery] = []
+        for stream in self._streams(consumer):
+            kind = self.kind_of(stream)
+            if left.get(kind, 0) > 0:
+                got = _deliveries(
+                    await self.client.xreadgroup(GROUP, consumer, {stream: ">"}, count=left[kind])
+                )
+                left[kind] -= len(got)
+                found += got
+        return found
 
     async def owns(self, delivery: Delivery, consumer: str) -> bool:
         """Whether `consumer` still holds the entry (another worker may have claimed it)."""
@@ -113,12 +159,19 @@ class JobQueue:
         return bool(rows) and _text(rows[0]["consumer"]) == consumer
 
     async def claim_idle(self, consumer: str, min_idle_ms: int, count: int = 16) -> list[Delivery]:
-        """Take over entries idle for at least `min_idle_ms` (their worker died or hung)."""
+        """Take over entries idle for at least `min_idle_ms` (their worker died or hung),
+        from the shared streams and every worker's own stream."""
+        direct = [self.keys.direct(w) for w in await self.direct_workers()]
         found: list[Delivery] = []
-        for stream in self.streams:
-            reply = await self.client.xautoclaim(
-                stream, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
-            )
+        for stream in [*self.streams, *direct]:
+            try:
+                reply = await self.client.xautoclaim(
+                    stream, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+                )
+            except ResponseError as exc:  # a worker's stream removed meanwhile
+                if stream in self.streams or "NOGROUP" not in str(exc):
+                    raise
+                continue
             rows: list[Any] = list(reply)
             claimed = [(_text(i), f) for i, f in rows[1]]
             gone = [_text(i) for i in (rows[2] if len(rows) > 2 else [])]
@@ -128,6 +181,43 @@ class JobQueue:
                 counts = await self._delivery_counts(stream, consumer)
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in claimed]
         return found
+
+    async def direct_workers(self) -> list[str]:
+        """The workers that have an own query stream."""
+        return sorted(_text(m) for m in await self.client.smembers(self.keys.direct_workers))
+
+    async def take_unread(
+        self, consumer: str, worker: str, before_ms: int, count: int
+    ) -> list[Delivery]:
+        """At most `count` entries of `worker`'s own stream that nobody has read and that
+        were added before `before_ms` (unix ms): the worker died, or never got to them."""
+        stream = self.keys.direct(worker)
+        try:
+            groups = await self.client.xinfo_groups(stream)
+        except ResponseError:  # no such stream
+            return []
+        last = next(
+            (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), None
+        )
+        if last is None:  # made by an XADD after it was removed: read it from the start
+            await self.ensure_group_on(stream)
+            last = "0-0"
+        stale = await self.client.xrange(stream, f"({last}", str(before_ms), count=count)
+        if not stale:
+            return []
+        reply = await self.client.xreadgroup(GROUP, consumer, {stream: ">"}, count=len(stale))
+        return _deliveries(reply)
+
+    async def ensure_group_on(self, stream: str) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: made meanwhile
+            await self.client.xgroup_create(stream, GROUP, id="0")
+
+    async def drop_direct(self, worker: str) -> bool:
+        """Remove `worker`'s own stream if it holds nothing (the worker is gone)."""
+        dropped = await self.client.eval(
+            _DROP_IF_EMPTY, 2, self.keys.direct(worker), self.keys.direct_workers, worker
+        )
+        return bool(dropped)
 
     async def keep_alive(self, delivery: Delivery, consumer: str) -> bool:
         """Reset the entry's idle time so that no other worker claims it while it runs;
@@ -178,6 +268,19 @@ def _deliveries(reply: Any) -> list[Delivery]:
         for i, f in items
     ]
 
+
+_SUBMIT_BELOW = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+redis.call('SADD', KEYS[2], ARGV[2])
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+"""
+
+_DROP_IF_EMPTY = """
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
 
 _KEEP_ALIVE = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
