@@ -170,7 +170,7 @@ class StreamWorker:
         if taken_over:
             log.info("worker %s: taking over %s", self.name, ", ".join(taken_over))
         for delivery in deliveries:
-            kind = QUERY if delivery.stream == self.keys.stream(QUERY) else INGEST
+            kind = self.queue.kind(delivery)
             task = asyncio.create_task(self._handle_logged(delivery), name=delivery.entry_id)
             self._running[kind].add(task)
             task.add_done_callback(self._running[kind].discard)

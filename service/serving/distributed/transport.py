@@ -10,7 +10,8 @@ Delivery is at least once. A worker:
    dead or hung workers move;
 4. acknowledges (XACK + XDEL) only once the result is durable; an entry delivered more than
    `max_deliveries` times goes to the dead-letter stream instead (`dead_letter`).
-Entries are deleted once acknowledged, so XLEN of a job stream is its backlog.
+Entries are deleted once acknowledged, so XLEN of a job stream is its backlog. The worker
+side counts what it claims, acknowledges and dead-letters (service.telemetry, by kind).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from service import telemetry
 from service.serving.distributed.jobs import KINDS, Job, Reply, decode_job, encode_job
 from service.serving.distributed.keys import GROUP, RedisKeys
 
@@ -53,6 +55,16 @@ class JobQueue:
         self.client = client
         self.keys = keys
         self.streams = [keys.stream(kind) for kind in KINDS]
+        self._kinds = {keys.stream(kind): kind for kind in KINDS}
+
+    def kind(self, delivery: Delivery) -> str:
+        """The kind of job (ingest, query) of a delivered entry: its stream's."""
+        return self._kinds[delivery.stream]
+
+    def _claimed(self, found: list[Delivery]) -> list[Delivery]:
+        for delivery in found:
+            telemetry.JOBS_CLAIMED.labels(self.kind(delivery)).inc()
+        return found
 
     async def ensure_group(self) -> None:
         """Create the consumer group on every job stream (from the start; idempotent)."""
@@ -82,7 +94,7 @@ class JobQueue:
             if entries:
                 counts = await self._delivery_counts(stream, consumer)
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in entries]
-        return found
+        return self._claimed(found)
 
     async def read_new(
         self, consumer: str, block_ms: int, free: Mapping[str, int] | None = None
@@ -103,7 +115,7 @@ class JobQueue:
                 extra = await self.client.xreadgroup(GROUP, consumer, {stream: ">"}, count=more)
                 found += _deliveries(extra)
         order = {s: i for i, s in enumerate(self.streams)}
-        return sorted(found, key=lambda d: order[d.stream])
+        return self._claimed(sorted(found, key=lambda d: order[d.stream]))
 
     async def owns(self, delivery: Delivery, consumer: str) -> bool:
         """Whether `consumer` still holds the entry (another worker may have claimed it)."""
@@ -127,7 +139,7 @@ class JobQueue:
             if claimed:
                 counts = await self._delivery_counts(stream, consumer)
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in claimed]
-        return found
+        return self._claimed(found)
 
     async def keep_alive(self, delivery: Delivery, consumer: str) -> bool:
         """Reset the entry's idle time so that no other worker claims it while it runs;
@@ -143,6 +155,7 @@ class JobQueue:
             pipe.xack(delivery.stream, GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
             await pipe.execute()
+        telemetry.JOBS_COMPLETED.labels(self.kind(delivery)).inc()
 
     async def dead_letter(self, delivery: Delivery, reason: str, consumer: str) -> None:
         """Move the entry to the dead-letter stream (with why), then acknowledge it."""
@@ -165,6 +178,7 @@ class JobQueue:
             pipe.xack(delivery.stream, GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
             await pipe.execute()
+        telemetry.JOBS_DEAD_LETTERED.labels(self.kind(delivery)).inc()
 
     async def _delivery_counts(self, stream: str, consumer: str) -> dict[str, int]:
         rows = await self.client.xpending_range(stream, GROUP, "-", "+", 10_000, consumer)
