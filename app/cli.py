@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -39,6 +39,9 @@ from kvzip.client import (
     QueryOptions,
 )
 from kvzip.client.plans import DEFAULT_URL
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 __all__ = ["build_parser", "main"]
 
@@ -199,8 +202,27 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             status=2,
         ) from exc
     configure_logging(settings.log_level, settings.log_format)
+    _serve_worker_metrics(settings)
     worker_main.run_worker(settings.to_service_config())
     return 0
+
+
+def _serve_worker_metrics(settings: Settings) -> None:
+    """The worker's Prometheus endpoint, `http://KVZIP_WORKER_METRICS_HOST:PORT/metrics`
+    (prometheus-client's own server, on a daemon thread); none when the port is 0."""
+    host, port = settings.worker_metrics_host, settings.worker_metrics_port
+    if not port:
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot serve the worker's metrics on {host}:{port} ({exc}): give each worker on "
+            "a host its own KVZIP_WORKER_METRICS_PORT, or 0 for none",
+            status=2,
+        ) from exc
 
 
 def _calibrate(argv: Sequence[str]) -> int:

@@ -14,9 +14,13 @@ HTTP layer (here):
 Engine side (service.telemetry, same registry when the engine runs in this process):
     kvzip_ingest_phase_seconds{phase}, kvzip_compression_kept_ratio, kvzip_context_tokens,
     kvzip_request_queue_time_seconds, kvzip_queue_depth, kvzip_generation_tokens_total,
-    kvzip_queries_cancelled_total, kvzip_ingests_total{outcome},
+    kvzip_queries_cancelled_total, kvzip_ingests_total{outcome}, kvzip_decode_step_seconds,
+    kvzip_decode_batch_rows, kvzip_decode_batch_size, kvzip_decode_waiting,
     kvzip_query_routes_total{route}                            (distributed API: affinity)
     kvzip_tier_{hits,misses,evictions}_total{tier}, kvzip_tier_bytes{tier}
+In distributed mode a worker serves those on its own port (KVZIP_WORKER_METRICS_PORT), with
+kvzip_worker_jobs_{claimed,completed,dead_lettered}_total{kind} and
+kvzip_worker_heartbeat_timestamp_seconds; the API process adds kvzip_workers_live.
 """
 
 from __future__ import annotations

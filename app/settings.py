@@ -35,6 +35,8 @@ current and that README.md names every variable.
 | `redis_cache_url` | `KVZIP_REDIS_CACHE_URL` | unset | Redis of the cache tier (unset: redis_url) |
 | `redis_prefix` | `KVZIP_REDIS_PREFIX` | `kvzip:` | Prefix of every Redis key |
 | `worker_name` | `KVZIP_WORKER_NAME` | unset | Worker consumer name (default: host name) |
+| `worker_metrics_host` | `KVZIP_WORKER_METRICS_HOST` | `127.0.0.1` | Worker metrics bind address |
+| `worker_metrics_port` | `KVZIP_WORKER_METRICS_PORT` | `9410` | Worker Prometheus port (0: off) |
 | `heartbeat_ttl_s` | `KVZIP_HEARTBEAT_TTL_S` | `10.0` | Worker heartbeat lifetime (s) |
 | `claim_idle_s` | `KVZIP_CLAIM_IDLE_S` | `30.0` | Idle time before a job moves (s) |
 | `max_deliveries` | `KVZIP_MAX_DELIVERIES` | `3` | Deliveries before dead-letter |
@@ -192,6 +194,12 @@ class Settings(BaseSettings):
         default=_DISTRIBUTED.worker_name,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$",
         description="Worker consumer name (default: host name)",
+    )
+    worker_metrics_host: str = Field(
+        default="127.0.0.1", min_length=1, description="Worker metrics bind address"
+    )
+    worker_metrics_port: int = Field(
+        default=9410, ge=0, le=65535, description="Worker Prometheus port (0: off)"
     )
     heartbeat_ttl_s: float = Field(
         default=_DISTRIBUTED.heartbeat_ttl_s, gt=0, description="Worker heartbeat lifetime (s)"

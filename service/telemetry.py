@@ -1,13 +1,18 @@
 """Prometheus metrics of the engine side (no torch here): ingest phases, compression, queue
-time, generated tokens, and the counters of every storage tier.
+time, decode steps and batches, generated tokens, the counters of every storage tier, and a
+distributed worker's jobs and heartbeat.
 
 Everything lives in prometheus-client's default registry under the `kvzip_` namespace, so the
-HTTP layer's `/metrics` renders it with its own request metrics. No metric has a context id
-as a label: labels are small closed sets (phase, tier, outcome).
+HTTP layer's `/metrics` renders it with its own request metrics (embedded mode); a worker
+process serves the same registry on its own port (`KVZIP_WORKER_METRICS_PORT`, started by
+`kvzip worker`). No metric has a context id as a label: labels are small closed sets (phase,
+tier, outcome, kind).
 
 Tier counters are plain ints kept by each tier (`hits`, `misses`, `evictions`, `bytes_used`);
 `track_tier(name, tier)` lists a live tier (weakly) and the collector reads them at scrape
-time, summing over the tiers of one name.
+time, summing over the tiers of one name (`kvzip_tier_bytes` only for tiers that count their
+bytes: the Redis tier's size is the Redis server's own). `track_cluster(api)` reports the
+workers an API process sees beating (`kvzip_workers_live`).
 """
 
 from __future__ import annotations
@@ -16,19 +21,27 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "BATCH_ROWS",
     "COMPRESSION_KEPT_RATIO",
     "CONTEXT_TOKENS",
+    "DECODE_STEP_SECONDS",
     "GENERATED_TOKENS",
     "INGESTS",
     "INGEST_PHASE_SECONDS",
+    "JOBS_CLAIMED",
+    "JOBS_COMPLETED",
+    "JOBS_DEAD_LETTERED",
     "QUERIES_CANCELLED",
     "QUERY_ROUTES",
     "QUEUE_TIME",
+    "WORKER_HEARTBEAT",
+    "track_cluster",
+    "track_scheduler",
     "track_tier",
     "track_worker",
 ]
@@ -74,11 +87,38 @@ BATCH_ROWS = Histogram(
     "Rows (requests) decoded together per scheduler iteration.",
     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128),
 )
+DECODE_STEP_SECONDS = Histogram(
+    "kvzip_decode_step_seconds",
+    "Seconds of one batched decode step (every decoding row one token, sampled).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5),
+)
+# a distributed worker's jobs, by kind (ingest, query)
+JOBS_CLAIMED = Counter(
+    "kvzip_worker_jobs_claimed",
+    "Job entries a worker took: new, its own after a restart, or a dead worker's.",
+    ["kind"],
+)
+JOBS_COMPLETED = Counter(
+    "kvzip_worker_jobs_completed",
+    "Jobs a worker acknowledged as done for good (answered, READY, failed on their input, "
+    "or nothing left to do).",
+    ["kind"],
+)
+JOBS_DEAD_LETTERED = Counter(
+    "kvzip_worker_jobs_dead_lettered",
+    "Jobs a worker moved to the dead-letter stream (delivered too often, or malformed).",
+    ["kind"],
+)
+WORKER_HEARTBEAT = Gauge(
+    "kvzip_worker_heartbeat_timestamp_seconds",
+    "Unix time of the worker's last heartbeat written to Redis.",
+)
 
 
 _tiers: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 _workers: weakref.WeakSet[object] = weakref.WeakSet()
 _schedulers: weakref.WeakSet[object] = weakref.WeakSet()
+_clusters: weakref.WeakSet[object] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
@@ -100,53 +140,79 @@ def track_scheduler(scheduler: object) -> None:
         _schedulers.add(scheduler)
 
 
+def track_cluster(api: object) -> None:
+    """Report `len(api.workers)` (the live heartbeats an API process sees) as a gauge."""
+    with _lock:
+        _clusters.add(api)
+
+
 class _StateCollector(Collector):
-    """Reads the tracked tiers and workers at scrape time."""
+    """Reads the tracked tiers, engine threads, schedulers and API processes at scrape time."""
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         with _lock:
             tiers = list(_tiers.items())
-            workers = list(_workers)
-            schedulers = list(_schedulers)
-        families = {
-            "hits": CounterMetricFamily(
-                "kvzip_tier_hits", "Reads served by a tier.", labels=["tier"]
-            ),
-            "misses": CounterMetricFamily(
-                "kvzip_tier_misses", "Reads a tier could not serve.", labels=["tier"]
-            ),
-            "evictions": CounterMetricFamily(
-                "kvzip_tier_evictions", "Entries a tier dropped to make room.", labels=["tier"]
-            ),
-        }
-        size = GaugeMetricFamily("kvzip_tier_bytes", "Bytes held by a tier.", labels=["tier"])
-        totals: dict[str, dict[str, int]] = {}
-        for tier, name in tiers:
-            row = totals.setdefault(
-                name, dict.fromkeys(("hits", "misses", "evictions", "bytes"), 0)
+            workers, schedulers, clusters = list(_workers), list(_schedulers), list(_clusters)
+        yield from _tier_families(tiers)
+        yield _gauge(
+            "kvzip_queue_depth",
+            "Engine jobs admitted and not finished (running + waiting).",
+            sum(int(getattr(w, "queued", 0)) for w in workers),
+        )
+        yield _gauge(
+            "kvzip_decode_waiting",
+            "Questions waiting for a row of the decode batch.",
+            sum(len(getattr(s, "waiting", ())) for s in schedulers),
+        )
+        yield _gauge(
+            "kvzip_decode_batch_size",
+            "Rows decoding right now.",
+            sum(int(getattr(s, "batch_size", 0)) for s in schedulers),
+        )
+        if clusters:  # an API process of distributed mode
+            yield _gauge(
+                "kvzip_workers_live",
+                "Workers whose heartbeat this API process saw live at its last look.",
+                max(len(getattr(c, "workers", ())) for c in clusters),
             )
-            for field in ("hits", "misses", "evictions"):
-                row[field] += int(getattr(tier, field, 0))
-            row["bytes"] += int(getattr(tier, "bytes_used", 0))
-        for name, row in sorted(totals.items()):
-            for field, family in families.items():
-                family.add_metric([name], row[field])
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
+def _tier_families(
+    tiers: list[tuple[object, str]],
+) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Hits, misses, evictions and bytes held, summed over the tiers of one name."""
+    counters = {
+        "hits": CounterMetricFamily("kvzip_tier_hits", "Reads served by a tier.", labels=["tier"]),
+        "misses": CounterMetricFamily(
+            "kvzip_tier_misses", "Reads a tier could not serve.", labels=["tier"]
+        ),
+        "evictions": CounterMetricFamily(
+            "kvzip_tier_evictions", "Entries a tier dropped to make room.", labels=["tier"]
+        ),
+    }
+    size = GaugeMetricFamily("kvzip_tier_bytes", "Bytes held by a tier.", labels=["tier"])
+    totals: dict[str, dict[str, int]] = {}
+    sized: set[str] = set()
+    for tier, name in tiers:
+        row = totals.setdefault(name, dict.fromkeys(("hits", "misses", "evictions", "bytes"), 0))
+        for field in ("hits", "misses", "evictions"):
+            row[field] += int(getattr(tier, field, 0))
+        if hasattr(tier, "bytes_used"):
+            sized.add(name)
+            row["bytes"] += int(tier.bytes_used)
+    for name, row in sorted(totals.items()):
+        for field, family in counters.items():
+            family.add_metric([name], row[field])
+        if name in sized:
             size.add_metric([name], row["bytes"])
-        yield from families.values()
-        yield size
-        depth = GaugeMetricFamily(
-            "kvzip_queue_depth", "Engine jobs admitted and not finished (running + waiting)."
-        )
-        depth.add_metric([], sum(int(getattr(w, "queued", 0)) for w in workers))
-        yield depth
-        waiting = GaugeMetricFamily(
-            "kvzip_decode_waiting", "Questions waiting for a row of the decode batch."
-        )
-        waiting.add_metric([], sum(len(getattr(s, "waiting", ())) for s in schedulers))
-        yield waiting
-        rows = GaugeMetricFamily("kvzip_decode_batch_size", "Rows decoding right now.")
-        rows.add_metric([], sum(int(getattr(s, "batch_size", 0)) for s in schedulers))
-        yield rows
+    yield from counters.values()
+    yield size
 
 
 REGISTRY.register(_StateCollector())

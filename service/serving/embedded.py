@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 
-from service import telemetry
 from service.config import ServiceConfig
 from service.engine.kvzip_engine import Document, KVzipEngine
 from service.errors import ContextNotFoundError, ContextNotReadyError, EngineUnavailableError
@@ -228,6 +227,4 @@ def build_embedded_service(
     config: ServiceConfig, engine: KVzipEngine | None = None
 ) -> EmbeddedContextService:
     """The factory app/ imports lazily inside its lifespan (tests pass a ready engine)."""
-    service = EmbeddedContextService(config, local_store(config), engine)
-    telemetry.track_tier("resident", service.resident)
-    return service
+    return EmbeddedContextService(config, local_store(config), engine)

@@ -36,6 +36,8 @@ class ContextRegistry:
 
     def __init__(self, store: TieredStore) -> None:
         self.store = store
+        for tier in store.tiers:  # their counters and sizes in the metrics
+            telemetry.track_tier(tier.name, tier)
         self.on_purge: list[Callable[[str], None]] = []  # e.g. drop the device-resident copy
 
     async def record(self, cid: str, tenant: str) -> ContextRecord | None:
@@ -140,11 +142,9 @@ class ContextRegistry:
 
 
 def local_store(config: ServiceConfig) -> TieredStore:
-    """The embedded store: memory LRU -> disk under the data dir (sizes in /metrics)."""
+    """The embedded store: memory LRU -> disk under the data dir."""
     memory = MemoryTier(config.memory_cache_bytes)
     disk = DiskTier(Path(config.data_dir) / "contexts")
-    for tier in (memory, disk):
-        telemetry.track_tier(tier.name, tier)
     return TieredStore([memory, disk])
 
 

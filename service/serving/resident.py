@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from service import telemetry
 from service.engine.kvcache import CompressedContext
 
 
@@ -19,6 +20,7 @@ class ResidentContexts:
         self._lock = threading.Lock()
         self.bytes_used = 0
         self.hits = self.misses = self.evictions = 0
+        telemetry.track_tier("resident", self)
 
     def get(self, key: str) -> CompressedContext | None:
         with self._lock:

@@ -162,9 +162,11 @@ class Scheduler:
         emitted: list[tuple[_Request, object]] = []
         self._drop_cancelled()
         if self.running:
+            started = time.perf_counter()
             tokens = torch.tensor([r.last for r in self.running])
             logits = self.rows.step(tokens)
-            chosen = sample(logits, [r.sampling for r in self.running]).tolist()
+            chosen = sample(logits, [r.sampling for r in self.running]).tolist()  # synchronises
+            telemetry.DECODE_STEP_SECONDS.observe(time.perf_counter() - started)
             for request, token in zip(list(self.running), chosen, strict=True):
                 emitted += self._emit(request, int(token))
         if not self.pending:

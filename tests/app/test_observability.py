@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import re
-from typing import TYPE_CHECKING
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.cli import main as kvzip
 from app.logs import JsonFormatter, RequestIdFilter, request_id
 
 if TYPE_CHECKING:
@@ -159,3 +165,94 @@ def test_answers_feed_ttft_and_inter_token_latency(
     assert value(after, "kvzip_time_to_first_token_seconds_sum") - value(
         before, "kvzip_time_to_first_token_seconds_sum"
     ) == pytest.approx(0.04)
+
+
+# --- the worker's metrics endpoint (`kvzip worker`) ---------------------------------------------
+
+
+@pytest.fixture
+def worker_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """`kvzip worker` with the worker itself replaced: `run_worker` records whether the metrics
+    endpoint answered while it ran; every server started is shut down afterwards."""
+    import importlib
+    import types
+
+    import prometheus_client
+
+    import app.logs
+    import service.telemetry  # noqa: F401  (the engine series a real worker registers)
+
+    for name in list(os.environ):
+        if name.startswith("KVZIP_"):
+            monkeypatch.delenv(name)
+    seen: dict[str, Any] = {"servers": [], "ran": False}
+    real_start = prometheus_client.start_http_server
+
+    def start(port: int, addr: str = "0.0.0.0") -> Any:
+        server, thread = real_start(port, addr=addr)
+        seen["servers"].append(server)
+        return server, thread
+
+    def run_worker(config: object) -> None:
+        seen["ran"] = True
+        port = os.environ.get("KVZIP_WORKER_METRICS_PORT", "9410")
+        if port != "0":
+            seen["body"] = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+    stub = types.SimpleNamespace(run_worker=run_worker)
+    real_import = importlib.import_module
+    monkeypatch.setattr(
+        importlib,
+        "import_module",
+        lambda name, *a: stub if name.endswith("worker_main") else real_import(name, *a),
+    )
+    monkeypatch.setattr(prometheus_client, "start_http_server", start)
+    monkeypatch.setattr(app.logs, "configure_logging", lambda *a: None)
+    yield seen
+    for server in seen["servers"]:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_worker_serves_the_engine_series_on_its_metrics_port(
+    worker_cli: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVZIP_WORKER_METRICS_PORT", str(free_port()))
+
+    assert kvzip(["worker"], out=io.StringIO(), err=io.StringIO()) == 0
+
+    assert worker_cli["ran"] and len(worker_cli["servers"]) == 1
+    assert worker_cli["servers"][0].server_address[0] == "127.0.0.1"  # the default: loopback
+    assert "# TYPE kvzip_decode_step_seconds histogram" in worker_cli["body"]
+
+
+def test_metrics_port_zero_serves_nothing(
+    worker_cli: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVZIP_WORKER_METRICS_PORT", "0")
+
+    assert kvzip(["worker"], out=io.StringIO(), err=io.StringIO()) == 0
+
+    assert worker_cli["ran"] and worker_cli["servers"] == []
+
+
+def test_a_taken_metrics_port_refuses_to_start_the_worker(
+    worker_cli: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("KVZIP_WORKER_METRICS_PORT", str(port))
+        err = io.StringIO()
+
+        assert kvzip(["worker"], out=io.StringIO(), err=err) == 2
+
+    assert not worker_cli["ran"]  # before the model would load
+    assert f"127.0.0.1:{port}" in err.getvalue() and "KVZIP_WORKER_METRICS_PORT" in err.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

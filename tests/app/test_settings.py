@@ -58,6 +58,8 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_REDIS_CACHE_URL": "redis://redis-cache:6379/0",
         "KVZIP_REDIS_PREFIX": "kvzip-prod:",
         "KVZIP_WORKER_NAME": "gpu-0",
+        "KVZIP_WORKER_METRICS_HOST": "0.0.0.0",
+        "KVZIP_WORKER_METRICS_PORT": "0",
         "KVZIP_HEARTBEAT_TTL_S": "5",
         "KVZIP_CLAIM_IDLE_S": "20",
         "KVZIP_MAX_DELIVERIES": "4",
@@ -115,6 +117,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.allow_anonymous is True
     assert (settings.rate_limit_per_minute, settings.rate_limit_burst) == (120, 5)
     assert settings.log_format == "json"
+    assert (settings.worker_metrics_host, settings.worker_metrics_port) == ("0.0.0.0", 0)
     service = settings.to_service_config()
     assert service.batching == BatchingConfig(32, 4 * 1024**3, 8, 128)
     assert (service.default_ttl_s, service.max_ttl_s, service.max_document_tokens) == (
@@ -165,6 +168,8 @@ def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) ->
         ("KVZIP_RATE_LIMIT_PER_MINUTE", "-1"),
         ("KVZIP_RATE_LIMIT_BURST", "0"),
         ("KVZIP_LOG_FORMAT", "xml"),
+        ("KVZIP_WORKER_METRICS_PORT", "-1"),
+        ("KVZIP_WORKER_METRICS_PORT", "65536"),
     ],
 )
 def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

@@ -31,6 +31,7 @@ from tests.deploy.compose_testing import (
 
 SETTINGS_VARS = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
 FIXED_BY_IMAGE = {"KVZIP_HOST", "KVZIP_PORT", "KVZIP_DATA_DIR"}
+FIXED_BY_IMAGE |= {"KVZIP_WORKER_METRICS_HOST", "KVZIP_WORKER_METRICS_PORT"}  # scraped there
 PER_WORKER = {"KVZIP_MODEL", "KVZIP_DEVICE", "KVZIP_WORKER_NAME"}
 
 
@@ -67,8 +68,13 @@ def seconds(duration: str) -> float:
     [
         {},
         {"COMPOSE_PROFILES": "cpu", "API_PUBLISH": "127.0.0.1:18000", "REDIS_PASSWORD": "s3cret"},
+        {
+            "COMPOSE_PROFILES": "gpu,monitoring",
+            "PROMETHEUS_PUBLISH": "127.0.0.1:19090",
+            "GRAFANA_ADMIN_PASSWORD": "s3cret",
+        },
     ],
-    ids=["defaults", "overridden"],
+    ids=["defaults", "overridden", "monitoring"],
 )
 def test_the_compose_file_validates_against_the_compose_spec(validator, env) -> None:
     errors = sorted(validator.iter_errors(load_compose(env)), key=lambda e: list(e.path))

@@ -78,6 +78,7 @@ class Stack:
     urls: list[str] = field(default_factory=list)
     redis_urls: dict[str, str] = field(default_factory=dict)
     prefix: str = "kvzip:"
+    worker_metrics: str = ""  # the worker's Prometheus endpoint
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.envs[name] = self.base_env | env
@@ -195,7 +196,14 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     worker_image = parse_dockerfile(DOCKERFILES["worker"])
     worker_env = worker_image.env(worker_service["build"]["args"]) | environment(worker_service)
     assert worker_env["KVZIP_MODEL"] == "SmolLM2-135M-Instruct"
-    worker_env = replaced(worker_env) | {"KVZIP_MODEL": str(tiny_model_dir)}
+    assert worker_env["KVZIP_WORKER_METRICS_HOST"] == "0.0.0.0"  # scraped over the network
+    metrics_port = free_port()  # here: loopback, a port of its own
+    worker_env = replaced(worker_env) | {
+        "KVZIP_MODEL": str(tiny_model_dir),
+        "KVZIP_WORKER_METRICS_HOST": "127.0.0.1",
+        "KVZIP_WORKER_METRICS_PORT": str(metrics_port),
+    }
+    stack.worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
 
     api_service = services["api"]
     api_image = parse_dockerfile(DOCKERFILES["api"])
@@ -243,6 +251,8 @@ def test_register_query_delete_through_two_apis_and_one_cpu_worker(stack: Stack)
         cache.close()
     dead = {n: p.returncode for n, p in stack.procs.items() if p.poll() is not None}
     assert not dead, f"{dead}\n{stack.logs()}"
+    metrics = httpx.get(stack.worker_metrics, timeout=5).text  # what Prometheus scrapes
+    assert 'kvzip_worker_jobs_completed_total{kind="ingest"}' in metrics
 
 
 def test_the_compose_healthchecks_pass_on_the_running_services(stack: Stack) -> None:

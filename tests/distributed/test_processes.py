@@ -2,7 +2,8 @@
 API processes (uvicorn, no model) joined by the real Redis, on a test prefix.
 
 Two APIs + two workers register 20 documents at once (all READY once, none lost or doubled,
-every question answered); a flushed Redis tier is refilled from the shared disk; a worker
+every question answered); each worker's metrics endpoint shows its engine series move after
+an ingest and a query; a flushed Redis tier is refilled from the shared disk; a worker
 SIGKILLed mid-ingest has its job finished by the other, READY exactly once.
 """
 
@@ -25,6 +26,8 @@ from uuid import uuid4
 import httpx
 import pytest
 import redis
+
+from tests.distributed.metrics_testing import scrape
 
 # Its own deadline: the first test here also waits for 4 processes to start (~25 s).
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
@@ -63,6 +66,7 @@ class Deployment:
     cache: redis.Redis
     apis: list[str] = field(default_factory=list)
     procs: dict[str, Proc] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)  # worker name -> its /metrics URL
 
     def spawn(self, name: str, args: list[str], **env: str) -> Proc:
         log = self.logs / f"{name}.log"
@@ -78,7 +82,14 @@ class Deployment:
         return self.procs[name]
 
     def start_worker(self, name: str) -> Proc:
-        return self.spawn(name, ["-m", "app.cli", "worker"], KVZIP_WORKER_NAME=name)
+        port = free_port()
+        self.metrics[name] = f"http://127.0.0.1:{port}/metrics"
+        args = ["-m", "app.cli", "worker"]
+        return self.spawn(name, args, KVZIP_WORKER_NAME=name, KVZIP_WORKER_METRICS_PORT=str(port))
+
+    def live_metrics(self) -> list[str]:
+        """The metrics URLs of the workers still running."""
+        return [u for n, u in self.metrics.items() if self.procs[n].popen.poll() is None]
 
     def start_api(self, name: str) -> str:
         port = free_port()
@@ -276,6 +287,48 @@ async def register_and_ask(deployment: Deployment, api1: str, api2: str, docs: l
     assert workers == {"w1", "w2"}, workers  # the work was spread over both
 
 
+async def test_workers_serve_their_engine_metrics(deployment: Deployment) -> None:
+    api1, api2 = deployment.apis
+    before, api_before = scrape(*deployment.live_metrics()), scrape(f"{api2}/metrics")
+    with deployment.explained():
+        async with httpx.AsyncClient(timeout=60.0) as http:
+            created = await http.post(f"{api1}/contexts", json={"text": document(500)})
+            assert created.status_code == 201, created.text
+            answer = await http.post(f"{api2}/contexts/{created.json()['id']}/query", json=QUESTION)
+            assert answer.status_code == 200, answer.text
+    grew = [  # summed over the workers: which one took which job does not matter
+        'kvzip_ingest_phase_seconds_count{phase="scoring"}',
+        'kvzip_ingest_phase_seconds_count{phase="store"}',
+        'kvzip_ingests_total{outcome="ready"}',
+        'kvzip_worker_jobs_claimed_total{kind="ingest"}',
+        'kvzip_worker_jobs_claimed_total{kind="query"}',
+        'kvzip_worker_jobs_completed_total{kind="ingest"}',
+        'kvzip_worker_jobs_completed_total{kind="query"}',
+        'kvzip_tier_misses_total{tier="resident"}',  # KVZIP_MEMORY_CACHE_BYTES=0
+        "kvzip_context_tokens_sum",
+        "kvzip_generation_tokens_total",
+        "kvzip_decode_step_seconds_count",
+        "kvzip_decode_batch_rows_count",
+    ]
+    deadline = time.monotonic() + 15  # a job is counted just after its reply is sent
+    after = scrape(*deployment.live_metrics())
+    while short := [k for k in grew if after[k] <= before[k]]:
+        assert time.monotonic() < deadline, f"did not grow: {short}\n{deployment.diagnostics()}"
+        await asyncio.sleep(0.2)
+        after = scrape(*deployment.live_metrics())
+    assert after['kvzip_tier_bytes{tier="disk"}'] > 0
+    stored = [f'kvzip_tier_hits_total{{tier="{t}"}}' for t in ("redis", "disk")]
+    assert sum(after[k] - before[k] for k in stored) >= 1  # the query read the stored blob
+    for url in deployment.live_metrics():
+        own = scrape(url)
+        assert time.time() - own["kvzip_worker_heartbeat_timestamp_seconds"] < 10, url
+        assert not any(k.startswith("kvzip_http_") for k in own), "HTTP series on a worker"
+    api_after = scrape(f"{api2}/metrics")
+    ttft = "kvzip_time_to_first_token_seconds_count"
+    assert api_after[ttft] == api_before[ttft] + 1
+    assert api_after["kvzip_workers_live"] == len(deployment.live_metrics())
+
+
 async def test_a_flushed_cache_tier_still_answers_and_is_refilled(deployment: Deployment) -> None:
     api1, api2 = deployment.apis
     async with httpx.AsyncClient(timeout=60.0) as http:
@@ -327,9 +380,7 @@ async def test_a_worker_killed_mid_ingest_is_replaced_and_ready_exactly_once(
     assert deployment.redis.xlen(deployment.key("jobs:dead")) == 0
 
 
-async def scoring_worker(
-    deployment: Deployment, http: httpx.AsyncClient, url: str
-) -> str | None:
+async def scoring_worker(deployment: Deployment, http: httpx.AsyncClient, url: str) -> str | None:
     """The name of the worker that holds the ingest job while it runs; None when the ingest
     finished before that could be seen."""
     deadline = time.monotonic() + 60

@@ -1,5 +1,6 @@
 """Ingest jobs on a worker: the executor compresses and stores the document while its
-progress is mirrored into the Redis record; the record turns READY or FAILED once.
+progress is mirrored into the Redis record; the record turns READY or FAILED once (counted
+in `kvzip_ingests_total{outcome}`, as the embedded service counts its ingests).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
+from service import telemetry
 from service.errors import EngineUnavailableError, ServiceError
 from service.serving.distributed.jobs import IngestJob, error_payload
 from service.serving.distributed.loops import Fraction, beside, sleep_or_stop
@@ -52,6 +54,7 @@ class IngestJobs:
             log.info("worker %s: context %s failed: %s", self.name, cid, exc)
             await self.records.mark_failed(cid, error_payload(exc), self.name)
             await self.queue.ack(delivery)
+            telemetry.INGESTS.labels("failed").inc()
             return False
         except Exception as exc:
             if not self.on_fatal(exc):
@@ -59,8 +62,10 @@ class IngestJobs:
             return False
         if await self.records.mark_ready(cid, record, tiers, self.name):
             log.info("worker %s: context %s READY (%d bytes)", self.name, cid, record.bytes)
+            telemetry.INGESTS.labels("ready").inc()
         elif await self.records.get(cid) is None:  # deleted while it ran: purge the bytes
             await self.records.schedule_purge(cid)
+            telemetry.INGESTS.labels("aborted").inc()
         await self.queue.ack(delivery)
         return True
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from service import telemetry
 from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,12 @@ def is_device_failure(exc: BaseException) -> bool:
 async def beat_forever(
     done: asyncio.Event, heartbeats: Heartbeats, beat: Callable[[], WorkerBeat], every_s: float
 ) -> None:
-    """Write `beat()` every `every_s` until `done` (a failed write is logged, not fatal)."""
+    """Write `beat()` every `every_s` until `done` (a failed write is logged, not fatal);
+    the time of the last one written is `kvzip_worker_heartbeat_timestamp_seconds`."""
     while not done.is_set():
         try:
             await heartbeats.beat(beat())
+            telemetry.WORKER_HEARTBEAT.set_to_current_time()
         except (RedisError, OSError) as exc:
             log.warning("heartbeat failed: %s", exc)
         await sleep_or_stop(done, every_s)

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from service import telemetry
 from service.config import CompressionConfig, ServiceConfig
 from service.errors import (
     ContextNotFoundError,
@@ -92,6 +93,7 @@ class RemoteContextService:
         self.queue = JobQueue(self.client, self.keys)
         self.heartbeats = Heartbeats(self.client, self.keys, distributed.heartbeat_ttl_s)
         self.workers: list[WorkerBeat] = []
+        telemetry.track_cluster(self)  # kvzip_workers_live
         self.redis_error: str | None = "not checked yet"
         self.last_worker_seen = -math.inf  # time.monotonic() of the last live heartbeat seen
         self._last_identity: dict[str, str] | None = None

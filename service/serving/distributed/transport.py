@@ -13,7 +13,8 @@ Delivery is at least once. A worker:
    worker never read are taken with `take_unread`;
 4. acknowledges (XACK + XDEL) only once the result is durable; an entry delivered more than
    `max_deliveries` times goes to the dead-letter stream instead (`dead_letter`).
-Entries are deleted once acknowledged, so XLEN of a job stream is its backlog.
+Entries are deleted once acknowledged, so XLEN of a job stream is its backlog. The worker
+side counts what it claims, acknowledges and dead-letters (service.telemetry, by kind).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from service import telemetry
 from service.serving.distributed.jobs import (
     INGEST,
     KINDS,
@@ -104,6 +106,11 @@ class JobQueue:
     def kind_of(self, stream: str) -> str:
         return INGEST if stream == self.keys.stream(INGEST) else QUERY
 
+    def _claimed(self, found: list[Delivery]) -> list[Delivery]:
+        for delivery in found:
+            telemetry.JOBS_CLAIMED.labels(self.kind_of(delivery.stream)).inc()
+        return found
+
     async def read_own_pending(self, consumer: str, count: int = 1000) -> list[Delivery]:
         """The entries this consumer took and never acknowledged (after a restart)."""
         found: list[Delivery] = []
@@ -113,7 +120,7 @@ class JobQueue:
             if entries:
                 counts = await self._delivery_counts(stream, consumer)
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in entries]
-        return found
+        return self._claimed(found)
 
     async def read_new(
         self, consumer: str, block_ms: int, free: Mapping[str, int] | None = None
@@ -136,7 +143,7 @@ class JobQueue:
             if found:  # top up, without waiting, to the free slots
                 found += await self._read_each(consumer, left)
         order = {s: i for i, s in enumerate(self._streams(consumer))}
-        return sorted(found, key=lambda d: order[d.stream])
+        return self._claimed(sorted(found, key=lambda d: order[d.stream]))
 
     async def _read_each(self, consumer: str, left: dict[str, int]) -> list[Delivery]:
         """Without waiting, from each stream in order, as many as `left` of its kind."""
@@ -180,7 +187,7 @@ class JobQueue:
             if claimed:
                 counts = await self._delivery_counts(stream, consumer)
                 found += [Delivery(stream, i, f, counts.get(i, 1)) for i, f in claimed]
-        return found
+        return self._claimed(found)
 
     async def direct_workers(self) -> list[str]:
         """The workers that have an own query stream."""
@@ -206,7 +213,7 @@ class JobQueue:
         if not stale:
             return []
         reply = await self.client.xreadgroup(GROUP, consumer, {stream: ">"}, count=len(stale))
-        return _deliveries(reply)
+        return self._claimed(_deliveries(reply))
 
     async def ensure_group_on(self, stream: str) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: made meanwhile
@@ -233,6 +240,7 @@ class JobQueue:
             pipe.xack(delivery.stream, GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
             await pipe.execute()
+        telemetry.JOBS_COMPLETED.labels(self.kind_of(delivery.stream)).inc()
 
     async def dead_letter(self, delivery: Delivery, reason: str, consumer: str) -> None:
         """Move the entry to the dead-letter stream (with why), then acknowledge it."""
@@ -255,6 +263,7 @@ class JobQueue:
             pipe.xack(delivery.stream, GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
             await pipe.execute()
+        telemetry.JOBS_DEAD_LETTERED.labels(self.kind_of(delivery.stream)).inc()
 
     async def _delivery_counts(self, stream: str, consumer: str) -> dict[str, int]:
         rows = await self.client.xpending_range(stream, GROUP, "-", "+", 10_000, consumer)
