@@ -49,7 +49,8 @@ from service.types import SamplingParams
 
 
 def sync_time() -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -84,7 +85,7 @@ def plain_prefill(model, ids: list[int]):
     """transformers' own prefill (sdpa + DynamicCache), timed warm (second call at this
     length); returns (seconds, cold seconds, cache, last logits)."""
     model.set_attn_implementation("sdpa")
-    x = torch.tensor([ids], device="cuda")
+    x = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
         model(x[:, :512], logits_to_keep=1)  # warm-up
         times = []
@@ -140,7 +141,7 @@ def hf_static_compiled_ms(engine: KVzipEngine, ids: list[int], steps: int = 30) 
     kw = "cache" if "cache" in params else "past_key_values"
     n = len(ids)
     cache = StaticCache(config=model.config, max_cache_len=n + steps + 8)
-    x = torch.tensor([ids], device="cuda")
+    x = torch.tensor([ids], device=model.device)
 
     def call(fn: Any, tokens: torch.Tensor, start: int) -> Any:
         pos = torch.arange(start, start + tokens.shape[1], device="cuda").unsqueeze(0)

@@ -116,6 +116,11 @@ def build_engine(args: argparse.Namespace) -> Any:
 
 def build_app(args: argparse.Namespace, engine: Any, data_dir: Path) -> Any:
     """The production app over an embedded service that uses `engine` (loopback, no keys)."""
+    return build_app_and_service(args, engine, data_dir)[0]
+
+
+def build_app_and_service(args: argparse.Namespace, engine: Any, data_dir: Path) -> Any:
+    """(app, the embedded service under it): see `build_app`."""
     from app.main import create_app
     from app.settings import Settings
     from service.serving.embedded import build_embedded_service
@@ -135,7 +140,7 @@ def build_app(args: argparse.Namespace, engine: Any, data_dir: Path) -> Any:
         log_level="warning",
     )
     service = build_embedded_service(settings.to_service_config(), engine=engine)
-    return create_app(settings, service=service)
+    return create_app(settings, service=service), service
 
 
 def register(base_url: str, docs: list[BenchDocument], args: argparse.Namespace) -> list[str]:

@@ -1,0 +1,172 @@
+"""Time to first token through HTTP for a long stored context, by where the context is:
+
+    python -m bench.serve.ttft --random-8b --context-tokens 32768     # (GPU; bench/serve/gpu.sh)
+
+One 8B-shaped (or loaded) model, the production app on a loopback port, one registered
+document of `--context-tokens` at kvzip `--ratio`. TTFT = latency of a non-streamed query
+with `max_new_tokens` = 1 (question prefill + first token + HTTP), median of `--repeats`:
+- resident: the decoded context is on the device (the second query onwards);
+- page cache: dropped from the device and the memory tier, the object read (memory-mapped)
+  from the disk tier with the file in the OS page cache;
+- dropped: the same after `posix_fadvise(DONTNEED)` on every stored file (cold disk).
+Against: a re-prefill = transformers' own prefill of the document (warm, timed on the same
+model) + the resident TTFT; and the disk bound = stored bytes ÷ the disk's read bandwidth
+with 4 threads, page cache dropped, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.serve.documents import build_documents
+from bench.serve.run import build_app_and_service, build_engine, machine
+from bench.serve.server import serving
+
+READ_PIECE = 8 << 20
+
+
+def _drop_page_cache(root: Path) -> list[Path]:
+    """posix_fadvise(DONTNEED) on every file under `root`; returns them."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return files
+
+
+def disk_read_gbps(path: Path, threads: int = 4) -> float:
+    """GB/s reading `path` cold with `threads` parallel preads (page cache dropped first)."""
+    _drop_page_cache(path.parent)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(offset: int) -> int:
+        return len(os.pread(fd, min(READ_PIECE, size - offset), offset))
+
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(read, range(0, size, READ_PIECE)))
+        seconds = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    assert total == size
+    return size / seconds / 1e9
+
+
+def _forget(service: Any, cid: str) -> None:
+    """Drop the context from the device and from the memory tier (disk keeps it)."""
+    service.resident.drop(cid)
+    memory = service.store.tiers[0]
+
+    async def clear() -> None:
+        for key in await memory.keys():
+            await memory.delete(key)
+
+    asyncio.run(clear())
+
+
+def _query_s(client: httpx.Client, cid: str, question: str) -> float:
+    t0 = time.perf_counter()
+    r = client.post(f"/contexts/{cid}/query", json={"question": question, "max_new_tokens": 1})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.gpu.run import plain_prefill
+
+    engine = build_engine(args)
+    doc = build_documents(engine.tokenizer, "haystack", 1, args.context_tokens)[0]
+    prefill_s = plain_prefill(engine.model, engine.encode_document(doc.text).all_ids)[0]
+    out: dict[str, Any] = {"machine": machine(engine), "settings": vars(args) | {"out": None}}
+    out.update(context_tokens=doc.tokens, plain_prefill_s=prefill_s)
+    question = doc.questions[0]
+    with tempfile.TemporaryDirectory(prefix="kvzip-ttft-", dir=args.data_root) as data_dir:
+        app, service = build_app_and_service(args, engine, Path(data_dir))
+        timeout = httpx.Timeout(1800.0, connect=30.0)
+        with serving(app) as url, httpx.Client(base_url=url, timeout=timeout) as client:
+            body = {"text": doc.text, "compression": {"method": args.method, "ratio": args.ratio}}
+            r = client.post("/contexts", json=body)
+            r.raise_for_status()
+            cid, stored = r.json()["id"], r.json().get("bytes")
+            _query_s(client, cid, question)  # warm-up (kernels, allocator)
+            runs: dict[str, list[float]] = {"resident": [], "page_cache": [], "dropped": []}
+            for _ in range(args.repeats):
+                runs["resident"].append(_query_s(client, cid, question))
+            for _ in range(args.repeats):
+                _forget(service, cid)
+                _query_s(client, cid, question)  # one read to fill the page cache
+                _forget(service, cid)
+                runs["page_cache"].append(_query_s(client, cid, question))
+            for _ in range(args.repeats):
+                _forget(service, cid)
+                _drop_page_cache(Path(data_dir))
+                runs["dropped"].append(_query_s(client, cid, question))
+            files = [p for p in Path(data_dir).rglob("*") if p.is_file()]
+            biggest = max(files, key=lambda p: p.stat().st_size)
+            object_bytes = biggest.stat().st_size
+            gbps = disk_read_gbps(biggest)
+    ttft = {k: statistics.median(v) for k, v in runs.items()}
+    reprefill = prefill_s + ttft["resident"]
+    disk_bound = object_bytes / (gbps * 1e9)
+    out.update(
+        context_id=cid,
+        stored_bytes=stored,
+        object_bytes=object_bytes,
+        runs_s=runs,
+        ttft_s=ttft,
+        reprefill_s=reprefill,
+        ttft_over_reprefill={k: v / reprefill for k, v in ttft.items()},
+        disk_read_gbps_4_threads=gbps,
+        disk_bound_s=disk_bound,
+        dropped_over_disk_bound=ttft["dropped"] / disk_bound,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--random-8b", action="store_true")
+    p.add_argument("--tokenizer", default="bench/.cache/tokenizer")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--context-tokens", type=int, default=32768)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--method", default="kvzip")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data-root", default=None, help="where the disk tier lives (a real disk)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/ttft-cuda.json"))
+    args = p.parse_args(argv)
+    # what build_app_and_service reads of the load benchmark's settings
+    args.queue_size, args.memory_cache_bytes, args.max_batch_rows = 64, "8GiB", 16
+    args.kv_budget_bytes, args.new_tokens = "16GiB", 1
+    result = measure(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps({k: result[k] for k in ("ttft_s", "reprefill_s", "ttft_over_reprefill")}))
+    print(
+        f"disk {result['disk_read_gbps_4_threads']:.2f} GB/s, bound {result['disk_bound_s']:.3f} s,"
+        f" dropped / bound {result['dropped_over_disk_bound']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
