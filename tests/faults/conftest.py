@@ -6,13 +6,15 @@ end of the run (the figures of docs/reliability.md)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.conftest import _hermetic_env, redis_env
 from tests.distributed.processes_testing import Deployment, deployed
+
+__all__ = ["_hermetic_env", "redis_env"]  # the distributed tests' fixtures, here too
 
 HEARTBEAT_TTL_S = 3.0
 CLAIM_IDLE_S = 2.0
@@ -26,13 +28,6 @@ SETTINGS = {
 }
 
 _RECOVERIES: list[tuple[str, str, float]] = []
-
-
-@pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("KVZIP_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="module")
