@@ -5,9 +5,9 @@ Everything lives in prometheus-client's default registry under the `kvzip_` name
 HTTP layer's `/metrics` renders it with its own request metrics. No metric has a context id
 as a label: labels are small closed sets (phase, tier, outcome).
 
-Tier counters are plain ints kept by each tier (`hits`, `misses`, `evictions`, `bytes_used`);
-`track_tier(name, tier)` lists a live tier (weakly) and the collector reads them at scrape
-time, summing over the tiers of one name.
+Tier counters are plain ints kept by each tier (`hits`, `misses`, `evictions`, `corruptions`,
+`bytes_used`); `track_tier(name, tier)` lists a live tier (weakly) and the collector reads
+them at scrape time, summing over the tiers of one name.
 """
 
 from __future__ import annotations
@@ -111,14 +111,19 @@ class _StateCollector(Collector):
             "evictions": CounterMetricFamily(
                 "kvzip_tier_evictions", "Entries a tier dropped to make room.", labels=["tier"]
             ),
+            "corruptions": CounterMetricFamily(
+                "kvzip_tier_corruptions",
+                "Damaged copies a tier found on read (failed checksum, truncated) and removed.",
+                labels=["tier"],
+            ),
         }
         size = GaugeMetricFamily("kvzip_tier_bytes", "Bytes held by a tier.", labels=["tier"])
         totals: dict[str, dict[str, int]] = {}
         for tier, name in tiers:
             row = totals.setdefault(
-                name, dict.fromkeys(("hits", "misses", "evictions", "bytes"), 0)
+                name, dict.fromkeys(("hits", "misses", "evictions", "corruptions", "bytes"), 0)
             )
-            for field in ("hits", "misses", "evictions"):
+            for field in ("hits", "misses", "evictions", "corruptions"):
                 row[field] += int(getattr(tier, field, 0))
             row["bytes"] += int(getattr(tier, "bytes_used", 0))
         for name, row in sorted(totals.items()):
