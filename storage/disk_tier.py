@@ -196,17 +196,15 @@ class DiskTier:
         size = len(head) + len(data)
         if self.capacity_bytes is not None:
             self._make_room(key, size, self.capacity_bytes)
-        self._write_expiry(key, ttl_s)  # first: a crash in between leaves the new expiry
         old_size = self._size(key)
-        path = self._path(key)
         try:
-            write_atomic(path, (head, data))
+            self._write(key, (head, data), ttl_s)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
             self._make_room(key, size, self._scanned_total(key))  # free `size` bytes
             try:
-                write_atomic(path, (head, data))
+                self._write(key, (head, data), ttl_s)
             except OSError as again:
                 if again.errno not in _DISK_FULL:
                     raise
@@ -214,8 +212,13 @@ class DiskTier:
                     f"disk tier {self.name!r}: the disk is full; {key!r} ({size} bytes) was "
                     "not written"
                 ) from again
-        touch(path)
         self._account(size - old_size)
+
+    def _write(self, key: str, chunks: tuple[bytes, bytes], ttl_s: float | None) -> None:
+        self._write_expiry(key, ttl_s)  # first: a crash in between leaves the new expiry
+        path = self._path(key)
+        write_atomic(path, chunks)
+        touch(path)
 
     def _delete_sync(self, key: str) -> bool:
         live = not self._expire_if_due(key) and self._path(key).is_file()

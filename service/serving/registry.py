@@ -86,13 +86,14 @@ class ContextRegistry:
         """Store the blob, then the record (the commit point), both expiring from the tiers
         after `ttl_s` (None: when the record is purged). StorageFullError when the disk
         tier cannot hold the blob."""
+        await self._store(blob_key(record.id), blob, ttl_s)
+        await self._store(record_key(record.id), record.to_json(), ttl_s)
+
+    async def _store(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         try:
-            await self.store.put(blob_key(record.id), blob, ttl_s)
+            await self.store.put(key, data, ttl_s)
         except TierFullError as exc:
-            raise StorageFullError(
-                f"the compressed context ({len(blob)} bytes) cannot be stored: {exc}"
-            ) from exc
-        await self.store.put(record_key(record.id), record.to_json(), ttl_s)
+            raise StorageFullError(f"{key} ({len(data)} bytes) cannot be stored: {exc}") from exc
 
     async def retain(self, cid: str, ttl_s: float) -> None:
         """Keep the stored context at least `ttl_s` more seconds (its expiry was extended)."""
@@ -134,7 +135,7 @@ class ContextRegistry:
         return usage_of(held.values())
 
     async def put(self, record: ContextRecord) -> None:
-        await self.store.put(record_key(record.id), record.to_json())
+        await self._store(record_key(record.id), record.to_json())
 
     async def extend(self, record: ContextRecord, ttl_s: float) -> ContextRecord:
         """Keep a stored context alive at least `ttl_s` more seconds (registered again)."""

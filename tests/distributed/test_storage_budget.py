@@ -154,3 +154,17 @@ async def _true(value: bool) -> bool:
 
 async def _gone(env: RedisEnv, key: str) -> bool:
     return not await env.client.exists(key)
+
+
+async def test_one_sweep_purges_every_due_context_not_only_a_hundred(redis_env: RedisEnv) -> None:
+    async with Cluster(redis_env) as cluster:
+        records = cluster.api.records
+        for i in range(250):  # deleted contexts whose bytes wait for the sweep
+            await records.schedule_purge(f"ctx_{i:032x}")
+        purged: list[str] = []
+
+        async def purge(cid: str) -> None:
+            purged.append(cid)
+
+        assert await records.sweep(purge) == 250
+        assert len(set(purged)) == 250 and await records.due(float("inf")) == []
