@@ -155,7 +155,7 @@ async def handle_service_error(request: Request, exc: Exception) -> JSONResponse
     headers = None
     if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    if status >= 500 and status != 503:
+    if status >= 500 and status not in (503, 507):  # busy, or a quota: nothing broke
         logger.error("%s %s failed: %r", request.method, request.url.path, exc)
     return error_response(status, error_code(type(exc)), str(exc), headers=headers)
 
