@@ -4,9 +4,11 @@ Knows nothing of models or tensors. See `storage.base` for the contract and the 
 """
 
 from storage.base import (
+    CorruptObjectError,
     InvalidKeyError,
     StorageError,
     Tier,
+    TierFullError,
     TierUnavailableError,
     validate_key,
 )
@@ -16,6 +18,7 @@ from storage.redis_tier import Manifest, RedisTier, redis_client
 from storage.tiered import TieredStore, build_store
 
 __all__ = [
+    "CorruptObjectError",
     "DiskTier",
     "InvalidKeyError",
     "Manifest",
@@ -23,6 +26,7 @@ __all__ = [
     "RedisTier",
     "StorageError",
     "Tier",
+    "TierFullError",
     "TierUnavailableError",
     "TieredStore",
     "build_store",

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -27,6 +28,7 @@ from redis.exceptions import RedisError
 from service import telemetry
 from service.config import CompressionConfig, ServiceConfig
 from service.errors import (
+    ContextLostError,
     ContextNotFoundError,
     ContextNotReadyError,
     EngineUnavailableError,
@@ -55,7 +57,8 @@ from service.serving.distributed.redis_records import (
 )
 from service.serving.distributed.transport import JobQueue, ReplyReader
 from service.serving.ids import context_id
-from service.serving.registry import extended_expiry, processing_record
+from service.serving.quota import check_quota
+from service.serving.registry import extended_expiry, processing_record, time_left
 from service.serving.validation import checked_expiry, validated_create, validated_query
 from service.types import (
     ContextInfo,
@@ -204,11 +207,9 @@ class RemoteContextService:
             if existing is None or existing.state == FAILED:
                 await self._admit(INGEST)
             new = RemoteRecord(processing_record(cid, checked, identity["model"]))
-            record, created = await self.records.create(new)
-            if created:
-                await self._submit_ingest(record, request, compression)
-            elif record.state == PROCESSING and await self._orphaned(record):
-                await self._submit_ingest(record, request, compression)  # its job was lost
+            record, created = await self.records.create(new, partial(check_quota, self.config))
+            if created or (record.state == PROCESSING and await self._orphaned(record)):
+                await self._submit_ingest(record, request, compression)  # (again: job lost)
             if not created:
                 record = await self._extend(record, checked.ttl_s)
             if request.wait and record.state == PROCESSING:
@@ -230,7 +231,7 @@ class RemoteContextService:
             system=request.system,
         )
         try:
-            entry = await self.queue.submit(job)
+            entry = await self.queue.submit(job, ttl_s=time_left(record.record.expire_time))
             key = self.keys.ingest_job(record.id)
             await self.client.set(key, entry, px=int(self.config.max_ttl_s * 1000))
         except BaseException:
@@ -299,6 +300,8 @@ class RemoteContextService:
                 "its tokens scored); retry when its state is READY"
             )
         if record.state == FAILED:
+            if (record.failure or {}).get("type") == ContextLostError.__name__:
+                raise error_from_payload(record.failure or {})  # gone: register it again
             raise ContextNotReadyError(f"context {context_id!r} failed: {record.record.error}")
         with self._redis():
             await self._require_worker()
