@@ -14,7 +14,7 @@ from storage.base import (
 )
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
-from storage.redis_tier import Manifest, RedisTier, redis_client
+from storage.redis_tier import Manifest, RedisTier, redacted_url, redis_client
 from storage.tiered import TieredStore, build_store
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "TierUnavailableError",
     "TieredStore",
     "build_store",
+    "redacted_url",
     "redis_client",
     "validate_key",
 ]

@@ -29,6 +29,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -44,6 +45,15 @@ from storage.base import TierUnavailableError, validate_key
 FORMAT_VERSION = 1
 DEFAULT_PART_BYTES = PART_BYTES
 _GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+def redacted_url(url: str) -> str:
+    """A Redis URL without its password (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redis_client(url: str, *, timeout_s: float = 2.0, retries: int = 1) -> Redis:

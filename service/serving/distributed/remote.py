@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from functools import partial
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -68,7 +67,7 @@ from service.types import (
     QueryRequest,
     QueryResult,
 )
-from storage import redis_client
+from storage import redacted_url, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class RemoteContextService:
             raise ValueError("distributed mode needs a Redis URL (KVZIP_REDIS_URL)")
         self.config = config
         self.model_name = config.engine.model
-        self.redis_url = _redacted(distributed.redis_url or "redis://(given client)")
+        self.redis_url = redacted_url(distributed.redis_url or "redis://(given client)")
         self.client = client or redis_client(
             distributed.redis_url or "", timeout_s=REDIS_TIMEOUT_S, retries=0
         )
@@ -383,15 +382,6 @@ class RemoteContextService:
                     return
         finally:
             await self._forget(job, cancel=not done)
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password (it goes into error messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def build_remote_service(config: ServiceConfig) -> RemoteContextService:
