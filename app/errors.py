@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import UNSUPPORTED_PARAMETER, ErrorBody, ErrorPublic
 from service.errors import (
+    ContextLostError,
     ContextNotFoundError,
     ContextNotReadyError,
     CorruptContextError,
@@ -30,6 +31,9 @@ from service.errors import (
     QuestionTooLongError,
     QueueFullError,
     ServiceError,
+    StorageFullError,
+    StorageQuotaExceededError,
+    TooManyContextsError,
 )
 
 __all__ = [
@@ -53,8 +57,12 @@ ERROR_STATUS: Mapping[type[ServiceError], int] = {
     QuestionTooLongError: 413,
     ContextNotFoundError: 404,
     ContextNotReadyError: 409,
+    ContextLostError: 410,
     IncompatibleContextError: 409,
     CorruptContextError: 500,
+    TooManyContextsError: 429,
+    StorageQuotaExceededError: 507,
+    StorageFullError: 507,
     QueueFullError: 503,
     EngineUnavailableError: 503,
 }
@@ -122,12 +130,17 @@ ERROR_DOCS = {
     404: "No such context for this caller (unknown, expired, deleted, another tenant's, or a "
     "malformed id), or no such model.",
     409: "The context is still PROCESSING or FAILED, or was made by another model.",
+    410: "The context lost its stored cache (evicted from the disk tier, or damaged in every "
+    "tier): it is FAILED; register the same document again to rebuild it.",
     413: "The request body is over the size limit, the document has too many tokens, or the "
     "question (with a chat's instructions and earlier turns) does not fit what the model "
     "window leaves (the message gives both counts).",
     422: "Malformed body or a value out of range (the message names the field).",
-    429: "Over this key's request rate; retry after Retry-After seconds.",
+    429: "Over this key's request rate (retry after Retry-After seconds), or, registering a "
+    "new document, the tenant holds its quota of contexts (KVZIP_TENANT_MAX_CONTEXTS).",
     503: "The work queue is full (retry after Retry-After seconds) or no engine is running.",
+    507: "The tenant's contexts take its quota of storage (KVZIP_TENANT_MAX_BYTES), or the "
+    "disk tier cannot hold the compressed context.",
 }
 
 
@@ -146,7 +159,7 @@ async def handle_service_error(request: Request, exc: Exception) -> JSONResponse
     headers = None
     if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    if status >= 500 and status != 503:
+    if status >= 500 and status not in (503, 507):  # busy, or a quota: nothing broke
         logger.error("%s %s failed: %r", request.method, request.url.path, exc)
     return error_response(status, error_code(type(exc)), str(exc), headers=headers)
 

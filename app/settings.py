@@ -19,6 +19,7 @@ current and that README.md names every variable.
 | `compile_decode` | `KVZIP_COMPILE_DECODE` | `False` | torch.compile the decode step |
 | `data_dir` | `KVZIP_DATA_DIR` | `data` | Disk tier directory |
 | `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
+| `disk_capacity_bytes` | `KVZIP_DISK_CAPACITY_BYTES` | `53687091200` | Disk cap (50GiB; 0: none) |
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
 | `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
 | `max_batch_rows` | `KVZIP_MAX_BATCH_ROWS` | `16` | Requests decoded together |
@@ -46,6 +47,8 @@ current and that README.md names every variable.
 | `max_ttl_seconds` | `KVZIP_MAX_TTL_SECONDS` | `2592000.0` | Longest context lifetime (s) |
 | `max_document_tokens` | `KVZIP_MAX_DOCUMENT_TOKENS` | unset | Document token cap (unset: window) |
 | `max_body_bytes` | `KVZIP_MAX_BODY_BYTES` | `16777216` | Largest request body (or 16MiB) |
+| `tenant_max_contexts` | `KVZIP_TENANT_MAX_CONTEXTS` | `10000` | Contexts per tenant (0: no cap) |
+| `tenant_max_bytes` | `KVZIP_TENANT_MAX_BYTES` | `0` | Stored bytes per tenant (0: no cap) |
 | `api_keys` | `KVZIP_API_KEYS` | unset | JSON `{"<key>": "<tenant>"}`; unset: open |
 | `admin_api_key` | `KVZIP_ADMIN_API_KEY` | unset | Bearer key that sees every tenant |
 | `allow_anonymous` | `KVZIP_ALLOW_ANONYMOUS` | `False` | Serve without keys off loopback |
@@ -133,6 +136,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=_SERVICE.data_dir, description="Disk tier directory")
     memory_cache_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
         default=ByteSize(_SERVICE.memory_cache_bytes), description="Memory tier size (or 2GiB)"
+    )
+    disk_capacity_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
+        default=ByteSize(_SERVICE.disk_capacity_bytes or 0),
+        description="Disk cap (50GiB; 0: none)",
     )
     queue_size: int = Field(
         default=_SERVICE.queue_size,
@@ -231,6 +238,15 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[ByteSize, Field(ge=1)] = Field(
         default=ByteSize(16 * 1024**2), description="Largest request body (or 16MiB)"
     )
+    tenant_max_contexts: int = Field(
+        default=_SERVICE.tenant_max_contexts or 0,
+        ge=0,
+        description="Contexts per tenant (0: no cap)",
+    )
+    tenant_max_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
+        default=ByteSize(_SERVICE.tenant_max_bytes or 0),
+        description="Stored bytes per tenant (0: no cap)",
+    )
     api_keys: dict[ApiKey, TenantName] | None = Field(
         default=None, description='JSON `{"<key>": "<tenant>"}`; unset: open'
     )
@@ -311,6 +327,9 @@ class Settings(BaseSettings):
             default_ttl_s=self.default_ttl_seconds,
             max_ttl_s=self.max_ttl_seconds,
             max_document_tokens=self.max_document_tokens,
+            disk_capacity_bytes=int(self.disk_capacity_bytes) or None,
+            tenant_max_contexts=self.tenant_max_contexts or None,
+            tenant_max_bytes=int(self.tenant_max_bytes) or None,
             batching=BatchingConfig(
                 max_rows=self.max_batch_rows,
                 kv_budget_bytes=int(self.kv_budget_bytes),

@@ -123,7 +123,13 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Everything the embedded context service needs."""
+    """Everything the embedded context service needs.
+
+    disk_capacity_bytes bounds the disk tier: a write that would exceed it evicts expired,
+    then least recently used contexts (which turn FAILED). tenant_max_contexts and
+    tenant_max_bytes are checked when a registration would add a context to a tenant
+    (service.serving.quota).
+    """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     data_dir: Path = Path("data")
@@ -135,5 +141,8 @@ class ServiceConfig:
     max_ttl_s: float = 30 * 24 * 3600.0  # the longest lifetime a request may ask for
     max_document_tokens: int | None = None  # None: the model window minus the reserve
     sweep_interval_s: float = 60.0  # how often expired contexts are purged from every tier
+    disk_capacity_bytes: int | None = 50 * 1024**3  # the disk tier's cap (None: none)
+    tenant_max_contexts: int | None = 10_000  # contexts a tenant may hold (None: no cap)
+    tenant_max_bytes: int | None = None  # stored bytes a tenant may hold (None: no cap)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

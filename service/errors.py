@@ -8,8 +8,13 @@ The tree (app/errors.py maps each leaf to one HTTP status)::
     ├── QuestionTooLongError          question (+ chat turns) + answer exceed what the window leaves
     ├── ContextNotFoundError          unknown, expired, deleted or another tenant's context id
     ├── ContextNotReadyError          the context exists but is still processing or failed
+    ├── ContextLostError              a READY context whose stored cache no tier holds intact
+    │                                 any more (evicted, expired there, or corrupt): FAILED now
     ├── IncompatibleContextError      a stored object made by another model/tokenizer/format
     ├── CorruptContextError           a stored object that does not parse
+    ├── TooManyContextsError          the tenant holds its quota of contexts
+    ├── StorageQuotaExceededError     the tenant's stored bytes reached its quota
+    ├── StorageFullError              the disk tier cannot hold the context
     ├── QueueFullError                the bounded work queue is full (retry later)
     └── EngineUnavailableError        no model loaded / no live worker
 """
@@ -60,6 +65,32 @@ class ContextNotFoundError(ServiceError):
 
 class ContextNotReadyError(ServiceError):
     """The context exists but cannot answer yet (PROCESSING) or ever (FAILED)."""
+
+
+class ContextLostError(ServiceError):
+    """A READY context whose stored cache is gone from every tier, or failed its checksum
+    everywhere: it turned FAILED; registering the same document again rebuilds it."""
+
+    def __init__(self, context_id: str, reason: str = "", *, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"context {context_id!r} lost its stored cache ({reason}); it is FAILED now: "
+            "register the same document again to rebuild it"
+        )
+        self.context_id = context_id
+
+
+class TooManyContextsError(ServiceError):
+    """The tenant already holds as many contexts as its quota allows."""
+
+
+class StorageQuotaExceededError(ServiceError):
+    """The tenant's stored contexts already take as many bytes as its quota allows."""
+
+
+class StorageFullError(ServiceError):
+    """The disk tier cannot hold the compressed context (larger than its capacity, or the
+    disk is full with nothing left to evict)."""
 
 
 class IncompatibleContextError(ServiceError):

@@ -8,7 +8,8 @@ process serves the same registry on its own port (`KVZIP_WORKER_METRICS_PORT`, s
 `kvzip worker`). No metric has a context id as a label: labels are small closed sets (phase,
 tier, outcome, kind).
 
-Tier counters are plain ints kept by each tier (`hits`, `misses`, `evictions`, `bytes_used`);
+Tier counters are plain ints kept by each tier (`hits`, `misses`, `evictions`, `corruptions`,
+`bytes_used`);
 `track_tier(name, tier)` lists a live tier (weakly) and the collector reads them at scrape
 time, summing over the tiers of one name (`kvzip_tier_bytes` only for tiers that count their
 bytes: the Redis tier's size is the Redis server's own). `track_cluster(api)` reports the
@@ -186,7 +187,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 def _tier_families(
     tiers: list[tuple[object, str]],
 ) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-    """Hits, misses, evictions and bytes held, summed over the tiers of one name."""
+    """Hits, misses, evictions, corruptions and bytes held, summed over the tiers of one name."""
     counters = {
         "hits": CounterMetricFamily("kvzip_tier_hits", "Reads served by a tier.", labels=["tier"]),
         "misses": CounterMetricFamily(
@@ -195,13 +196,18 @@ def _tier_families(
         "evictions": CounterMetricFamily(
             "kvzip_tier_evictions", "Entries a tier dropped to make room.", labels=["tier"]
         ),
+        "corruptions": CounterMetricFamily(
+            "kvzip_tier_corruptions",
+            "Damaged copies a tier found on read (failed checksum, truncated) and removed.",
+            labels=["tier"],
+        ),
     }
     size = GaugeMetricFamily("kvzip_tier_bytes", "Bytes held by a tier.", labels=["tier"])
     totals: dict[str, dict[str, int]] = {}
     sized: set[str] = set()
     for tier, name in tiers:
-        row = totals.setdefault(name, dict.fromkeys(("hits", "misses", "evictions", "bytes"), 0))
-        for field in ("hits", "misses", "evictions"):
+        row = totals.setdefault(name, dict.fromkeys((*counters, "bytes"), 0))
+        for field in counters:
             row[field] += int(getattr(tier, field, 0))
         if hasattr(tier, "bytes_used"):
             sized.add(name)

@@ -4,18 +4,21 @@ Knows nothing of models or tensors. See `storage.base` for the contract and the 
 """
 
 from storage.base import (
+    CorruptObjectError,
     InvalidKeyError,
     StorageError,
     Tier,
+    TierFullError,
     TierUnavailableError,
     validate_key,
 )
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
-from storage.redis_tier import Manifest, RedisTier, redis_client
+from storage.redis_tier import Manifest, RedisTier, redacted_url, redis_client
 from storage.tiered import TieredStore, build_store
 
 __all__ = [
+    "CorruptObjectError",
     "DiskTier",
     "InvalidKeyError",
     "Manifest",
@@ -23,9 +26,11 @@ __all__ = [
     "RedisTier",
     "StorageError",
     "Tier",
+    "TierFullError",
     "TierUnavailableError",
     "TieredStore",
     "build_store",
+    "redacted_url",
     "redis_client",
     "validate_key",
 ]

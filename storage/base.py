@@ -4,7 +4,11 @@ Errors::
 
     StorageError            root of everything storage/ raises on purpose
     ├── InvalidKeyError     a key outside the allowed alphabet (see `validate_key`)
-    └── TierUnavailableError  a remote tier (Redis) cannot be reached
+    ├── TierUnavailableError  a remote tier (Redis) cannot be reached
+    ├── CorruptObjectError  a stored object failed its checksum or is truncated (the tier
+    │                       removed it before raising)
+    └── TierFullError       the tier cannot hold an object: larger than its capacity, or
+                            its disk is full even after evicting what it may
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ class TierUnavailableError(StorageError):
     """A tier's backing service cannot be reached."""
 
 
+class CorruptObjectError(StorageError):
+    """A stored object failed its checksum, or is truncated; the tier removed it.
+
+    `ttl_s`: the lifetime the object had left (None: none), so that a good copy from
+    another tier can be written back with it.
+    """
+
+    def __init__(self, message: str, key: str, ttl_s: float | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.ttl_s = ttl_s
+
+
+class TierFullError(StorageError):
+    """The tier cannot hold the object (larger than its capacity, or its disk is full)."""
+
+
 def validate_key(key: str) -> str:
     """Return `key` unchanged, or raise InvalidKeyError (keys become file names on disk)."""
     if not _KEY.match(key):
@@ -40,7 +61,8 @@ class Tier(Protocol):
     name: str
 
     async def get(self, key: str) -> bytes | None:
-        """The stored bytes, or None on a miss."""
+        """The stored bytes, or None on a miss. A tier that verifies checksums raises
+        CorruptObjectError for a damaged object (after removing it) or returns None."""
 
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Store `data` under `key` (replacing), optionally expiring after `ttl_s` seconds."""

@@ -11,7 +11,8 @@ manifest before its parts. A read whose manifest is missing is a miss; a read wh
 does not parse, whose part is missing (evicted by the server's allkeys-lru, or expired) or
 whose bytes fail the checksum is a miss too, and the remnants are UNLINKed (counted in
 `evictions`), unless a writer replaced the manifest meanwhile (checked with WATCH). Every key
-carries the TTL when one is given (per call or `default_ttl_s`).
+carries a TTL when one is given: the shorter of the call's and `default_ttl_s` (so that
+`default_ttl_s` bounds how long any copy stays in Redis).
 
 Never hang: create the client with `socket_timeout` and `socket_connect_timeout`, and a small
 `retry` (redis-py 8 retries 10 times by default, which turns "Redis is down" into several
@@ -25,10 +26,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -37,12 +38,22 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from storage._checksum import PART_BYTES, sha256_all, split
 from storage._ttl import check_ttl
 from storage.base import TierUnavailableError, validate_key
 
 FORMAT_VERSION = 1
-DEFAULT_PART_BYTES = 32 * 1024 * 1024
+DEFAULT_PART_BYTES = PART_BYTES
 _GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+def redacted_url(url: str) -> str:
+    """A Redis URL without its password (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redis_client(url: str, *, timeout_s: float = 2.0, retries: int = 1) -> Redis:
@@ -73,7 +84,7 @@ class Manifest:
         return cls(
             part_count=len(parts),
             sizes=[len(p) for p in parts],
-            part_sha256=_sha256_all(parts),
+            part_sha256=sha256_all(parts),
             total_bytes=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
         )
@@ -118,26 +129,18 @@ class Manifest:
             return None
         if [len(p) for p in present] != self.sizes:
             return None
-        if _sha256_all(present) != self.part_sha256:
+        if sha256_all(present) != self.part_sha256:
             return None
         return b"".join(present)
 
 
-def _sha256_all(parts: Sequence[bytes | memoryview]) -> list[str]:
-    """Hex sha256 of every part, computed on up to 8 threads when there are several."""
-    if len(parts) < 2:
-        return [hashlib.sha256(p).hexdigest() for p in parts]
-    with ThreadPoolExecutor(max_workers=min(8, len(parts))) as pool:
-        return list(pool.map(lambda p: hashlib.sha256(p).hexdigest(), parts))
+def _shorter(a: float | None, b: float | None) -> float | None:
+    """The shorter of two lifetimes, None standing for "never expires"."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
-
-
-def _split(data: bytes, part_bytes: int) -> list[memoryview]:
-    view = memoryview(data)
-    return [view[i : i + part_bytes] for i in range(0, len(data), part_bytes)]
 
 
 class RedisTier:
@@ -191,10 +194,10 @@ class RedisTier:
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Write the parts (pipelined), then the manifest, then drop surplus old parts."""
         validate_key(key)
-        ttl = check_ttl(ttl_s) if ttl_s is not None else self.default_ttl_s
+        ttl = _shorter(check_ttl(ttl_s), self.default_ttl_s)
         px = None if ttl is None else max(1, round(ttl * 1000))
         data = bytes(data)
-        parts = _split(data, self.part_bytes)
+        parts = split(data, self.part_bytes)
         manifest = await asyncio.to_thread(Manifest.of_parts, parts, data)
         with self._translate_errors():
             old = await self._manifest(key)

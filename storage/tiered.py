@@ -12,11 +12,18 @@ TTL: `put` passes `ttl_s` to every tier. A promoted copy cannot know the remaini
 the copy it came from, so it gets `promote_ttl_s` (None: the tier's own default, which for a
 RedisTier built with `default_ttl_s` is still a TTL, so every Redis key expires; the context
 record owns expiry and deletes through this store).
+
+Integrity: a tier that finds its copy damaged (CorruptObjectError; it removed the copy) is
+a miss, so the read goes on to the next tier; `get_view` writes the good copy it then finds
+back into the damaged disk tier. Promotion never rewrites an object a tier did not keep:
+one that a tier dropped right after the write (larger than a Redis cache's memory, or a
+memory tier's capacity) is not offered to that tier again for `REFUSAL_S` seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -24,7 +31,13 @@ from typing import TypeVar
 from redis.asyncio import Redis
 
 from storage._ttl import check_ttl
-from storage.base import Tier, TierUnavailableError, validate_key
+from storage.base import (
+    CorruptObjectError,
+    Tier,
+    TierFullError,
+    TierUnavailableError,
+    validate_key,
+)
 from storage.disk_tier import DiskTier
 from storage.memory_tier import MemoryTier
 from storage.redis_tier import RedisTier
@@ -32,6 +45,9 @@ from storage.redis_tier import RedisTier
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+REFUSAL_S = 600.0
+"""How long a tier that dropped a promoted object is not offered objects that large."""
 
 
 class TieredStore:
@@ -56,6 +72,7 @@ class TieredStore:
         self._by_name = {t.name: t for t in tiers}
         self._write_order = [self._by_name[n] for n in order]
         self.promote_ttl_s = check_ttl(promote_ttl_s)
+        self._refused: dict[str, tuple[int, float]] = {}  # tier -> (size, until monotonic)
 
     @property
     def tiers(self) -> list[Tier]:
@@ -83,10 +100,43 @@ class TieredStore:
                     raise
                 self._log_skip(tier, "get", key, exc)
                 continue
+            except CorruptObjectError as exc:
+                logger.error("storage tier %r dropped a damaged copy: %s", tier.name, exc)
+                continue
             if data is not None:
                 await self._promote(key, data, self._tiers[:index])
                 return data
         return None
+
+    async def get_view(self, key: str) -> bytes | memoryview | None:
+        """The object the cheapest way: a memory tier's bytes, else a read-only memory map of
+        a disk tier's file (no copy; promoted into the shared tiers before it that lack it,
+        i.e. Redis), else `get` through the tiers. A damaged disk copy is dropped and, when
+        another tier holds a good one, rewritten from it."""
+        validate_key(key)
+        for index, tier in enumerate(self._tiers):
+            if isinstance(tier, MemoryTier) and (data := await tier.get(key)) is not None:
+                return data
+            if not isinstance(tier, DiskTier):
+                continue
+            try:
+                view = await tier.get_view(key)
+            except CorruptObjectError as exc:
+                logger.error("storage tier %r dropped a damaged copy: %s", tier.name, exc)
+                return await self._restore(key, tier, exc.ttl_s)
+            if view is not None:
+                shared = [t for t in self._tiers[:index] if not isinstance(t, MemoryTier)]
+                await self._promote(key, view, shared, only_missing=True)
+                return view
+        return await self.get(key)
+
+    async def retain(self, key: str, ttl_s: float) -> None:
+        """Keep `key` at least `ttl_s` more seconds in the tiers whose copies expire on their
+        own schedule (disk; see DiskTier.retain). Cache tiers keep their own TTLs."""
+        validate_key(key)
+        for tier in self._tiers:
+            if isinstance(tier, DiskTier):
+                await tier.retain(key, ttl_s)
 
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Write the durable tier first, then the others in `write_order`."""
@@ -118,12 +168,61 @@ class TieredStore:
             found.update(await self._call(tier, "keys", prefix, lambda t: t.keys(prefix), []))
         return sorted(found)
 
-    async def _promote(self, key: str, data: bytes, faster: Sequence[Tier]) -> None:
+    async def _promote(
+        self,
+        key: str,
+        data: bytes | memoryview,
+        faster: Sequence[Tier],
+        *,
+        only_missing: bool = False,
+    ) -> None:
+        """Copy `data` into `faster` tiers (those that lack it, with `only_missing`), except
+        into a tier that recently dropped an object this large."""
         for tier in faster:
+            if self._refuses(tier, len(data)):
+                continue
             try:
-                await tier.put(key, data, self.promote_ttl_s)
+                if only_missing and await tier.exists(key):
+                    continue
+                await tier.put(key, bytes(data), self.promote_ttl_s)
+                if not await tier.exists(key):  # evicted at once: it does not fit there
+                    self._refuse(tier, len(data))
             except TierUnavailableError as exc:
                 self._log_skip(tier, "promote", key, exc)
+            except TierFullError:
+                self._refuse(tier, len(data))
+
+    def _refuses(self, tier: Tier, size: int) -> bool:
+        refused = self._refused.get(tier.name)
+        if refused is None:
+            return False
+        if time.monotonic() >= refused[1]:
+            del self._refused[tier.name]
+            return False
+        return size >= refused[0]
+
+    def _refuse(self, tier: Tier, size: int) -> None:
+        """Remember that `tier` does not keep objects of `size` bytes (for REFUSAL_S)."""
+        if not self._refuses(tier, size):
+            logger.warning(
+                "storage tier %r does not keep objects of %d bytes; not promoting objects that "
+                "large into it for %.0f s",
+                tier.name,
+                size,
+                REFUSAL_S,
+            )
+        self._refused[tier.name] = (size, time.monotonic() + REFUSAL_S)
+
+    async def _restore(self, key: str, damaged: Tier, ttl_s: float | None) -> bytes | None:
+        """The object from the other tiers, written back into `damaged` (its copy failed its
+        checksum) with the lifetime the damaged copy had left."""
+        data = await self.get(key)
+        if data is not None:
+            try:
+                await damaged.put(key, data, ttl_s)
+            except (TierFullError, TierUnavailableError) as exc:
+                logger.warning("could not restore %s into %r: %s", key, damaged.name, exc)
+        return data
 
     async def _call(
         self,
@@ -154,14 +253,18 @@ def build_store(
     *,
     redis_prefix: str = "kvzip:",
     redis_ttl_s: float | None = None,
+    disk_capacity_bytes: int | None = None,
+    disk_evictable: Callable[[str], bool] | None = None,
 ) -> TieredStore:
     """The standard store: memory LRU -> Redis (when a client is given) -> disk.
 
     Writes go to disk first, then Redis, then memory; every Redis key carries `redis_ttl_s`
-    (also on copies promoted from disk), so the Redis tier never holds a key forever.
+    (also on copies promoted from disk), so the Redis tier never holds a key forever. The
+    disk tier holds at most `disk_capacity_bytes` (None: no cap), evicting only the keys
+    `disk_evictable` allows.
     """
     tiers: list[Tier] = [MemoryTier(memory_bytes)]
     if redis is not None:
         tiers.append(RedisTier(redis, prefix=redis_prefix, default_ttl_s=redis_ttl_s))
-    tiers.append(DiskTier(disk_root))
+    tiers.append(DiskTier(disk_root, capacity_bytes=disk_capacity_bytes, evictable=disk_evictable))
     return TieredStore(tiers)

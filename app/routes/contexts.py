@@ -70,7 +70,7 @@ def _check_ttl(ttl_seconds: float | None, settings: Settings) -> None:
             "model": ContextPublic,
             "description": '`"wait": false`: accepted, state PROCESSING; poll GET.',
         },
-        **documented(400, 401, 413, 422, 429, 503),
+        **documented(400, 401, 413, 422, 429, 503, 507),
     },
 )
 async def create_context(
@@ -182,7 +182,7 @@ async def delete_context(
             "description": "The answer (JSON), or with `stream: true` an event stream.",
             "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": _SSE_EXAMPLE}},
         },
-        **documented(400, 401, 404, 409, 422, 429, 503),
+        **documented(400, 401, 404, 409, 410, 422, 429, 503),
     },
 )
 async def query_context(

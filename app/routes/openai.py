@@ -74,7 +74,7 @@ async def list_models(principal: PrincipalDep, service: ServiceDep) -> ModelList
             "description": "A chat.completion, or with `stream: true` an event stream.",
             "content": {"text/event-stream": {"schema": EVENT_SCHEMA, "example": _SSE_EXAMPLE}},
         },
-        **documented(400, 401, 404, 409, 413, 422, 429, 503),
+        **documented(400, 401, 404, 409, 410, 413, 422, 429, 503),
     },
 )
 async def create_chat_completion(

@@ -9,7 +9,8 @@ instruction joins the protected prefix) and starts an ingest task. While it runs
 context is PROCESSING, in memory, with the fraction of tokens scored; the pipeline stores
 the blob and then the READY record (the commit point). An unwaited ingest that fails stays
 visible as FAILED until it expires or is deleted. The record owns the expiry: an expired
-context answers 404 and is purged from every tier, on lookup and by a periodic sweep.
+context answers 404 and is purged from every tier, on lookup and by a periodic sweep. A
+context whose stored cache was lost is a FAILED record until registered again.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from datetime import datetime
 
 from service.config import ServiceConfig
 from service.engine.kvzip_engine import Document, KVzipEngine
-from service.errors import ContextNotFoundError, ContextNotReadyError, EngineUnavailableError
+from service.errors import (
+    ContextLostError,
+    ContextNotFoundError,
+    ContextNotReadyError,
+    EngineUnavailableError,
+)
 from service.serving.engine_thread import EngineWorker
-from service.serving.inflight import FAILED, InFlight, Ingest
+from service.serving.inflight import InFlight, Ingest
 from service.serving.pipeline import IngestAborted, Pipeline
-from service.serving.records import ContextRecord, paginate
+from service.serving.quota import check_quota
+from service.serving.records import FAILED, ContextRecord, paginate
 from service.serving.registry import ContextRegistry, local_store, processing_record
 from service.serving.resident import ResidentContexts
 from service.serving.validation import (
@@ -61,6 +68,7 @@ class EmbeddedContextService:
         self.registry = ContextRegistry(store)
         self.resident = ResidentContexts(config.memory_cache_bytes)
         self.inflight = InFlight()
+        self._admission = asyncio.Lock()
         self._pipeline: Pipeline | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -105,27 +113,30 @@ class EmbeddedContextService:
         doc = await pipeline.encode(checked)
         cid = pipeline.context_id(checked)
         for known in (cid, pipeline.legacy_id(checked, doc)):  # ids of older versions too
-            if (record := await self.registry.record(known, request.tenant)) is not None:
+            record = await self.registry.record(known, request.tenant)
+            if record is not None and record.state != FAILED:  # FAILED: ingest it again
                 return (await self.registry.extend(record, checked.ttl_s)).info(), False
-        running = self.inflight.get(cid, request.tenant)
-        if running is not None and running.record.state != FAILED:
-            if not request.wait:
-                return running.info(), False
-            return await asyncio.shield(running.future), False
-        return await self._start_ingest(cid, doc, checked), True
+        async with self._admission:  # the quota check and the in-flight slot it grants
+            running = self.inflight.get(cid, request.tenant)
+            created = running is None or running.record.state == FAILED
+            if running is None or created:
+                in_flight = [i.record for i in self.inflight.visible(request.tenant)]
+                check_quota(self.config, await self.registry.usage(request.tenant, in_flight))
+                running = self._add_ingest(cid, doc, checked)
+        await asyncio.sleep(0)  # a new task takes its queue slot (or is refused) before we answer
+        future = running.future
+        if future.done() and not future.cancelled() and (error := future.exception()):
+            raise error
+        if not request.wait:
+            return running.info(), created
+        return await asyncio.shield(future), created
 
-    async def _start_ingest(self, cid: str, doc: Document, checked: CheckedCreate) -> ContextInfo:
+    def _add_ingest(self, cid: str, doc: Document, checked: CheckedCreate) -> Ingest:
         model = self.pipeline.engine.identity.name
         record = processing_record(cid, checked, model, len(doc.context_ids), len(doc.prefix_ids))
         ingest = self.inflight.add(record, waited=checked.request.wait)
         ingest.task = asyncio.create_task(self._run_ingest(ingest, doc, checked))
-        await asyncio.sleep(0)  # the task takes its queue slot (or is refused) before we answer
-        future = ingest.future
-        if future.done() and not future.cancelled() and (error := future.exception()):
-            raise error
-        if not checked.request.wait:
-            return ingest.info()
-        return await asyncio.shield(ingest.future)
+        return ingest
 
     async def _run_ingest(self, ingest: Ingest, doc: Document, checked: CheckedCreate) -> None:
         """The ingest task: settles the in-flight entry, never raises."""
@@ -144,19 +155,22 @@ class EmbeddedContextService:
 
     # -- reading, listing, updating, deleting ---------------------------------------------
 
-    async def _require(self, cid: str, tenant: str) -> ContextRecord:
-        """The READY record, ContextNotReadyError while in flight, else ContextNotFoundError."""
+    async def _require(self, cid: str, tenant: str, *, ready: bool = True) -> ContextRecord:
+        """The stored record (READY unless `ready` is False: ContextLostError for a lost
+        one), ContextNotReadyError while in flight, else ContextNotFoundError."""
         if (ingest := self.inflight.get(cid, tenant)) is not None:
             raise ContextNotReadyError(ingest.not_ready_reason())
         record = await self.registry.record(cid, tenant)
         if record is None:
             raise ContextNotFoundError(cid)
+        if ready and record.state == FAILED:
+            raise ContextLostError(cid, message=record.error)
         return record
 
     async def get_context(self, context_id: str, tenant: str = "") -> ContextInfo:
         if (ingest := self.inflight.get(context_id, tenant)) is not None:
             return ingest.info()
-        return (await self._require(context_id, tenant)).info()
+        return (await self._require(context_id, tenant, ready=False)).info()
 
     async def delete_context(self, context_id: str, tenant: str = "") -> None:
         ingest = self.inflight.get(context_id, tenant)
@@ -174,7 +188,7 @@ class EmbeddedContextService:
         if (ingest := self.inflight.get(context_id, tenant)) is not None:
             ingest.set_expiry(expire)
             return ingest.info()
-        record = await self._require(context_id, tenant)
+        record = await self._require(context_id, tenant, ready=False)
         record = replace(record, expire_time=expire)
         await self.registry.put(record)
         return record.info()

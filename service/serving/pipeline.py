@@ -26,14 +26,14 @@ from service.engine.kvzip_engine import Document, IngestTimings, KVzipEngine
 from service.engine.prompt import PromptLayout, build_layout, question_ids
 from service.engine.tensor_blob import ByteSource
 from service.errors import (
-    ContextNotFoundError,
+    CorruptContextError,
     DocumentTooLongError,
     InvalidInputError,
     QuestionTooLongError,
 )
 from service.serving.engine_thread import EngineWorker
 from service.serving.ids import context_id, legacy_context_id
-from service.serving.records import ContextRecord
+from service.serving.records import READY, ContextRecord
 from service.serving.registry import ContextRegistry
 from service.serving.resident import ResidentContexts
 from service.serving.scheduler import Scheduler
@@ -43,7 +43,6 @@ from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings, T
 
 log = logging.getLogger(__name__)
 
-READY = "READY"
 Progress = Callable[[float], None]
 
 
@@ -112,11 +111,14 @@ class Pipeline:
         compression: CompressionConfig,
         progress: Progress,
         aborted: Callable[[], bool] = lambda: False,
+        ttl_s: float | None = None,
     ) -> ContextRecord:
         """Compress `doc`, store it and commit its READY record; the record.
 
         current: the context's record as it is now (its expiry may change meanwhile).
         aborted: true once the context was deleted; then nothing is kept (IngestAborted).
+        ttl_s: how long the stored bytes live in the tiers (None: until the record is
+        purged; a worker passes the time left to the context, see ContextRegistry.commit).
         """
         ctx, timings = await self.thread.run(self.engine.ingest, doc, compression, progress)
         started = time.perf_counter()
@@ -126,7 +128,7 @@ class Pipeline:
             ctx = await asyncio.to_thread(self._decode, blob)
         await self._abort_if(aborted, current().id)
         record = ready_record(current(), ctx, len(blob))
-        await self.registry.commit(record, blob)
+        await self.registry.commit(record, blob, ttl_s)
         while (expire := current().expire_time) != record.expire_time:  # PATCHed meanwhile
             record = replace(record, expire_time=expire)
             await self.registry.put(record)
@@ -166,10 +168,15 @@ class Pipeline:
         return await asyncio.shield(loading)
 
     async def _read(self, cid: str) -> CompressedContext:
+        """Read and decode; a blob no tier holds intact, or one that does not parse, makes
+        the context lost (FAILED, see ContextRegistry.lost)."""
         blob = await self.registry.blob_view(cid)
         if blob is None:
-            raise ContextNotFoundError(cid)
-        ctx = await asyncio.to_thread(self._decode, blob)
+            raise await self.registry.lost(cid, "no tier holds an intact copy any more")
+        try:
+            ctx = await asyncio.to_thread(self._decode, blob)
+        except CorruptContextError as exc:
+            raise await self.registry.lost(cid, f"the stored object does not parse: {exc}") from exc
         self.resident.put(cid, ctx)
         return ctx
 

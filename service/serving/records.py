@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from service.errors import InvalidInputError
 from service.types import ANY_TENANT, CompressionStats, ContextInfo, ContextPage
 
+PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
+BLOB_SUFFIX = ".safetensors"
+
 
 @dataclass(frozen=True)
 class ContextRecord:
@@ -82,7 +85,12 @@ class ContextRecord:
 
 
 def blob_key(context_id: str) -> str:
-    return f"{context_id}.safetensors"
+    return f"{context_id}{BLOB_SUFFIX}"
+
+
+def is_blob_key(key: str) -> bool:
+    """True for the storage key of a compressed context (not of a record)."""
+    return key.endswith(BLOB_SUFFIX)
 
 
 def record_key(context_id: str) -> str:

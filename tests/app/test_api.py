@@ -12,6 +12,7 @@ import app.main
 from app.main import create_app
 from app.settings import Settings
 from service.errors import (
+    ContextLostError,
     ContextNotReadyError,
     CorruptContextError,
     EngineUnavailableError,
@@ -19,6 +20,9 @@ from service.errors import (
     InvalidInputError,
     QueueFullError,
     ServiceError,
+    StorageFullError,
+    StorageQuotaExceededError,
+    TooManyContextsError,
 )
 
 if TYPE_CHECKING:
@@ -364,6 +368,10 @@ def test_whitespace_question_is_400(client: TestClient, fake: FakeContextService
         (ContextNotReadyError("still processing"), 409, "context_not_ready"),
         (IncompatibleContextError("made by another model"), 409, "incompatible_context"),
         (CorruptContextError("does not parse"), 500, "corrupt_context"),
+        (ContextLostError("ctx_1", "evicted"), 410, "context_lost"),
+        (TooManyContextsError("this tenant holds 5 contexts"), 429, "too_many_contexts"),
+        (StorageQuotaExceededError("this tenant's bytes"), 507, "storage_quota_exceeded"),
+        (StorageFullError("the disk tier is full"), 507, "storage_full"),
         (EngineUnavailableError("no model loaded"), 503, "engine_unavailable"),
         (ServiceError("unlisted"), 500, "service"),
     ],
@@ -480,3 +488,29 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
     assert {"200", "201", "400", "413", "422", "503"} <= set(create)
     ratio = schema["components"]["schemas"]["CompressionSpec"]["properties"]["ratio"]
     assert (ratio["exclusiveMinimum"], ratio["maximum"]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (
+            TooManyContextsError("this tenant holds 3 contexts, the most allowed"),
+            429,
+            "too_many_contexts",
+        ),
+        (
+            StorageQuotaExceededError("this tenant's contexts take 9 bytes"),
+            507,
+            "storage_quota_exceeded",
+        ),
+    ],
+)
+def test_a_registration_over_the_tenant_quota_is_refused(
+    client: TestClient, fake: FakeContextService, error: ServiceError, status: int, code: str
+) -> None:
+    fake.fail_with = error
+
+    response = client.post("/contexts", json={"text": DOC})
+
+    assert_error(response, status, code, str(error))
+    assert "retry-after" not in response.headers  # waiting does not free a quota

@@ -42,6 +42,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_COMPILE_DECODE": "true",
         "KVZIP_DATA_DIR": "/var/lib/kvzip",
         "KVZIP_MEMORY_CACHE_BYTES": "1GiB",
+        "KVZIP_DISK_CAPACITY_BYTES": "200GiB",
         "KVZIP_QUEUE_SIZE": "8",
         "KVZIP_MAX_NEW_TOKENS_LIMIT": "4096",
         "KVZIP_MAX_BATCH_ROWS": "32",
@@ -69,6 +70,8 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_MAX_TTL_SECONDS": "86400",
         "KVZIP_MAX_DOCUMENT_TOKENS": "32000",
         "KVZIP_MAX_BODY_BYTES": "1MiB",
+        "KVZIP_TENANT_MAX_CONTEXTS": "500",
+        "KVZIP_TENANT_MAX_BYTES": "20GiB",
         "KVZIP_API_KEYS": '{"sk-team-a-0001": "team-a", "sk-team-b-0002": "team-b"}',
         "KVZIP_ADMIN_API_KEY": "sk-admin-0003",
         "KVZIP_ALLOW_ANONYMOUS": "true",
@@ -125,6 +128,18 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         86400.0,
         32000,
     )
+    assert service.disk_capacity_bytes == 200 * 1024**3
+    assert (service.tenant_max_contexts, service.tenant_max_bytes) == (500, 20 * 1024**3)
+
+
+def test_zero_turns_a_storage_cap_off() -> None:
+    service = Settings(
+        disk_capacity_bytes=ByteSize(0), tenant_max_contexts=0, tenant_max_bytes=ByteSize(0)
+    ).to_service_config()
+    assert (service.disk_capacity_bytes, service.tenant_max_contexts) == (None, None)
+    assert service.tenant_max_bytes is None
+    defaults = Settings().to_service_config()  # capped by default: 50 GiB of disk tier
+    assert (defaults.disk_capacity_bytes, defaults.tenant_max_contexts) == (50 * 1024**3, 10000)
 
 
 def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,6 +185,9 @@ def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) ->
         ("KVZIP_LOG_FORMAT", "xml"),
         ("KVZIP_WORKER_METRICS_PORT", "-1"),
         ("KVZIP_WORKER_METRICS_PORT", "65536"),
+        ("KVZIP_DISK_CAPACITY_BYTES", "-1"),
+        ("KVZIP_TENANT_MAX_CONTEXTS", "-3"),
+        ("KVZIP_TENANT_MAX_BYTES", "lots"),
     ],
 )
 def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

@@ -47,12 +47,16 @@ class FakeExecutor:
     resident: list[str] = field(default_factory=list)  # "on the device", most recent first
     words: tuple[str, ...] = ("the", " pass", " key", " is", " 48213")
     word_delay_s: float = 0.0
+    texts: list[str] = field(default_factory=list)  # the documents ingested
+    expiries: list[str | None] = field(default_factory=list)  # expire_time of each call
 
     async def ingest(
-        self, job: IngestJob, progress: Progress
+        self, job: IngestJob, progress: Progress, expire_time: str | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
         self.ingested.append(job.context_id)
         self._touch(job.context_id)
+        self.texts.append(job.text)
+        self.expiries.append(expire_time)
         progress(0.5)
         if self.gate is not None:
             await self.gate.wait()
@@ -80,9 +84,12 @@ class FakeExecutor:
         )
         return record, ("disk", "redis")
 
-    async def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
+    async def answer(
+        self, job: QueryJob, expire_time: str | None = None
+    ) -> AsyncIterator[QueryEvent]:
         self.answered.append(job.context_id)
         self._touch(job.context_id)
+        self.expiries.append(expire_time)
         finished = False
         try:
             for word in self.words:

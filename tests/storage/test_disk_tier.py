@@ -1,15 +1,18 @@
-"""DiskTier: restart safety, atomic writes, temp-file hygiene, sidecars, LRU capacity."""
+"""DiskTier: restart safety, atomic writes, temp-file hygiene, sidecars, capacity (expired
+first, then least recently used), checksums (a damaged file is never served)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from storage import DiskTier
+from storage import CorruptObjectError, DiskTier, TierFullError, disk_tier
+from storage.disk_tier import HEADER_BYTES as H
 
 
 def hidden_files(root: Path) -> list[str]:
@@ -29,7 +32,7 @@ async def test_a_new_instance_sees_everything(tmp_path: Path) -> None:
     assert await second.keys() == ["ctx:1", "ctx:2"]
     assert await second.get("ctx:1") == b"one"
     assert await second.get("ctx:2") == b"two"
-    assert second.bytes_used == 6
+    assert second.bytes_used == 6 + 2 * H
 
 
 async def test_expiry_survives_a_restart(tmp_path: Path) -> None:
@@ -40,10 +43,11 @@ async def test_expiry_survives_a_restart(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # object and sidecar both removed
 
 
-async def test_the_file_holds_exactly_the_bytes(tmp_path: Path) -> None:
+async def test_the_file_holds_a_header_then_exactly_the_bytes(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path)
     await tier.put("k", b"\x00safetensors\xff")
-    assert (tmp_path / "k").read_bytes() == b"\x00safetensors\xff"
+    raw = (tmp_path / "k").read_bytes()
+    assert raw[:8] == b"\x89KVZOBJ\n" and raw[H:] == b"\x00safetensors\xff"
 
 
 @pytest.mark.parametrize("failing", ["replace", "fsync"])
@@ -107,23 +111,95 @@ async def test_a_damaged_sidecar_counts_as_expired(tmp_path: Path) -> None:
 
 
 async def test_capacity_evicts_least_recently_read_files(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path, capacity_bytes=100)
+    tier = DiskTier(tmp_path, capacity_bytes=2 * (40 + H) + 10)
     await tier.put("a", b"a" * 40)
     await tier.put("b", b"b" * 40)
     assert await tier.get("a") is not None  # touches a: now b is least recently used
     await tier.put("c", b"c" * 40)
     assert await tier.keys() == ["a", "c"]
     assert tier.evictions == 1
-    assert tier.bytes_used == 80
+    assert tier.bytes_used == 2 * (40 + H)
 
 
-async def test_capacity_refuses_an_object_larger_than_itself(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path, capacity_bytes=10)
+async def test_capacity_evicts_expired_objects_first_then_the_oldest(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, capacity_bytes=3 * (10 + H))
+    evicted: list[str] = []
+
+    async def heard(key: str) -> None:
+        evicted.append(key)
+
+    tier.on_evict.append(heard)
+    await tier.put("oldest", b"o" * 10)
+    await tier.put("expiring", b"e" * 10, ttl_s=0.2)
+    await tier.put("recent", b"r" * 10)
+    await asyncio.sleep(0.3)
+    await tier.put("new1", b"1" * 10)  # room for one: the expired one goes, not the oldest
+    assert evicted == ["expiring"]
+    await tier.put("new2", b"2" * 10)  # then the least recently used
+    assert evicted == ["expiring", "oldest"]
+    assert await tier.keys() == ["new1", "new2", "recent"]
+    assert tier.bytes_used == 3 * (10 + H) and tier.evictions == 2
+
+
+async def test_a_write_never_takes_the_files_over_the_capacity(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, capacity_bytes=2 * (40 + H))
+    sizes = []
+    original = tier._make_room
+
+    def watched(protect: str, size: int, limit: int) -> None:
+        original(protect, size, limit)
+        sizes.append(sum(p.stat().st_size for p in tmp_path.iterdir()) + size)
+
+    tier._make_room = watched  # type: ignore[method-assign]
+    for key in "abcde":
+        await tier.put(key, key.encode() * 40)
+    assert sizes and max(sizes) <= 2 * (40 + H)  # room is made before the file is written
+
+
+async def test_keys_evictable_refuses_are_never_evicted(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, capacity_bytes=3 * (20 + H), evictable=lambda k: k.endswith(".b"))
+    await tier.put("1.json", b"r" * 20)
+    await tier.put("1.b", b"b" * 20)
+    await tier.put("2.b", b"b" * 20)
+    await tier.put("3.b", b"b" * 20)
+    assert await tier.keys() == ["1.json", "2.b", "3.b"]
+
+
+async def test_an_object_that_cannot_fit_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, capacity_bytes=2 * (10 + H), evictable=lambda k: k != "pinned")
+    await tier.put("pinned", b"p" * 10)
     await tier.put("a", b"fits")
-    await tier.put("a", b"does not fit at all")
-    assert await tier.get("a") is None
-    assert tier.bytes_used == 0
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TierFullError, match="does not fit"):
+        await tier.put("a", b"does not fit at all" * 4)
+    with pytest.raises(TierFullError):
+        await tier.put("big", b"x" * (2 * (10 + H)))
+    assert await tier.get("a") == b"fits" and await tier.get("pinned") == b"p" * 10
+    assert tier.evictions == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["a", "pinned"]
+
+
+async def test_a_full_disk_evicts_what_the_write_needs_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path)  # no capacity: only the disk itself is full
+    await tier.put("old", b"o" * 100)
+    await tier.put("older-but-read", b"r" * 100)
+    await tier.get("older-but-read")
+    real = disk_tier.write_atomic
+    full = {"new": 1}
+
+    def write(path: Path, chunks: object) -> None:
+        if full.get(path.name, 0) > 0:
+            full[path.name] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, chunks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(disk_tier, "write_atomic", write)
+    await tier.put("new", b"n" * 100)
+    assert await tier.keys() == ["new", "older-but-read"] and tier.evictions == 1
+    full["newer"] = 2  # still full after the eviction: the write fails cleanly
+    with pytest.raises(TierFullError, match="disk is full"):
+        await tier.put("newer", b"n" * 100)
+    assert await tier.get("newer") is None
 
 
 async def test_counts_hits_misses_and_bytes(tmp_path: Path) -> None:
@@ -132,7 +208,7 @@ async def test_counts_hits_misses_and_bytes(tmp_path: Path) -> None:
     await tier.put("a", b"123")
     await tier.get("a")
     await tier.get("b")
-    assert (tier.hits, tier.misses, tier.bytes_used) == (1, 1, 3)
+    assert (tier.hits, tier.misses, tier.bytes_used) == (1, 1, 3 + H)
     await tier.delete("a")
     assert tier.bytes_used == 0
 
@@ -167,3 +243,79 @@ async def test_get_view_honours_expiry(tmp_path: Path) -> None:
     await asyncio.sleep(0.4)
     assert await tier.get_view("k") is None
     assert list(tmp_path.iterdir()) == []
+
+
+# -- integrity -------------------------------------------------------------------------------
+
+
+def flip_4k_in_the_middle(path: Path) -> None:
+    """What the live probe did: 4 KiB inverted in the middle of a stored object."""
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4096] = bytes(b ^ 0xFF for b in raw[middle : middle + 4096])
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path: Path, keep: int) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[:keep])
+
+
+DAMAGES = {
+    "flipped": flip_4k_in_the_middle,
+    "truncated": lambda path: truncate(path, path.stat().st_size - 1000),
+    "cut in the header": lambda path: truncate(path, 20),
+    "extended": lambda path: path.write_bytes(path.read_bytes() + b"\0"),
+}
+
+
+@pytest.mark.parametrize("read", ["get", "get_view"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+async def test_a_damaged_file_is_never_served_even_after_a_restart(
+    tmp_path: Path, read: str, damage: str
+) -> None:
+    data = os.urandom(64 * 1024)
+    await DiskTier(tmp_path).put("ctx.safetensors", data, ttl_s=3600)
+    DAMAGES[damage](tmp_path / "ctx.safetensors")
+    restarted = DiskTier(tmp_path)
+    with pytest.raises(CorruptObjectError, match="damaged") as caught:
+        await getattr(restarted, read)("ctx.safetensors")
+    assert caught.value.key == "ctx.safetensors"
+    assert caught.value.ttl_s is not None and 3500 < caught.value.ttl_s <= 3600
+    assert list(tmp_path.iterdir()) == []  # dropped, with its sidecar
+    assert restarted.corruptions == 1 and restarted.bytes_used == 0
+    assert await getattr(restarted, read)("ctx.safetensors") is None  # a plain miss now
+
+
+async def test_an_object_written_before_checksums_is_served_as_it_is(tmp_path: Path) -> None:
+    (tmp_path / "legacy").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{} written by 0.3")
+    (tmp_path / "legacy-empty").write_bytes(b"")
+    tier = DiskTier(tmp_path)
+    assert await tier.get("legacy") == b"\x10\x00\x00\x00\x00\x00\x00\x00{} written by 0.3"
+    view = await tier.get_view("legacy")
+    assert view is not None and bytes(view).endswith(b"written by 0.3")
+    assert await tier.get("legacy-empty") == b"" and await tier.get_view("legacy-empty") == b""
+    assert tier.corruptions == 0
+
+
+async def test_retain_moves_an_expiry_later_never_earlier(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path)
+    await tier.put("short", b"x", ttl_s=0.3)
+    await tier.put("long", b"x", ttl_s=3600)
+    await tier.put("forever", b"x")
+    assert await tier.retain("short", 3600)
+    assert await tier.retain("long", 1)
+    assert await tier.retain("forever", 1)
+    assert not await tier.retain("missing", 1)
+    await asyncio.sleep(0.5)
+    assert await tier.keys() == ["forever", "long", "short"]
+    assert tier._expires_at("long") > time.time() + 3000  # not shortened
+    assert tier._expires_at("forever") is None  # no expiry stays none
+
+
+async def test_retain_revives_an_object_whose_expiry_passed_unread(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path)
+    await tier.put("k", b"x", ttl_s=0.2)
+    await asyncio.sleep(0.3)
+    assert await tier.retain("k", 60)  # the record was extended meanwhile
+    assert await tier.get("k") == b"x"

@@ -140,6 +140,14 @@ async def test_the_default_ttl_applies_when_none_is_given(redis_env: RedisEnv) -
     assert all(20_000 < t <= 30_000 for t in await all_pttls(redis_env))
 
 
+async def test_the_default_ttl_bounds_a_longer_one_given(redis_env: RedisEnv) -> None:
+    tier = redis_env.tier(part_bytes=1000, default_ttl_s=30)
+    await tier.put("ctx", OBJECT, ttl_s=3600)  # a context's lifetime: the cache keeps less
+    assert all(20_000 < t <= 30_000 for t in await all_pttls(redis_env))
+    await tier.put("ctx", OBJECT, ttl_s=10)  # a shorter one wins
+    assert all(0 < t <= 10_000 for t in await all_pttls(redis_env))
+
+
 async def test_without_any_ttl_keys_do_not_expire(redis_env: RedisEnv) -> None:
     tier = redis_env.tier(part_bytes=1000)
     await tier.put("ctx", OBJECT)

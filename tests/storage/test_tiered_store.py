@@ -1,8 +1,11 @@
-"""TieredStore: read-through promotion, durable-first writes, degrading past a down Redis."""
+"""TieredStore: read-through promotion, durable-first writes, degrading past a down Redis,
+damaged copies replaced from a good one, no promotion a tier refuses."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +250,87 @@ async def test_a_flushed_redis_tier_is_refilled_from_disk(
     await redis_env.client.unlink(*await redis_env.stored_keys())  # FLUSH of the cache tier
     assert await store.get("ctx") == b"c" * 3000
     assert await store.tier("redis").get("ctx") == b"c" * 3000
+
+
+def flip_4k_in_the_middle(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4096] = bytes(b ^ 0xFF for b in raw[middle : middle + 4096])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.redis
+async def test_a_damaged_disk_copy_is_served_from_redis_and_written_back(
+    tmp_path: Path, redis_env: RedisEnv
+) -> None:
+    data = os.urandom(20_000)
+    store = build_store(0, tmp_path, redis_env.client, redis_prefix=redis_env.prefix)
+    await store.put("ctx.safetensors", data, ttl_s=3600)
+    flip_4k_in_the_middle(tmp_path / "ctx.safetensors")
+    assert await store.get_view("ctx.safetensors") == data  # the good Redis copy
+    disk = store.tier("disk")
+    assert isinstance(disk, DiskTier) and disk.corruptions == 1
+    view = await disk.get_view("ctx.safetensors")  # written back, verified, same expiry
+    assert isinstance(view, memoryview) and bytes(view) == data
+    assert 3500 < disk._expires_at("ctx.safetensors") - time.time() <= 3600
+
+
+async def test_a_damaged_disk_copy_and_no_other_one_is_a_miss(tmp_path: Path) -> None:
+    store = TieredStore([MemoryTier(0), DiskTier(tmp_path)])
+    await store.put("ctx.safetensors", os.urandom(10_000))
+    flip_4k_in_the_middle(tmp_path / "ctx.safetensors")
+    assert await store.get_view("ctx.safetensors") is None
+    assert await store.get("ctx.safetensors") is None
+    assert not await store.exists("ctx.safetensors")
+
+
+async def test_get_skips_a_damaged_copy_to_the_next_tier(tmp_path: Path) -> None:
+    near, far = DiskTier(tmp_path / "near", name="near"), DiskTier(tmp_path / "far", name="far")
+    store = TieredStore([near, far])
+    await store.put("k", b"k" * 9000)
+    flip_4k_in_the_middle(tmp_path / "near" / "k")
+    assert await store.get("k") == b"k" * 9000
+    assert near.corruptions == 1 and await near.get("k") == b"k" * 9000  # promoted again
+
+
+@pytest.mark.redis
+async def test_a_corrupt_redis_part_is_dropped_and_served_from_disk(
+    tmp_path: Path, redis_env: RedisEnv
+) -> None:
+    data = os.urandom(3000)
+    store = TieredStore([MemoryTier(0), redis_env.tier(part_bytes=1000), DiskTier(tmp_path)])
+    await store.put("ctx", data)
+    redis = store.tier("redis")
+    assert isinstance(redis, RedisTier)
+    await redis_env.client.set(redis.part_key("ctx", 1), b"\xff" * 1000)
+    assert await store.get("ctx") == data
+    assert redis.evictions == 1  # the broken copy was removed...
+    assert await redis.get("ctx") == data  # ...and a good one promoted from disk
+
+
+class ShrinkingTier(RecordingTier):
+    """A cache that takes any write but drops at once what exceeds its memory (what a
+    Redis with maxmemory and allkeys-lru does with a blob larger than its memory)."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.log: list[tuple[str, str]] = []
+        super().__init__(MemoryTier(capacity_bytes, name="redis"), self.log)
+
+    @property
+    def puts(self) -> int:
+        return self.log.count(("redis", "put"))
+
+
+@pytest.mark.parametrize("read", ["get", "get_view"])
+async def test_a_blob_the_cache_cannot_hold_is_not_rewritten_on_every_read(
+    tmp_path: Path, read: str
+) -> None:
+    cache = ShrinkingTier(capacity_bytes=1000)
+    store = TieredStore([MemoryTier(0), cache, DiskTier(tmp_path)])
+    await store.tier("disk").put("big", b"b" * 5000)
+    await store.tier("disk").put("small", b"s" * 500)
+    for _ in range(3):
+        assert await getattr(store, read)("big") == b"b" * 5000
+    assert cache.puts == 1  # tried once, then remembered
+    assert await getattr(store, read)("small") == b"s" * 500  # smaller objects still go
+    assert cache.puts == 2 and await cache.get("small") == b"s" * 500

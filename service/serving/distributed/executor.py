@@ -4,8 +4,11 @@ Both verbs are the shared `Pipeline`'s (the embedded service runs the same code)
 encodes, compresses and commits the blob and a READY record into the shared store
 (memory -> Redis -> disk: disk first, then Redis); answer streams from that stored record.
 
-The stored records never expire by themselves (`expire_time` None): in distributed mode the
-Redis record owns expiry, and the workers' sweep purges the bytes (`purge`).
+The stored records carry no `expire_time` (in distributed mode the Redis record owns expiry,
+and the workers' sweep purges the bytes, `purge`), but the stored blob and record expire from
+the disk tier with the context (its expiry when the worker ran the job, moved later when a
+query finds it extended), so that the disk tier drops them by itself when the sweep is
+behind, and evicts them first when it is full.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from service.serving.distributed.jobs import IngestJob, QueryJob
 from service.serving.distributed.protocol import Progress
 from service.serving.engine_thread import EngineWorker
 from service.serving.pipeline import Pipeline
-from service.serving.records import ContextRecord, blob_key
-from service.serving.registry import ContextRegistry, processing_record
+from service.serving.records import ContextRecord, blob_key, is_blob_key
+from service.serving.registry import ContextRegistry, processing_record, time_left
 from service.serving.resident import ResidentContexts
 from service.serving.validation import validated_create
 from service.types import CreateContextRequest, QueryEvent
@@ -35,13 +38,15 @@ from storage import TieredStore, TierUnavailableError, build_store
 
 def build_shared_store(config: ServiceConfig, client: Redis) -> TieredStore:
     """Memory LRU -> Redis tier on `client` (every key with the TTL) -> disk under the shared
-    data dir."""
+    data dir (at most `disk_capacity_bytes`, evicting blobs only)."""
     return build_store(
         memory_bytes=config.memory_cache_bytes,
         disk_root=Path(config.data_dir) / "contexts",
         redis=client,
         redis_prefix=config.distributed.redis_prefix,
         redis_ttl_s=config.distributed.redis_ttl_s,
+        disk_capacity_bytes=config.disk_capacity_bytes,
+        disk_evictable=is_blob_key,
     )
 
 
@@ -65,14 +70,19 @@ class EngineExecutor:
         await asyncio.to_thread(self.thread.close)
 
     async def ingest(
-        self, job: IngestJob, progress: Progress
+        self, job: IngestJob, progress: Progress, expire_time: str | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
+        ttl_s = time_left(expire_time)
         record = await self.registry.ready(job.context_id)  # an earlier attempt finished it
         if record is None:
-            record = await self._compute(job, progress)
+            record = await self._compute(job, progress, ttl_s)
+        elif ttl_s is not None:
+            await self.registry.retain(job.context_id, ttl_s)
         return record, await self._tiers(job.context_id)
 
-    async def _compute(self, job: IngestJob, progress: Progress) -> ContextRecord:
+    async def _compute(
+        self, job: IngestJob, progress: Progress, ttl_s: float | None
+    ) -> ContextRecord:
         request = CreateContextRequest(
             job.text, job.display_name, job.compression, job.tenant, job.system
         )
@@ -80,12 +90,18 @@ class EngineExecutor:
         doc = await self.pipeline.encode(checked)
         base = processing_record(job.context_id, checked, self.identity["model"])
         base = replace(base, expire_time=None)  # the Redis record owns expiry
-        return await self.pipeline.ingest(lambda: base, doc, checked.compression, progress)
+        return await self.pipeline.ingest(
+            lambda: base, doc, checked.compression, progress, ttl_s=ttl_s
+        )
 
     def resident_ids(self, limit: int) -> list[str]:
         return self.resident.ids(limit)
 
-    async def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
+    async def answer(
+        self, job: QueryJob, expire_time: str | None = None
+    ) -> AsyncIterator[QueryEvent]:
+        if (ttl_s := time_left(expire_time)) is not None:  # extended since it was stored?
+            await self.registry.retain(job.context_id, ttl_s)
         record = await self.registry.record(job.context_id, job.request.tenant)
         if record is None:
             raise ContextNotFoundError(job.context_id)

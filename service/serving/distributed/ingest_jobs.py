@@ -46,10 +46,20 @@ class IngestJobs:
         if current is None or current.state != PROCESSING:
             await self.queue.ack(delivery)  # deleted, expired or already done: idempotent
             return False
+        loaded = await self.queue.document(delivery, job)
+        if loaded is None:
+            gone = EngineUnavailableError(
+                "the document of this registration was gone from Redis before a worker took "
+                "it; register it again"
+            )
+            await self.records.mark_failed(cid, error_payload(gone), self.name)
+            await self.queue.ack(delivery)
+            return False
         progress = Fraction()
+        expire_time = current.record.expire_time
         try:
             async with beside(self._mirror_progress, cid, progress):
-                record, tiers = await self.executor.ingest(job, progress.set)
+                record, tiers = await self.executor.ingest(loaded, progress.set, expire_time)
         except ServiceError as exc:
             log.info("worker %s: context %s failed: %s", self.name, cid, exc)
             await self.records.mark_failed(cid, error_payload(exc), self.name)

@@ -4,6 +4,8 @@
 {p}jobs:dead                    dead-letter stream (jobs delivered too often)
 {p}jobs:direct:<worker>         query jobs routed to the worker holding their context
 {p}jobs:direct                  the workers that have such a stream (set)
+{p}doc:<token>                  the document of one ingest job (expires with its context;
+                                deleted when the job is acknowledged or dead-lettered)
 {p}ctx:<id>                     a context record (JSON); expires with the context
 {p}index, {p}index:<tenant>     listing order (sorted sets, score = create time)
 {p}expiry                       when each context's bytes may be purged (sorted set)
@@ -66,6 +68,10 @@ class RedisKeys:
 
     def heartbeat(self, worker: str) -> str:
         return f"{self.prefix}worker:{worker}"
+
+    def document(self, token: str) -> str:
+        """The document of one ingest job (the job's entry holds this name, not the text)."""
+        return f"{self.prefix}doc:{token}"
 
     def ingest_job(self, context_id: str) -> str:
         """The stream entry id of the ingest job submitted for a context."""

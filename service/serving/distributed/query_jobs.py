@@ -12,6 +12,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from service.errors import (
+    ContextLostError,
     ContextNotFoundError,
     ContextNotReadyError,
     EngineUnavailableError,
@@ -61,10 +62,10 @@ class QueryJobs:
         writer = self.reply_writer(job, f"{self.name}:{uuid.uuid4().hex[:12]}")
         await writer.send(Reply(START, writer.attempt))
         try:
-            await self._check_answerable(job)
-            await self._stream(job, writer)
+            expire_time = await self._check_answerable(job)
+            await self._stream(job, writer, expire_time)
         except ServiceError as exc:
-            await self._maybe_lost(job, exc)
+            exc = await self._maybe_lost(job, exc)
             await writer.send(Reply(ERROR, writer.attempt, error=error_payload(exc)))
         except (RedisError, OSError):
             raise  # the reply cannot be written: leave the entry for a retry
@@ -93,15 +94,17 @@ class QueryJobs:
         await writer.send(Reply(ERROR, writer.attempt, error=failure))
         await self.queue.dead_letter(delivery, reason, self.name)
 
-    async def _check_answerable(self, job: QueryJob) -> None:
+    async def _check_answerable(self, job: QueryJob) -> str | None:
+        """The context's expiry; ContextNotFoundError / ContextNotReadyError unless READY."""
         current = await self.records.get(job.context_id)
         if current is None or not current.record.visible_to(job.request.tenant):
             raise ContextNotFoundError(job.context_id)
         if current.state != READY:
             raise ContextNotReadyError(f"context {job.context_id!r} is {current.state}")
+        return current.record.expire_time
 
-    async def _stream(self, job: QueryJob, writer: ReplyWriter) -> None:
-        events = self.executor.answer(job)
+    async def _stream(self, job: QueryJob, writer: ReplyWriter, expire_time: str | None) -> None:
+        events = self.executor.answer(job, expire_time)
         next_check = time.monotonic() + 0.2
         try:
             async for event in events:
@@ -120,14 +123,25 @@ class QueryJobs:
     async def _cancelled(self, job: QueryJob) -> bool:
         return bool(await self.client.exists(self.keys.cancel(job.request_id)))
 
-    async def _maybe_lost(self, job: QueryJob, exc: ServiceError) -> None:
-        """A READY context whose bytes no tier holds any more: fail it, with why."""
-        if not isinstance(exc, ContextNotFoundError):
-            return
-        reason = ContextNotReadyError(
-            f"context {job.context_id!r} lost its stored cache (no tier holds it); "
-            "register the document again"
-        )
-        await self.records.mark_failed(
-            job.context_id, error_payload(reason), self.name, from_state=READY
-        )
+    async def _maybe_lost(self, job: QueryJob, exc: ServiceError) -> ServiceError:
+        """A READY context whose bytes no tier holds any more turns FAILED, with why; the
+        error to answer (ContextLostError then)."""
+        if isinstance(exc, ContextLostError):
+            lost = exc
+        elif isinstance(exc, ContextNotFoundError):
+            lost = ContextLostError(job.context_id, "no tier holds it any more")
+        else:
+            return exc
+        failed = await self.mark_lost(job.context_id, lost)
+        return lost if failed or lost is exc else exc
+
+    async def mark_lost(self, context_id: str, error: ContextLostError) -> bool:
+        """READY -> FAILED with why (its stored cache is gone: evicted, or damaged in every
+        tier; also the hook the executor's registry calls); True when it was READY."""
+        try:
+            return await self.records.mark_failed(
+                context_id, error_payload(error), self.name, from_state=READY
+            )
+        except (RedisError, OSError) as exc:  # its next query finds out again
+            log.warning("worker %s: could not fail lost %s: %s", self.name, context_id, exc)
+            return False

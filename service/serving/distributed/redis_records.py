@@ -30,6 +30,7 @@ from redis.exceptions import WatchError
 
 from service.errors import ContextNotFoundError, InvalidInputError
 from service.serving.distributed.keys import RedisKeys
+from service.serving.quota import Usage, usage_of
 from service.serving.records import (
     ContextRecord,
     decode_page_token,
@@ -40,6 +41,7 @@ from service.types import ANY_TENANT, ContextInfo, ContextPage
 
 PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
 EVENTS_MAXLEN = 100_000
+_USAGE_BATCH = 1000  # records read per MGET when counting a tenant's usage
 
 
 @dataclass(frozen=True)
@@ -109,19 +111,27 @@ class RecordStore:
         raw = await self.client.get(self.keys.context(context_id))
         return None if raw is None else RemoteRecord.from_json(raw)
 
-    async def create(self, new: RemoteRecord) -> tuple[RemoteRecord, bool]:
+    async def create(
+        self, new: RemoteRecord, admit: Callable[[Usage], None] | None = None
+    ) -> tuple[RemoteRecord, bool]:
         """Store `new` unless a live record exists (then return it, False). A FAILED record
-        is replaced: registering a failed document again retries it."""
+        is replaced: registering a failed document again retries it. `admit` is shown the
+        tenant's usage first and may refuse (raise); the count and the creation are one
+        transaction (the tenant's index is watched), so concurrent registrations on any
+        number of API processes never take a tenant past its quota of contexts."""
         key = self.keys.context(new.id)
+        index = self.keys.index(new.record.tenant)
         while True:
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(key)
+                    await pipe.watch(key, index)
                     raw = await pipe.get(key)
                     if raw is not None:
                         old = RemoteRecord.from_json(raw)
                         if old.state != FAILED:
                             return old, False
+                    if admit is not None:
+                        admit(await self._usage(pipe, new.record.tenant, new.id))
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(key, new.to_json(), px=_px(new.record))
                     created = datetime.fromisoformat(new.record.create_time).timestamp()
@@ -132,6 +142,18 @@ class RecordStore:
                     return new, True
                 except WatchError:
                     continue
+
+    async def _usage(self, client: Any, tenant: str, new_id: str) -> Usage:
+        """What `tenant` holds now (its live records, other than `new_id`), read through
+        `client` (a pipeline in its watching phase)."""
+        ids = [_text(i) for i in await client.zrange(self.keys.index(tenant), 0, -1)]
+        ids = [i for i in ids if i != new_id]
+        records = []
+        for start in range(0, len(ids), _USAGE_BATCH):
+            batch = ids[start : start + _USAGE_BATCH]
+            raws = await client.mget([self.keys.context(i) for i in batch])
+            records += [RemoteRecord.from_json(r).record for r in raws if r is not None]
+        return usage_of(r for r in records if r.tenant == tenant)
 
     async def update(self, context_id: str, change: Change, event: str | None = None) -> bool:
         """Apply `change` to the record atomically; False when there is no record or
@@ -292,22 +314,35 @@ class RecordStore:
         claimed = await self.client.eval(_CLAIM_PURGE, 1, self.keys.expiry, context_id, repr(now))
         return bool(claimed)
 
-    async def sweep(self, purge: Callable[[str], Awaitable[None]]) -> int:
+    async def sweep(self, purge: Callable[[str], Awaitable[None]], max_batches: int = 100) -> int:
         """Purge (`purge(id)`, the bytes) every expired or deleted context whose purge this
-        caller claims (each by one worker); how many."""
+        caller claims (each by one worker), 100 at a time until none is due (at most
+        `max_batches` batches a call); how many."""
         now = time.time()
         purged = 0
-        for cid in await self.due(now):
-            current = await self.get(cid)
-            if current is not None and not current.record.expired():
-                await self.reschedule(current)
-                continue
-            if await self.claim_purge(cid, now):
-                if current is not None:
-                    await self.client.delete(self.keys.context(cid))
-                await purge(cid)
-                purged += 1
+        for _ in range(max_batches):
+            due = await self.due(now)
+            if not due:
+                break
+            for cid in due:
+                purged += await self._sweep_one(cid, now, purge)
         return purged
+
+    async def _sweep_one(
+        self, cid: str, now: float, purge: Callable[[str], Awaitable[None]]
+    ) -> int:
+        """1 when this caller purged `cid`; 0 when it was extended (rescheduled) or another
+        caller claimed it. Either way it leaves the due range."""
+        current = await self.get(cid)
+        if current is not None and not current.record.expired():
+            await self.reschedule(current)
+            return 0
+        if not await self.claim_purge(cid, now):
+            return 0
+        if current is not None:
+            await self.client.delete(self.keys.context(cid))
+        await purge(cid)
+        return 1
 
     async def wait_settled(self, cid: str, timeout_s: float) -> RemoteRecord:
         """The record once it leaves PROCESSING, or as it is after `timeout_s`;

@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from functools import partial
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from service import telemetry
 from service.config import CompressionConfig, ServiceConfig
 from service.errors import (
+    ContextLostError,
     ContextNotFoundError,
     ContextNotReadyError,
     EngineUnavailableError,
@@ -55,7 +56,8 @@ from service.serving.distributed.redis_records import (
 )
 from service.serving.distributed.transport import JobQueue, ReplyReader
 from service.serving.ids import context_id
-from service.serving.registry import extended_expiry, processing_record
+from service.serving.quota import check_quota
+from service.serving.registry import extended_expiry, processing_record, time_left
 from service.serving.validation import checked_expiry, validated_create, validated_query
 from service.types import (
     ContextInfo,
@@ -65,7 +67,7 @@ from service.types import (
     QueryRequest,
     QueryResult,
 )
-from storage import redis_client
+from storage import redacted_url, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class RemoteContextService:
             raise ValueError("distributed mode needs a Redis URL (KVZIP_REDIS_URL)")
         self.config = config
         self.model_name = config.engine.model
-        self.redis_url = _redacted(distributed.redis_url or "redis://(given client)")
+        self.redis_url = redacted_url(distributed.redis_url or "redis://(given client)")
         self.client = client or redis_client(
             distributed.redis_url or "", timeout_s=REDIS_TIMEOUT_S, retries=0
         )
@@ -204,11 +206,9 @@ class RemoteContextService:
             if existing is None or existing.state == FAILED:
                 await self._admit(INGEST)
             new = RemoteRecord(processing_record(cid, checked, identity["model"]))
-            record, created = await self.records.create(new)
-            if created:
-                await self._submit_ingest(record, request, compression)
-            elif record.state == PROCESSING and await self._orphaned(record):
-                await self._submit_ingest(record, request, compression)  # its job was lost
+            record, created = await self.records.create(new, partial(check_quota, self.config))
+            if created or (record.state == PROCESSING and await self._orphaned(record)):
+                await self._submit_ingest(record, request, compression)  # (again: job lost)
             if not created:
                 record = await self._extend(record, checked.ttl_s)
             if request.wait and record.state == PROCESSING:
@@ -230,7 +230,7 @@ class RemoteContextService:
             system=request.system,
         )
         try:
-            entry = await self.queue.submit(job)
+            entry = await self.queue.submit(job, ttl_s=time_left(record.record.expire_time))
             key = self.keys.ingest_job(record.id)
             await self.client.set(key, entry, px=int(self.config.max_ttl_s * 1000))
         except BaseException:
@@ -299,6 +299,8 @@ class RemoteContextService:
                 "its tokens scored); retry when its state is READY"
             )
         if record.state == FAILED:
+            if (record.failure or {}).get("type") == ContextLostError.__name__:
+                raise error_from_payload(record.failure or {})  # gone: register it again
             raise ContextNotReadyError(f"context {context_id!r} failed: {record.record.error}")
         with self._redis():
             await self._require_worker()
@@ -380,15 +382,6 @@ class RemoteContextService:
                     return
         finally:
             await self._forget(job, cancel=not done)
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password (it goes into error messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def build_remote_service(config: ServiceConfig) -> RemoteContextService:

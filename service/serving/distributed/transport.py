@@ -15,14 +15,22 @@ Delivery is at least once. A worker:
    `max_deliveries` times goes to the dead-letter stream instead (`dead_letter`).
 Entries are deleted once acknowledged, so XLEN of a job stream is its backlog. The worker
 side counts what it claims, acknowledges and dead-letters (service.telemetry, by kind).
+
+An ingest job's document (up to the API's body limit) is not in its entry: it is a key of
+its own (`{p}doc:<token>`, expiring with the context), which the entry names and which goes
+when the entry is acknowledged or dead-lettered. So the streams stay small whatever the
+documents, the dead letters (capped by count) never hold documents, and the documents
+Redis holds at once are those of the admitted backlog (the API refuses past it). Trimming
+the job streams by length instead (XADD MAXLEN) would drop entries still pending.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -33,6 +41,7 @@ from service.serving.distributed.jobs import (
     INGEST,
     KINDS,
     QUERY,
+    IngestJob,
     Job,
     Reply,
     decode_job,
@@ -41,6 +50,7 @@ from service.serving.distributed.jobs import (
 from service.serving.distributed.keys import GROUP, RedisKeys
 
 DEAD_LETTER_MAXLEN = 10_000
+_DOC = "doc"  # the field of an ingest entry that names its document's key
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,19 @@ class JobQueue:
         if consumer:
             await self.client.sadd(self.keys.direct_workers, consumer)
 
-    async def submit(self, job: Job) -> str:
-        entry_id = await self.client.xadd(self.keys.stream(job.kind), encode_job(job))  # type: ignore[arg-type]
+    async def submit(self, job: Job, ttl_s: float | None = None) -> str:
+        """Add the job to its stream; an ingest job's document goes under a key of its own
+        that expires after `ttl_s` (its context's lifetime). The entry id."""
+        if not isinstance(job, IngestJob):
+            entry_id = await self.client.xadd(self.keys.stream(job.kind), encode_job(job))  # type: ignore[arg-type]
+            return _text(entry_id)
+        doc = self.keys.document(uuid.uuid4().hex)
+        fields = {**encode_job(replace(job, text="")), _DOC: doc}
+        px = None if ttl_s is None else max(1000, int(ttl_s * 1000))
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(doc, job.text.encode(), px=px)
+            pipe.xadd(self.keys.stream(job.kind), fields)  # type: ignore[arg-type]
+            _, entry_id = await pipe.execute()
         return _text(entry_id)
 
     async def submit_to(self, job: Job, worker: str, below: int) -> str | None:
@@ -92,6 +113,14 @@ class JobQueue:
         keys = (self.keys.direct(worker), self.keys.direct_workers)
         entry_id = await self.client.eval(_SUBMIT_BELOW, 2, *keys, below, worker, *fields)
         return None if entry_id is None else _text(entry_id)
+
+    async def document(self, delivery: Delivery, job: IngestJob) -> IngestJob | None:
+        """`job` with its document read back; None when the document's key is gone."""
+        key = (delivery.fields or {}).get(_DOC.encode())
+        if key is None:
+            return job  # an entry written before documents had keys of their own
+        raw = await self.client.get(_text(key))
+        return None if raw is None else replace(job, text=_text(raw))
 
     async def backlog(self, kind: str) -> int:
         """Jobs of `kind` submitted and not yet acknowledged."""
@@ -235,10 +264,12 @@ class JobQueue:
         return bool(kept)
 
     async def ack(self, delivery: Delivery) -> None:
-        """Done for good: acknowledge and delete the entry."""
+        """Done for good: acknowledge and delete the entry (and its document)."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xack(delivery.stream, GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
+            if (doc := (delivery.fields or {}).get(_DOC.encode())) is not None:
+                pipe.unlink(_text(doc))
             await pipe.execute()
         telemetry.JOBS_COMPLETED.labels(self.kind_of(delivery.stream)).inc()
 
@@ -262,6 +293,8 @@ class JobQueue:
             )
             pipe.xack(delivery.stream, GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
+            if (doc := (delivery.fields or {}).get(_DOC.encode())) is not None:
+                pipe.unlink(_text(doc))
             await pipe.execute()
         telemetry.JOBS_DEAD_LETTERED.labels(self.kind_of(delivery.stream)).inc()
 

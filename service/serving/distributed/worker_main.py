@@ -62,6 +62,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event | None = None) -> Bas
         sweep_interval_s=config.sweep_interval_s,
         max_queries=config.batching.max_rows,  # the scheduler decodes them together
     )
+    executor.registry.on_lost.append(worker.queries.mark_lost)  # evicted or damaged: FAILED
     try:
         await worker.run(stop)
         return worker.fatal
