@@ -202,17 +202,25 @@ class DiskTier:
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
-            self._make_room(key, size, self._scanned_total(key))  # free `size` bytes
-            try:
-                self._write(key, (head, data), ttl_s)
-            except OSError as again:
-                if again.errno not in _DISK_FULL:
-                    raise
-                raise TierFullError(
-                    f"disk tier {self.name!r}: the disk is full; {key!r} ({size} bytes) was "
-                    "not written"
-                ) from again
+            self._write_when_full(key, (head, data), ttl_s)
         self._account(size - old_size)
+
+    def _write_when_full(self, key: str, chunks: tuple[bytes, bytes], ttl_s: float | None) -> None:
+        """The disk is full (ENOSPC): evict what the file needs and write once more;
+        TierFullError when evicting cannot free enough (then nothing was evicted) or the
+        disk is still full."""
+        size = sum(len(c) for c in chunks)
+        full = f"disk tier {self.name!r}: the disk is full; {key!r} ({size} bytes) was not written"
+        try:
+            self._make_room(key, size, self._scanned_total(key))  # free `size` bytes
+        except TierFullError as exc:
+            raise TierFullError(f"{full} (evicting cannot free that much)") from exc
+        try:
+            self._write(key, chunks, ttl_s)
+        except OSError as again:
+            if again.errno not in _DISK_FULL:
+                raise
+            raise TierFullError(full) from again
 
     def _write(self, key: str, chunks: tuple[bytes, bytes], ttl_s: float | None) -> None:
         self._write_expiry(key, ttl_s)  # first: a crash in between leaves the new expiry

@@ -105,6 +105,7 @@ class Deployment:
     procs: dict[str, Proc] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)  # worker name -> its /metrics URL
     api_ports: dict[str, int] = field(default_factory=dict)
+    commands: dict[str, list[str]] = field(default_factory=dict)  # worker name -> its argv
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -121,11 +122,13 @@ class Deployment:
         self.procs[name] = Proc(name, popen, log)
         return self.procs[name]
 
-    def start_worker(self, name: str, **env: str) -> Proc:
+    def start_worker(self, name: str, command: list[str] | None = None) -> Proc:
+        """A worker process (`command`: its Python arguments; by default those it had, or
+        `-m app.cli worker`)."""
         port = free_port()
         self.metrics[name] = f"http://127.0.0.1:{port}/metrics"
-        args = ["-m", "app.cli", "worker"]
-        env = {"KVZIP_WORKER_NAME": name, "KVZIP_WORKER_METRICS_PORT": str(port), **env}
+        args = self.commands.setdefault(name, command or ["-m", "app.cli", "worker"])
+        env = {"KVZIP_WORKER_NAME": name, "KVZIP_WORKER_METRICS_PORT": str(port)}
         return self.spawn(name, args, **env)
 
     def workers(self) -> list[str]:
@@ -306,10 +309,12 @@ def deployed(
     tmp: Path,
     workers: list[str],
     apis: list[str],
+    worker_command: list[str] | None = None,
     **settings: str,
 ) -> Iterator[Deployment]:
-    """Workers and APIs on a fresh prefix, all ready; everything stopped and every key of
-    the prefix unlinked afterwards (failed or not)."""
+    """Workers (`worker_command`: their Python arguments, see `start_worker`) and APIs on a
+    fresh prefix, all ready; everything stopped and every key of the prefix unlinked
+    afterwards (failed or not). The shared volume is `tmp / "shared-volume"`."""
     prefix = f"kvzip-test:{uuid4().hex}:"
     (tmp / "logs").mkdir(exist_ok=True)
     env = deployment_env(prefix, model_dir, tmp / "shared-volume", **settings)
@@ -318,7 +323,7 @@ def deployed(
     deployment = Deployment(prefix, env, tmp / "logs", client, cache)
     try:
         for name in workers:
-            deployment.start_worker(name)
+            deployment.start_worker(name, worker_command)
         for name in apis:
             deployment.start_api(name)
         deployment.wait_ready()

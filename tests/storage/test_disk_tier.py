@@ -202,6 +202,22 @@ async def test_a_full_disk_evicts_what_the_write_needs_and_retries(
     assert await tier.get("newer") is None
 
 
+async def test_a_full_disk_that_evicting_cannot_help_refuses_and_evicts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path, evictable=lambda k: k != "pinned")
+    await tier.put("pinned", b"p" * 100)
+    await tier.put("small", b"s" * 10)
+
+    def write(path: Path, chunks: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_tier, "write_atomic", write)
+    with pytest.raises(TierFullError, match="the disk is full.*evicting cannot free"):
+        await tier.put("big", b"b" * 100)
+    assert tier.evictions == 0 and await tier.get("small") == b"s" * 10
+
+
 async def test_counts_hits_misses_and_bytes(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path)
     await tier.put("a", b"12345")
