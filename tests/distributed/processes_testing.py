@@ -54,14 +54,20 @@ def until(condition: Callable[[], object], timeout_s: float, what: str) -> float
     return time.monotonic() - started
 
 
+def client_name(prefix: str) -> str:
+    """The name every Redis connection of a deployment's processes carries (CLIENT LIST)."""
+    return prefix.rstrip(":")
+
+
 def deployment_env(prefix: str, model_dir: Path, data_dir: Path, **settings: str) -> dict[str, str]:
     """The environment of every process: this machine's, less its KVZIP_* variables, plus
-    distributed mode on `prefix` (`settings`: more KVZIP_* variables, by name)."""
+    distributed mode on `prefix` (`settings`: more variables, by name)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
+    named = f"?client_name={client_name(prefix)}"
     return base | {
         "KVZIP_MODE": "distributed",
-        "KVZIP_REDIS_URL": REDIS_URL,
-        "KVZIP_REDIS_CACHE_URL": CACHE_URL,
+        "KVZIP_REDIS_URL": REDIS_URL + named,
+        "KVZIP_REDIS_CACHE_URL": CACHE_URL + named,
         "KVZIP_REDIS_PREFIX": prefix,
         "KVZIP_MODEL": str(model_dir),
         "KVZIP_DEVICE": "cpu",
@@ -138,19 +144,27 @@ class Deployment:
         """The metrics URLs of the workers still running."""
         return [u for n, u in self.metrics.items() if self.procs[n].alive()]
 
-    def start_api(self, name: str, port: int | None = None) -> str:
-        """An API process (on `port`, by default a free one); its URL."""
+    def start_api(self, name: str, port: int | None = None, module: str | None = None) -> str:
+        """An API process (on `port`, by default a free one; `module`: run as `python -m
+        module PORT` instead of uvicorn on app.main); its URL."""
         port = port or free_port()
         self.api_ports[name] = port
-        self.spawn(
-            name,
-            ["-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(port)]
-            + ["--host", "127.0.0.1", "--log-level", "warning"],
-        )
+        args = ["-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(port)]
+        args += ["--host", "127.0.0.1", "--log-level", "warning"]
+        self.spawn(name, ["-m", module, str(port)] if module else args)
         url = f"http://127.0.0.1:{port}"
         if url not in self.apis:
             self.apis.append(url)
         return url
+
+    def retire(self, name: str) -> None:
+        """Stop a process (if it runs) and forget it: `revive` leaves it be."""
+        proc = self.procs.pop(name)
+        if proc.alive():
+            proc.popen.kill()
+            proc.popen.wait(timeout=STOP_S)
+        if name in self.api_ports:
+            self.apis.remove(f"http://127.0.0.1:{self.api_ports.pop(name)}")
 
     def kill(self, name: str) -> None:
         """SIGKILL: the process ends at once, acknowledging nothing."""
@@ -251,6 +265,15 @@ class Deployment:
             keys = list(db.scan_iter(match=f"{self.prefix}*", count=1000))
             removed += db.unlink(*keys) if keys else 0
         return removed
+
+    def drop_connections(self) -> int:
+        """CLIENT KILL every Redis connection of the deployment's processes (as a restart of
+        the server does); how many there were."""
+        name = client_name(self.prefix)
+        ids = [c["id"] for c in self.redis.client_list() if c.get("name") == name]
+        for client_id in ids:
+            self.redis.client_kill_filter(_id=client_id)
+        return len(ids)
 
     # -- failures explained ------------------------------------------------------------------
 

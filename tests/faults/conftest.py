@@ -1,8 +1,9 @@
 """Fixtures of the fault suite: one deployment of real processes (2 workers, 1 API, the tiny
-random model) on a test prefix of the real Redis, shared by the tests of a module and
-healed before each (dead workers restarted, stopped ones continued); short job timeouts so
-that every fault resolves in seconds; the recovery time each test measured, printed at the
-end of the run (the figures of docs/reliability.md)."""
+random model) on a test prefix of the real Redis, shared by the tests of the package (a
+module may bring its own) and healed before each test (dead processes restarted, stopped
+ones continued); short job timeouts so that every fault resolves in seconds; the recovery
+time each test measured, printed at the end of the run (the figures of
+docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ SETTINGS = {
 _RECOVERIES: list[tuple[str, str, float]] = []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("faults")
     with deployed(tiny_model_dir, tmp, workers=["w1", "w2"], apis=["api"], **SETTINGS) as running:
