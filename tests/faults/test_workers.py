@@ -125,8 +125,9 @@ def test_a_worker_lost_mid_answer_has_the_question_answered_by_another(
         created = http.post("/contexts", json={"text": f"{uuid.uuid4().hex}\n{document(7)}"})
         assert created.status_code == 201, created.text
         cid = created.json()["id"]
+        earlier = replies(deployment)
         asking = in_background(lambda: http.post(f"/contexts/{cid}/query", json=LONG_ANSWER))
-        owner = answering_worker(deployment)
+        owner = answering_worker(deployment, earlier)
         hit = inflict(deployment, fault, owner)
         response, done = asking.result(timeout=WAIT_TIMEOUT_S + 10)
         assert response.status_code == 200, response.text
@@ -141,17 +142,21 @@ def test_a_worker_lost_mid_answer_has_the_question_answered_by_another(
         assert deployment.redis.xlen(deployment.key("jobs:dead")) == 0
 
 
-def answering_worker(deployment: Deployment, timeout_s: float = 30.0) -> str:
-    """The worker holding the query job once its first token is in the reply stream."""
+def replies(deployment: Deployment) -> set[bytes]:
+    return set(deployment.redis.scan_iter(match=deployment.key("reply:*")))
+
+
+def answering_worker(deployment: Deployment, earlier: set[bytes], timeout_s: float = 30.0) -> str:
+    """The worker holding the query job once its first token is in the reply stream (one
+    not among the `earlier` ones: a worker stopped mid-answer may write into its own)."""
     found: list[str] = []
 
     def streaming() -> bool:
-        replies = list(deployment.redis.scan_iter(match=deployment.key("reply:*")))
+        new = replies(deployment) - earlier
         holders = deployment.holders()
-        if holders and any(deployment.redis.xlen(r) >= 2 for r in replies):  # START, DELTA
+        if holders and any(deployment.redis.xlen(r) >= 2 for r in new):  # START, DELTA
             found.append(holders[0])
         return bool(found)
 
     until(streaming, timeout_s, "no worker started answering")
     return found[0]
-
