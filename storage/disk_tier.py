@@ -149,6 +149,12 @@ class DiskTier:
         validate_key(key)
         return self._count(await asyncio.to_thread(self._get_view_sync, key))
 
+    async def head(self, key: str, size: int) -> tuple[bytes, int] | None:
+        """The object's first `size` bytes and its whole length, or None when missing or
+        expired: reads no more than that (a self-describing header), and verifies nothing."""
+        validate_key(key)
+        return await asyncio.to_thread(self._head_sync, key, size)
+
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Write `data` atomically (replacing), then evict LRU files if over capacity."""
         validate_key(key)
@@ -200,6 +206,15 @@ class DiskTier:
             return None
         self._touch_quietly(path)
         return view
+
+    def _head_sync(self, key: str, size: int) -> tuple[bytes, int] | None:
+        if self._expire_if_due(key):
+            return None
+        try:
+            with self._path(key).open("rb") as file:
+                return file.read(size), os.fstat(file.fileno()).st_size
+        except (FileNotFoundError, IsADirectoryError):
+            return None
 
     def _put_sync(self, key: str, data: bytes, ttl_s: float | None) -> None:
         old_size = self._size(key)

@@ -9,7 +9,8 @@ instruction joins the protected prefix) and starts an ingest task. While it runs
 context is PROCESSING, in memory, with the fraction of tokens scored; the pipeline stores
 the blob and then the READY record (the commit point). An unwaited ingest that fails stays
 visible as FAILED until it expires or is deleted. The record owns the expiry: an expired
-context answers 404 and is purged from every tier, on lookup and by a periodic sweep.
+context answers 404 and is purged from every tier, on lookup and by a periodic sweep, which
+first rebuilds the records lost from the disk from the objects that describe them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -107,7 +108,8 @@ class EmbeddedContextService:
         cid = pipeline.context_id(checked)
         for known in (cid, pipeline.legacy_id(checked, doc)):  # ids of older versions too
             if (record := await self.registry.record(known, request.tenant)) is not None:
-                return (await self.registry.extend(record, checked.ttl_s)).info(), False
+                if (kept := await self.registry.extend(record, checked.ttl_s)) is not None:
+                    return kept.info(), False
         running = self.inflight.get(cid, request.tenant)
         if running is not None and running.record.state != FAILED:
             if not request.wait:
@@ -175,9 +177,12 @@ class EmbeddedContextService:
         if (ingest := self.inflight.get(context_id, tenant)) is not None:
             ingest.set_expiry(expire)
             return ingest.info()
-        record = await self._require(context_id, tenant)
-        record = replace(record, expire_time=expire)
-        await self.registry.put(record)
+        await self._require(context_id, tenant)
+        record = await self.registry.update(
+            context_id, tenant, lambda current: replace(current, expire_time=expire)
+        )  # under the context's lock: a DELETE cannot land between the read and the write
+        if record is None:
+            raise ContextNotFoundError(context_id)
         return record.info()
 
     async def list_contexts(
@@ -194,13 +199,11 @@ class EmbeddedContextService:
         return purged
 
     async def _sweep_forever(self) -> None:
+        """Rebuild the records lost from disk, then purge expired contexts now and then."""
+        await _logged(self.registry.restore_missing, "records rebuilt from stored objects")
         while True:
             await asyncio.sleep(self.config.sweep_interval_s)
-            try:
-                if purged := await self.purge_expired():
-                    log.info("expiry sweep purged %d contexts", purged)
-            except Exception:
-                log.exception("expiry sweep failed")
+            await _logged(self.purge_expired, "expired contexts purged")
 
     # -- queries ------------------------------------------------------------------------
 
@@ -222,6 +225,14 @@ class EmbeddedContextService:
             result = event.result or result
         assert result is not None
         return result
+
+
+async def _logged(step: Callable[[], Awaitable[int]], what: str) -> None:
+    try:
+        if done := await step():
+            log.info("%s: %d", what, done)
+    except Exception:
+        log.exception("%s: failed", what)
 
 
 def build_embedded_service(
