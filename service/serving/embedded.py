@@ -107,9 +107,9 @@ class EmbeddedContextService:
         doc = await pipeline.encode(checked)
         cid = pipeline.context_id(checked)
         for known in (cid, pipeline.legacy_id(checked, doc)):  # ids of older versions too
-            if (record := await self.registry.record(known, request.tenant)) is not None:
-                if (kept := await self.registry.extend(record, checked.ttl_s)) is not None:
-                    return kept.info(), False
+            record = await self.registry.record(known, request.tenant)
+            if record is not None and (kept := await self.registry.extend(record, checked.ttl_s)):
+                return kept.info(), False
         running = self.inflight.get(cid, request.tenant)
         if running is not None and running.record.state != FAILED:
             if not request.wait:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 
 from service import codec, telemetry
@@ -239,14 +239,16 @@ class Pipeline:
         iterator early (the client went away) stops the generation at its next token.
         """
         size = decoded_bytes(record, self.engine.model.dtype.itemsize)
-        async with self.holds.hold(record.id, size):
-            async with contextlib.aclosing(self._answer(record, request)) as events:
-                async for event in events:
-                    yield event
+        async with (
+            self.holds.hold(record.id, size),
+            contextlib.aclosing(self._answer(record, request)) as events,
+        ):
+            async for event in events:
+                yield event
 
     async def _answer(
         self, record: ContextRecord, request: QueryRequest
-    ) -> AsyncIterator[QueryEvent]:
+    ) -> AsyncGenerator[QueryEvent, None]:
         start = time.perf_counter()
         ctx, prompt, load_s = await self._prepared(record, request)
         text = TextStream(self.engine.decode, request.sampling.stop)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from service.config import DistributedConfig, ServiceConfig
@@ -33,7 +33,8 @@ IDENTITY = {
 
 @dataclass
 class FakeExecutor:
-    """Ingests in no time (unless `gate` holds it); answers "the pass key is 48213"."""
+    """Ingests in no time (unless `gate` holds it); answers "the pass key is 48213".
+    `stored` stands for the shared disk: the records its objects describe."""
 
     identity: dict[str, str] = field(default_factory=lambda: dict(IDENTITY))
     device: str = "cpu"
@@ -42,12 +43,14 @@ class FakeExecutor:
     ingested: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+    stored: dict[str, ContextRecord] = field(default_factory=dict)
     stopped_early: list[str] = field(default_factory=list)
     words: tuple[str, ...] = ("the", " pass", " key", " is", " 48213")
     word_delay_s: float = 0.0
 
     async def ingest(
-        self, job: IngestJob, progress: Progress
+        self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
         self.ingested.append(job.context_id)
         progress(0.5)
@@ -75,6 +78,11 @@ class FakeExecutor:
             bytes=tokens * 100,
             system=job.system,
         )
+        if registered is not None:
+            record = replace(
+                record, create_time=registered.create_time, expire_time=registered.expire_time
+            )
+        self.stored[job.context_id] = record
         return record, ("disk", "redis")
 
     async def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
@@ -99,6 +107,17 @@ class FakeExecutor:
 
     async def purge(self, context_id: str) -> None:
         self.purged.append(context_id)
+        self.stored.pop(context_id, None)
+
+    async def forget(self, context_id: str) -> None:
+        self.forgotten.append(context_id)
+
+    async def restore(self, context_id: str) -> tuple[ContextRecord, tuple[str, ...]] | None:
+        record = self.stored.get(context_id)
+        return None if record is None else (record, ("disk",))
+
+    async def stored_ids(self) -> list[str]:
+        return sorted(self.stored)
 
 
 def distributed_config(prefix: str, **overrides: object) -> ServiceConfig:

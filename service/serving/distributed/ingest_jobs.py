@@ -47,7 +47,7 @@ class IngestJobs:
         progress = Fraction()
         try:
             async with beside(self._mirror_progress, cid, progress):
-                record, tiers = await self.executor.ingest(job, progress.set)
+                record, tiers = await self.executor.ingest(job, progress.set, current.record)
         except ServiceError as exc:
             log.info("worker %s: context %s failed: %s", self.name, cid, exc)
             await self.records.mark_failed(cid, error_payload(exc), self.name)

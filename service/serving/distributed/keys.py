@@ -9,6 +9,9 @@
 {p}workers, {p}worker:<name>    worker names; each worker's heartbeat (key with a TTL)
 {p}reply:<request>              one query's answer, token by token (stream with a TTL)
 {p}cancel:<request>             set when the asker went away (key with a TTL)
+{p}purges                       pub/sub: ids purged (DELETE, sweep); workers drop their copies
+{p}restores                     pub/sub: {"id", "reply"} asks workers to rebuild a lost record
+{p}restored:<request>           the workers' answers to one restore request (list with a TTL)
 {p}blob:<key>:...               the Redis tier (storage.RedisTier), chunked blobs
 """
 
@@ -65,3 +68,14 @@ class RedisKeys:
 
     def cancel(self, request_id: str) -> str:
         return f"{self.prefix}cancel:{request_id}"
+
+    @property
+    def purges(self) -> str:
+        return f"{self.prefix}purges"
+
+    @property
+    def restores(self) -> str:
+        return f"{self.prefix}restores"
+
+    def restored(self, request_id: str) -> str:
+        return f"{self.prefix}restored:{request_id}"

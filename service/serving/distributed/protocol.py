@@ -20,13 +20,24 @@ class Executor(Protocol):
     device: str
 
     async def ingest(
-        self, job: IngestJob, progress: Progress
+        self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
         """Compute (or find stored) and durably store the context; its READY record and the
-        tiers that hold it. Raises a ServiceError for a document that can never succeed."""
+        tiers that hold it. Raises a ServiceError for a document that can never succeed.
+        registered: the record the API made (times, expiry), for the object to describe."""
 
     def answer(self, job: QueryJob) -> AsyncIterator[QueryEvent]:
         """The answer as text deltas, then one event with the result."""
 
     async def purge(self, context_id: str) -> None:
         """Remove the context's bytes from every tier."""
+
+    async def forget(self, context_id: str) -> None:
+        """Drop this process's in-memory copies of a context purged elsewhere."""
+
+    async def restore(self, context_id: str) -> tuple[ContextRecord, tuple[str, ...]] | None:
+        """The READY record the context's stored object describes (expiry included) and the
+        shared tiers that hold it; None when there is no such object."""
+
+    async def stored_ids(self) -> list[str]:
+        """The ids of every context stored on the shared disk."""
