@@ -2,7 +2,7 @@
 Redis" unlinks that prefix's keys, never anything else): a READY context whose records
 Redis lost is rebuilt from the object on the shared disk, on a lookup and by a worker's
 scan at start; tenants stay apart; deleted and expired contexts stay gone; a purge reaches
-every worker's memory."""
+every worker's memory. And a worker's failure reaches the tenant without its internals."""
 
 from __future__ import annotations
 
@@ -164,3 +164,24 @@ async def test_a_purge_drops_the_resident_copy_of_a_real_worker(
     finally:
         await executor.close()
 
+
+
+class BrokenAnswers(FakeExecutor):
+    """Ingests fine; fails every answer with an error full of internals."""
+
+    async def answer(self, job):  # type: ignore[no-untyped-def,override]
+        raise RuntimeError("cannot map /srv/models/weights.bin: out of host memory")
+        yield  # pragma: no cover (an async generator)
+
+
+async def test_a_worker_failure_reaches_the_tenant_without_internals(redis_env: RedisEnv) -> None:
+    from service.errors import EngineUnavailableError
+
+    async with Cluster(redis_env) as cluster:
+        await cluster.start_worker("w1", BrokenAnswers())
+        info, _ = await cluster.api.create_context(register())
+        with pytest.raises(EngineUnavailableError) as failed:
+            await cluster.api.query(info.id, question())
+        assert str(failed.value) == (
+            "internal error while answering (RuntimeError); details are in the server log"
+        )

@@ -151,3 +151,20 @@ async def test_a_waiter_that_goes_away_lets_the_next_one_in():
         assert holds.waiting == 0
     async with holds.hold("z", 500):  # alone, whatever its size
         assert holds.held_bytes == 500
+
+
+async def test_the_prompt_layouts_are_an_lru_of_bounded_size(tiny_engine, tmp_path):
+    from service.serving.pipeline import LAYOUTS
+
+    svc = await _started(tiny_engine, tmp_path)
+    try:
+        pipeline = svc.pipeline
+        expected = pipeline.question_ids("system 0", "Q?")
+        for i in range(LAYOUTS + 20):  # tenants choose the system instruction
+            pipeline.question_ids(f"system {i}", "Q?")
+            pipeline.question_ids("system 0", "Q?")  # kept in use
+        assert len(pipeline._layouts) == LAYOUTS
+        assert "system 0" in pipeline._layouts and "system 1" not in pipeline._layouts
+        assert pipeline.question_ids("system 0", "Q?") == expected
+    finally:
+        await svc.close()
