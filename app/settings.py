@@ -18,7 +18,7 @@ current and that README.md names every variable.
 | `question_reserve_tokens` | `KVZIP_QUESTION_RESERVE_TOKENS` | `384` | Window kept for Q and A |
 | `compile_decode` | `KVZIP_COMPILE_DECODE` | `False` | torch.compile the decode step |
 | `data_dir` | `KVZIP_DATA_DIR` | `data` | Disk tier directory |
-| `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Decoded-context cache (or 2GiB) |
+| `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Resident contexts (or 2GiB) |
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
 | `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
 | `max_batch_rows` | `KVZIP_MAX_BATCH_ROWS` | `16` | Requests decoded together |
@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     # service
     data_dir: Path = Field(default=_SERVICE.data_dir, description="Disk tier directory")
     memory_cache_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
-        default=ByteSize(_SERVICE.memory_cache_bytes), description="Decoded-context cache (or 2GiB)"
+        default=ByteSize(_SERVICE.memory_cache_bytes), description="Resident contexts (or 2GiB)"
     )
     queue_size: int = Field(
         default=_SERVICE.queue_size,
