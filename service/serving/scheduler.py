@@ -42,6 +42,10 @@ from service.types import SamplingParams
 log = logging.getLogger(__name__)
 
 _END = object()
+Emitted = list[tuple["asyncio.Queue[object]", object]]
+"""(a request's output queue, a token / _END / an error): what an iteration hands to the
+loop. The queue, not the request: the engine thread then holds no reference to a finished
+request's context while the loop goes on (its memory is freed as its answer ends)."""
 BURST_S = 0.05  # engine-thread time of decode steps before other engine work may run
 
 
@@ -125,9 +129,9 @@ class Scheduler:
         next step."""
         loop = asyncio.get_running_loop()
 
-        def dispatch(emitted: list[tuple[_Request, object]]) -> None:
-            for request, item in emitted:
-                request.out.put_nowait(item)
+        def dispatch(emitted: Emitted) -> None:
+            for out, item in emitted:
+                out.put_nowait(item)
 
         def burst() -> None:  # engine thread; other engine work waits at most BURST_S
             deadline = time.monotonic() + BURST_S
@@ -144,7 +148,7 @@ class Scheduler:
                 await self.thread.run(burst, admit=False)
             except Exception as exc:  # a failed step fails every request in it
                 log.exception("decode iteration failed")
-                dispatch([(r, exc) for r in self._abort_all()])
+                dispatch([(r.out, exc) for r in self._abort_all()])
 
     def _abort_all(self) -> list[_Request]:
         requests = [*self.running, *([self.pending] if self.pending else [])]
@@ -154,9 +158,9 @@ class Scheduler:
 
     # -- the engine thread ---------------------------------------------------------------
 
-    def _iteration(self) -> list[tuple[_Request, object]]:
+    def _iteration(self) -> Emitted:
         """One step of every decoding row, one prefill chunk, admission (engine thread)."""
-        emitted: list[tuple[_Request, object]] = []
+        emitted: Emitted = []
         self._drop_cancelled()
         if self.running:
             tokens = torch.tensor([r.last for r in self.running])
@@ -171,14 +175,14 @@ class Scheduler:
         telemetry.BATCH_ROWS.observe(len(self.running))
         return emitted
 
-    def _emit(self, request: _Request, token: int) -> list[tuple[_Request, object]]:
+    def _emit(self, request: _Request, token: int) -> Emitted:
         request.generated += 1
         request.last = token
-        out: list[tuple[_Request, object]] = []
+        out: Emitted = []
         if token not in request.eos:
-            out.append((request, token))
+            out.append((request.out, token))
         if token in request.eos or request.generated >= request.max_new:
-            out.append((request, _END))
+            out.append((request.out, _END))
             self._leave(request)
         return out
 
@@ -216,7 +220,7 @@ class Scheduler:
         self.rows.add(head.context, head.tail_tokens)
         self.pending = head
 
-    def _prefill_chunk(self, request: _Request) -> list[tuple[_Request, object]]:
+    def _prefill_chunk(self, request: _Request) -> Emitted:
         assert self.rows.pending is not None
         chunk = request.prompt[request.prefilled : request.prefilled + self.config.prefill_chunk]
         logits = self.rows.prefill(self.rows.pending, chunk)

@@ -33,11 +33,11 @@ class LiveContexts:
 
     def __init__(self) -> None:
         self.alive = self.most = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the finalizer may run inside `track`'s collect
 
     def track(self, ctx: object) -> None:
+        gc.collect()  # contexts nobody holds any more are gone before counting
         with self._lock:
-            gc.collect()  # contexts nobody holds any more are gone before counting
             self.alive += 1
             self.most = max(self.most, self.alive)
         weakref.finalize(ctx, self._gone)
