@@ -123,6 +123,12 @@ class DiskTier:
         validate_key(key)
         return self._count(await asyncio.to_thread(self._read_sync, key, map_object))
 
+    async def head(self, key: str, size: int) -> tuple[bytes, int] | None:
+        """The object's first `size` bytes and its whole length, or None when missing or
+        expired: reads no more than that (a self-describing header), and verifies nothing."""
+        validate_key(key)
+        return await asyncio.to_thread(self._head_sync, key, size)
+
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Write `data` atomically (replacing), evicting first if it would not fit."""
         validate_key(key)
@@ -190,6 +196,15 @@ class DiskTier:
             key,
             ttl_s,
         )
+
+    def _head_sync(self, key: str, size: int) -> tuple[bytes, int] | None:
+        if self._expire_if_due(key):
+            return None
+        try:
+            with self._path(key).open("rb") as file:
+                return file.read(size), os.fstat(file.fileno()).st_size
+        except (FileNotFoundError, IsADirectoryError):
+            return None
 
     def _put_sync(self, key: str, data: bytes, ttl_s: float | None) -> None:
         head = header(data)

@@ -8,7 +8,10 @@ when each context's bytes may be purged, and a worker's sweep removes them from 
 
 State changes are optimistic transactions (WATCH / MULTI): PROCESSING -> READY | FAILED
 happens at most once per registration, however many workers finish the same job, and each
-transition is appended to the `{p}events` stream in the same transaction.
+transition is appended to the `{p}events` stream in the same transaction. A READY record
+that Redis lost comes back through `restore` (from the object that describes it, by a
+worker: service.serving.distributed.housekeeping), unless the context was deleted or
+expired meanwhile. Every purge is published on `{p}purges` (workers drop their copies).
 
 Ids: service.serving.ids.context_id, the same in every mode (the model identity comes from
 the workers' heartbeats).
@@ -40,6 +43,7 @@ from service.serving.records import (
 from service.types import ANY_TENANT, ContextInfo, ContextPage
 
 PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
+RESTORED = "RESTORED"  # the event of a record rebuilt from its stored object
 EVENTS_MAXLEN = 100_000
 _USAGE_BATCH = 1000  # records read per MGET when counting a tenant's usage
 
@@ -133,11 +137,7 @@ class RecordStore:
                     if admit is not None:
                         admit(await self._usage(pipe, new.record.tenant, new.id))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, new.to_json(), px=_px(new.record))
-                    created = datetime.fromisoformat(new.record.create_time).timestamp()
-                    pipe.zadd(self.keys.index(new.record.tenant), {new.id: created})
-                    pipe.zadd(self.keys.index_all, {new.id: created})
-                    pipe.zadd(self.keys.expiry, {new.id: _expires_at(new.record)})
+                    self._store(pipe, new)
                     await pipe.execute()
                     return new, True
                 except WatchError:
@@ -146,7 +146,7 @@ class RecordStore:
     async def _usage(self, client: Any, tenant: str, new_id: str) -> Usage:
         """What `tenant` holds now (its live records, other than `new_id`), read through
         `client` (a pipeline in its watching phase)."""
-        ids = [_text(i) for i in await client.zrange(self.keys.index(tenant), 0, -1)]
+        ids = [as_text(i) for i in await client.zrange(self.keys.index(tenant), 0, -1)]
         ids = [i for i in ids if i != new_id]
         records = []
         for start in range(0, len(ids), _USAGE_BATCH):
@@ -154,6 +154,39 @@ class RecordStore:
             raws = await client.mget([self.keys.context(i) for i in batch])
             records += [RemoteRecord.from_json(r).record for r in raws if r is not None]
         return usage_of(r for r in records if r.tenant == tenant)
+
+    def _store(self, pipe: Any, new: RemoteRecord) -> None:
+        """Queue the writes of a new record: the record, its places in the listings and in
+        the expiry set."""
+        pipe.set(self.keys.context(new.id), new.to_json(), px=_px(new.record))
+        created = datetime.fromisoformat(new.record.create_time).timestamp()
+        pipe.zadd(self.keys.index(new.record.tenant), {new.id: created})
+        pipe.zadd(self.keys.index_all, {new.id: created})
+        pipe.zadd(self.keys.expiry, {new.id: _expires_at(new.record)})
+
+    async def restore(self, record: ContextRecord, tiers: tuple[str, ...], worker: str) -> bool:
+        """Store the READY `record` of a context whose record Redis lost (rebuilt from its
+        stored object); False when a record exists, or when its purge is due (deleted or
+        expired: the sweep removes its bytes) or it expired."""
+        key = self.keys.context(record.id)
+        while True:
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    purge_at = await pipe.zscore(self.keys.expiry, record.id)
+                    gone = purge_at is not None and purge_at <= time.time()
+                    if record.expired() or gone or await pipe.exists(key):
+                        return False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    self._store(
+                        pipe, RemoteRecord(replace(record, state=READY), tiers, None, worker)
+                    )
+                    fields = {"event": RESTORED, "id": record.id, "worker": worker}
+                    pipe.xadd(self.keys.events, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     async def update(self, context_id: str, change: Change, event: str | None = None) -> bool:
         """Apply `change` to the record atomically; False when there is no record or
@@ -245,12 +278,14 @@ class RecordStore:
         return await self.update(context_id, change)
 
     async def delete(self, record: RemoteRecord) -> None:
-        """Remove the record now; its bytes are purged from the tiers by the next sweep."""
+        """Remove the record now, and tell the workers to drop their in-memory copies; the
+        bytes are purged from the shared tiers by the next sweep."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.context(record.id))
             pipe.zrem(self.keys.index(record.record.tenant), record.id)
             pipe.zrem(self.keys.index_all, record.id)
             pipe.zadd(self.keys.expiry, {record.id: 0})
+            pipe.publish(self.keys.purges, record.id)
             await pipe.execute()
 
     async def schedule_purge(self, context_id: str) -> None:
@@ -287,7 +322,7 @@ class RecordStore:
     ) -> tuple[list[ContextInfo], int]:
         """The rows' contexts the tenant sees after `after`, and how many expired rows were
         dropped from the index."""
-        ids = [_text(row[0]) for row in rows]
+        ids = [as_text(row[0]) for row in rows]
         raws = await self.client.mget([self.keys.context(cid) for cid in ids])
         infos, gone = [], []
         for cid, raw in zip(ids, raws, strict=True):
@@ -307,7 +342,7 @@ class RecordStore:
     async def due(self, now: float, limit: int = 100) -> list[str]:
         """Ids whose bytes may be purged (expired or deleted), oldest expiry first."""
         rows = await self.client.zrangebyscore(self.keys.expiry, "-inf", now, start=0, num=limit)
-        return [_text(row) for row in rows]
+        return [as_text(row) for row in rows]
 
     async def claim_purge(self, context_id: str, now: float) -> bool:
         """Take the purge of `context_id` (True for exactly one caller, while still due)."""
@@ -342,6 +377,7 @@ class RecordStore:
         if current is not None:
             await self.client.delete(self.keys.context(cid))
         await purge(cid)
+        await self.client.publish(self.keys.purges, cid)  # every worker's memory
         return 1
 
     async def wait_settled(self, cid: str, timeout_s: float) -> RemoteRecord:
@@ -363,7 +399,7 @@ class RecordStore:
         await self.client.zadd(self.keys.expiry, {record.id: _expires_at(record.record)})
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
