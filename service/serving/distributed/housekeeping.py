@@ -32,7 +32,8 @@ from redis.exceptions import RedisError
 from service.serving.distributed.keys import RedisKeys
 from service.serving.distributed.loops import every, sleep_or_stop
 from service.serving.distributed.protocol import Executor
-from service.serving.distributed.redis_records import RecordStore, as_text
+from service.serving.distributed.redis_records import RecordStore
+from service.serving.distributed.remote_record import as_text
 from service.serving.records import is_context_id
 from service.serving.registry import RESTORE_LIMIT
 

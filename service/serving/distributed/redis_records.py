@@ -20,11 +20,10 @@ the workers' heartbeats).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +32,12 @@ from redis.exceptions import WatchError
 
 from service.errors import ContextNotFoundError, InvalidInputError
 from service.serving.distributed.keys import RedisKeys
+from service.serving.distributed.remote_record import (
+    RemoteRecord,
+    as_text,
+    expires_at,
+    px,
+)
 from service.serving.quota import Usage, usage_of
 from service.serving.records import (
     ContextRecord,
@@ -46,59 +51,6 @@ PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
 RESTORED = "RESTORED"  # the event of a record rebuilt from its stored object
 EVENTS_MAXLEN = 100_000
 _USAGE_BATCH = 1000  # records read per MGET when counting a tenant's usage
-
-
-@dataclass(frozen=True)
-class RemoteRecord:
-    """A context record as the distributed mode stores it."""
-
-    record: ContextRecord
-    tiers: tuple[str, ...] = ()  # where the bytes were written ("disk", "redis")
-    failure: dict[str, Any] | None = None  # jobs.error_payload of why it FAILED
-    worker: str | None = None  # the worker that made it READY or FAILED
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def state(self) -> str:
-        return self.record.state
-
-    def info(self) -> ContextInfo:
-        return self.record.info()
-
-    def to_json(self) -> bytes:
-        body = {
-            "record": asdict(self.record),
-            "tiers": list(self.tiers),
-            "failure": self.failure,
-            "worker": self.worker,
-        }
-        return json.dumps(body, sort_keys=True).encode()
-
-    @staticmethod
-    def from_json(data: bytes | str) -> RemoteRecord:
-        body = json.loads(data)
-        return RemoteRecord(
-            record=ContextRecord(**body["record"]),
-            tiers=tuple(body.get("tiers") or ()),
-            failure=body.get("failure"),
-            worker=body.get("worker"),
-        )
-
-
-def _expires_at(record: ContextRecord) -> float:
-    """Unix seconds of the record's expiry (+inf for never)."""
-    if record.expire_time is None:
-        return math.inf
-    return datetime.fromisoformat(record.expire_time).timestamp()
-
-
-def _px(record: ContextRecord) -> int | None:
-    """Milliseconds the record key should live (None: no expiry)."""
-    at = _expires_at(record)
-    return None if math.isinf(at) else max(1, int((at - time.time()) * 1000))
 
 
 Change = Callable[[RemoteRecord], RemoteRecord | None]
@@ -158,11 +110,11 @@ class RecordStore:
     def _store(self, pipe: Any, new: RemoteRecord) -> None:
         """Queue the writes of a new record: the record, its places in the listings and in
         the expiry set."""
-        pipe.set(self.keys.context(new.id), new.to_json(), px=_px(new.record))
+        pipe.set(self.keys.context(new.id), new.to_json(), px=px(new.record))
         created = datetime.fromisoformat(new.record.create_time).timestamp()
         pipe.zadd(self.keys.index(new.record.tenant), {new.id: created})
         pipe.zadd(self.keys.index_all, {new.id: created})
-        pipe.zadd(self.keys.expiry, {new.id: _expires_at(new.record)})
+        pipe.zadd(self.keys.expiry, {new.id: expires_at(new.record)})
 
     async def restore(self, record: ContextRecord, tiers: tuple[str, ...], worker: str) -> bool:
         """Store the READY `record` of a context whose record Redis lost (rebuilt from its
@@ -207,8 +159,8 @@ class RecordStore:
                     if new.record.expire_time == old.record.expire_time:
                         pipe.set(key, new.to_json(), keepttl=True)
                     else:
-                        pipe.set(key, new.to_json(), px=_px(new.record))
-                        pipe.zadd(self.keys.expiry, {context_id: _expires_at(new.record)})
+                        pipe.set(key, new.to_json(), px=px(new.record))
+                        pipe.zadd(self.keys.expiry, {context_id: expires_at(new.record)})
                     if event is not None:
                         fields = {"event": event, "id": context_id, "worker": new.worker or ""}
                         pipe.xadd(
@@ -396,11 +348,7 @@ class RecordStore:
 
     async def reschedule(self, record: RemoteRecord) -> None:
         """The record outlives its entry in the expiry set (clock skew): put it right."""
-        await self.client.zadd(self.keys.expiry, {record.id: _expires_at(record.record)})
-
-
-def as_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        await self.client.zadd(self.keys.expiry, {record.id: expires_at(record.record)})
 
 
 _CLAIM_PURGE = """

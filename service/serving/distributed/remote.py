@@ -50,12 +50,8 @@ from service.serving.distributed.jobs import (
     error_from_payload,
 )
 from service.serving.distributed.keys import RedisKeys
-from service.serving.distributed.redis_records import (
-    FAILED,
-    PROCESSING,
-    RecordStore,
-    RemoteRecord,
-)
+from service.serving.distributed.redis_records import FAILED, PROCESSING, RecordStore
+from service.serving.distributed.remote_record import RemoteRecord
 from service.serving.distributed.transport import JobQueue, ReplyReader
 from service.serving.ids import context_id
 from service.serving.quota import check_quota
