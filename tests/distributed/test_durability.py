@@ -169,7 +169,7 @@ async def test_a_purge_drops_the_resident_copy_of_a_real_worker(
 class BrokenAnswers(FakeExecutor):
     """Ingests fine; fails every answer with an error full of internals."""
 
-    async def answer(self, job):  # type: ignore[no-untyped-def,override]
+    async def answer(self, job, expire_time=None):  # type: ignore[no-untyped-def,override]
         raise RuntimeError("cannot map /srv/models/weights.bin: out of host memory")
         yield  # pragma: no cover (an async generator)
 
