@@ -18,7 +18,7 @@ current and that README.md names every variable.
 | `question_reserve_tokens` | `KVZIP_QUESTION_RESERVE_TOKENS` | `384` | Window kept for Q and A |
 | `compile_decode` | `KVZIP_COMPILE_DECODE` | `False` | torch.compile the decode step |
 | `data_dir` | `KVZIP_DATA_DIR` | `data` | Disk tier directory |
-| `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Memory tier size (or 2GiB) |
+| `memory_cache_bytes` | `KVZIP_MEMORY_CACHE_BYTES` | `2147483648` | Resident contexts (or 2GiB) |
 | `disk_capacity_bytes` | `KVZIP_DISK_CAPACITY_BYTES` | `53687091200` | Disk cap (50GiB; 0: none) |
 | `queue_size` | `KVZIP_QUEUE_SIZE` | `64` | Max jobs waiting for the engine |
 | `max_new_tokens_limit` | `KVZIP_MAX_NEW_TOKENS_LIMIT` | `1024` | Upper bound on max_new_tokens |
@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     # service
     data_dir: Path = Field(default=_SERVICE.data_dir, description="Disk tier directory")
     memory_cache_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
-        default=ByteSize(_SERVICE.memory_cache_bytes), description="Memory tier size (or 2GiB)"
+        default=ByteSize(_SERVICE.memory_cache_bytes), description="Resident contexts (or 2GiB)"
     )
     disk_capacity_bytes: Annotated[ByteSize, Field(ge=0)] = Field(
         default=ByteSize(_SERVICE.disk_capacity_bytes or 0),

@@ -3,7 +3,10 @@
 Tensors: layers.{l}.keys / values (N_l, d) in the KV dtype, layers.{l}.cu_lens int32 (H+1),
 layers.{l}.scores fp32 (N_l), layers.{l}.positions int32 (N_l), context_ids int32.
 `__metadata__` (strings): format_version, model, model_fingerprint, tokenizer_fingerprint,
-dtype, prefix_len, context_len, n_layers, method, ratio, chunk_size, created_at.
+dtype, prefix_len, context_len, n_layers, method, ratio, chunk_size, created_at, and
+`record`: the context's record (tenant, times, expiry, ...; service.serving.records), so that
+a record lost with Redis or deleted from disk is rebuilt from the object alone. Readers ignore
+entries they do not know, so objects without `record` still load.
 
 Quantized keys/values (service.engine.quantization) make a format version 2 object: the
 metadata adds `quantization` (fp8 | int4) and `group_size`, `dtype` is the dtype they were
@@ -17,8 +20,8 @@ floats. Never pickle: decoding is safetensors only and refuses foreign or broken
 
 from __future__ import annotations
 
-import json
 import struct
+from collections.abc import Mapping
 
 import torch
 
@@ -27,6 +30,9 @@ from service.engine.fingerprints import FORMAT_VERSION, ModelIdentity
 from service.engine.kvcache import CompressedContext, RaggedLayer
 from service.engine.tensor_blob import ByteSource, pack, unpack
 from service.errors import CorruptContextError, IncompatibleContextError
+from service.metadata import read_metadata
+
+__all__ = ["check_compatible", "decode", "encode", "read_metadata", "stored_quantization"]
 
 QUANTIZED_FORMAT_VERSION = "2"
 """The format version of objects whose keys/values are quantized (fp8, int4)."""
@@ -40,9 +46,11 @@ def encode(
     identity: ModelIdentity,
     quantization_scheme: str = "none",
     group_size: int = DEFAULT_GROUP_SIZE,
+    extra: Mapping[str, str] | None = None,
 ) -> bytes:
     """CompressedContext -> safetensors bytes (quantized where the context lives, then
-    copied to the CPU)."""
+    copied to the CPU). `extra`: more metadata entries (the context's record, so that the
+    object describes itself: service.serving.records.describe)."""
     tensors = {"context_ids": context.context_ids.to(torch.int32)}
     compact = quantization_scheme != "none"
     for i, layer in enumerate(context.layers):
@@ -54,7 +62,8 @@ def encode(
                 tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int16)
         for name, t in quantization.quantize(layer, quantization_scheme, group_size).items():
             tensors[f"layers.{i}.{name}"] = t
-    return pack(tensors, _metadata(context, identity, quantization_scheme, group_size))
+    meta = _metadata(context, identity, quantization_scheme, group_size)
+    return pack(tensors, {**(extra or {}), **meta})
 
 
 def _metadata(
@@ -80,20 +89,6 @@ def _metadata(
             "quantization": scheme,
             "group_size": str(group_size),
         }
-    return meta
-
-
-def read_metadata(data: ByteSource) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob; CorruptContextError when it does not parse."""
-    try:
-        view = memoryview(data).cast("B")
-        (size,) = struct.unpack("<Q", view[:8])
-        header = json.loads(bytes(view[8 : 8 + size]))
-        meta = header["__metadata__"]
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise CorruptContextError(f"stored context does not parse as safetensors: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise CorruptContextError("stored context has no metadata")
     return meta
 
 

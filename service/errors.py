@@ -111,3 +111,12 @@ class QueueFullError(ServiceError):
 
 class EngineUnavailableError(ServiceError):
     """No engine can take the work (model not loaded, no live worker, storage down)."""
+
+
+def public_message(exc: BaseException, doing: str) -> str:
+    """What a tenant may read of `exc`: a domain error's own message; of anything else, only
+    its class and what was being done (`doing`, e.g. "ingesting"): the details, which may
+    name files, devices or internals, go to the server's log."""
+    if isinstance(exc, ServiceError):
+        return str(exc)
+    return f"internal error while {doing} ({type(exc).__name__}); details are in the server log"

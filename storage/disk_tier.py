@@ -53,6 +53,7 @@ from storage._disk_files import (
     TEMP_SUFFIX,
     Damaged,
     FileInfo,
+    framed,
     header,
     is_key,
     map_object,
@@ -123,6 +124,13 @@ class DiskTier:
         validate_key(key)
         return self._count(await asyncio.to_thread(self._read_sync, key, map_object))
 
+    async def head(self, key: str, size: int) -> tuple[bytes, int] | None:
+        """The object's first `size` bytes and its whole length (past the checksum header
+        of a framed file), or None when missing or expired: reads no more than that (a
+        self-describing header), and verifies nothing."""
+        validate_key(key)
+        return await asyncio.to_thread(self._head_sync, key, size)
+
     async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         """Write `data` atomically (replacing), evicting first if it would not fit."""
         validate_key(key)
@@ -190,6 +198,19 @@ class DiskTier:
             key,
             ttl_s,
         )
+
+    def _head_sync(self, key: str, size: int) -> tuple[bytes, int] | None:
+        if self._expire_if_due(key):
+            return None
+        try:
+            with self._path(key).open("rb") as file:
+                total = os.fstat(file.fileno()).st_size
+                start = file.read(HEADER_BYTES)
+                if framed(start):  # the object's bytes follow the checksum header
+                    return file.read(size), total - HEADER_BYTES
+                return (start + file.read(max(0, size - len(start))))[:size], total
+        except (FileNotFoundError, IsADirectoryError):
+            return None
 
     def _put_sync(self, key: str, data: bytes, ttl_s: float | None) -> None:
         head = header(data)

@@ -6,10 +6,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
-from app import metrics
-from app.answers import start_answer
+from app.answers import CLIENT_GONE, start_answer, whole_answer
 from app.auth import PrincipalDep
 from app.dependencies import ContextIdDep, ServiceDep, SettingsDep, require_text
 from app.errors import documented, invalid_field, limit_exceeded
@@ -191,6 +190,7 @@ async def query_context(
     body: QueryCreate,
     service: ServiceDep,
     settings: SettingsDep,
+    http: Request,
 ) -> QueryPublic | Response:
     """Answer one question from the compressed context.
 
@@ -217,8 +217,9 @@ async def query_context(
     if body.stream:
         events = await start_answer(service, context_id, request)
         return EventStreamResponse(_answer_events(events))
-    result = await service.query(context_id, request)
-    metrics.observe_answer(result)
+    result = await whole_answer(http, service, context_id, request)
+    if result is None:  # the client went away: its generation was stopped
+        return Response(status_code=CLIENT_GONE)
     return QueryPublic.from_result(result)
 
 

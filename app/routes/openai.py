@@ -16,10 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from app import metrics
-from app.answers import start_answer
+from app.answers import CLIENT_GONE, start_answer, whole_answer
 from app.auth import PrincipalDep
 from app.dependencies import ServiceDep, SettingsDep, require_text
 from app.errors import documented, error_response, limit_exceeded
@@ -78,7 +77,11 @@ async def list_models(principal: PrincipalDep, service: ServiceDep) -> ModelList
     },
 )
 async def create_chat_completion(
-    principal: PrincipalDep, body: ChatCompletionCreate, service: ServiceDep, settings: SettingsDep
+    principal: PrincipalDep,
+    body: ChatCompletionCreate,
+    service: ServiceDep,
+    settings: SettingsDep,
+    http: Request,
 ) -> Any:
     """Answer the last user message from the compressed context `context_id`, after the
     system messages (instructions) and the earlier turns of the conversation."""
@@ -104,8 +107,9 @@ async def create_chat_completion(
         usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = _chunks(events, completion_id, service.model_name, usage)
         return EventStreamResponse(chunks)
-    result = await service.query(body.context_id, request)
-    metrics.observe_answer(result)
+    result = await whole_answer(http, service, body.context_id, request)
+    if result is None:  # the client went away: its generation was stopped
+        return Response(status_code=CLIENT_GONE)
     return _completion(result, completion_id, service.model_name)
 
 

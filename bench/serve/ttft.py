@@ -4,11 +4,13 @@
 
 One 8B-shaped (or loaded) model, the production app on a loopback port, one registered
 document of `--context-tokens` at kvzip `--ratio`. TTFT = latency of a non-streamed query
-with `max_new_tokens` = 1 (question prefill + first token + HTTP), median of `--repeats`:
+with `max_new_tokens` = 1 (question prefill + first token + HTTP), median of `--repeats`,
+for each stored `--quantization` (none, fp8, int4):
 - resident: the decoded context is on the device (the second query onwards);
 - page cache: dropped from the device and the memory tier, the object read (memory-mapped)
   from the disk tier with the file in the OS page cache;
-- dropped: the same after `posix_fadvise(DONTNEED)` on every stored file (cold disk).
+- dropped: the same after `posix_fadvise(DONTNEED)` on every stored file (cold disk);
+and the decode speed from the resident (dequantized) copy: a 65-token answer less the TTFT.
 Against: a re-prefill = transformers' own prefill of the document (warm, timed on the same
 model) + the resident TTFT; and the disk bound = stored bytes ÷ the disk's read bandwidth
 with 4 threads, page cache dropped, measured in the same run.
@@ -81,11 +83,61 @@ def _forget(service: Any, cid: str) -> None:
     asyncio.run(clear())
 
 
-def _query_s(client: httpx.Client, cid: str, question: str) -> float:
+def _query_s(client: httpx.Client, cid: str, question: str, new_tokens: int = 1) -> float:
+    return _query(client, cid, question, new_tokens)[0]
+
+
+def _query(client: httpx.Client, cid: str, question: str, new_tokens: int) -> tuple[float, int]:
+    """(seconds, tokens generated) of one non-streamed query."""
     t0 = time.perf_counter()
-    r = client.post(f"/contexts/{cid}/query", json={"question": question, "max_new_tokens": 1})
+    body = {"question": question, "max_new_tokens": new_tokens}
+    r = client.post(f"/contexts/{cid}/query", json=body)
     r.raise_for_status()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, int(r.json()["usage"]["completion_tokens"])
+
+
+def _measure_one(
+    client: httpx.Client, service: Any, data_dir: Path, text: str, question: str,
+    args: argparse.Namespace, quantization: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Register `text` stored with `quantization`; TTFT by where the context is."""
+    compression = {"method": args.method, "ratio": args.ratio, "quantization": quantization}
+    r = client.post("/contexts", json={"text": text, "compression": compression})
+    r.raise_for_status()
+    cid, stored = r.json()["id"], r.json().get("bytes")
+    _query_s(client, cid, question)  # warm-up (kernels, allocator)
+    runs: dict[str, list[float]] = {"resident": [], "page_cache": [], "dropped": []}
+    for _ in range(args.repeats):
+        runs["resident"].append(_query_s(client, cid, question))
+    seconds, tokens = _query(client, cid, question, 65)  # decode speed from the resident copy
+    decode_ms = (seconds - statistics.median(runs["resident"])) / max(tokens - 1, 1) * 1000
+    for _ in range(args.repeats):
+        _forget(service, cid)
+        _query_s(client, cid, question)  # one read to fill the page cache
+        _forget(service, cid)
+        runs["page_cache"].append(_query_s(client, cid, question))
+    for _ in range(args.repeats):
+        _forget(service, cid)
+        _drop_page_cache(data_dir)
+        runs["dropped"].append(_query_s(client, cid, question))
+    path = next(data_dir.rglob(f"*{cid}*.safetensors"))  # the stored object
+    object_bytes = path.stat().st_size
+    gbps = disk_read_gbps(path)
+    ttft = {k: statistics.median(v) for k, v in runs.items()}
+    client.delete(f"/contexts/{cid}")
+    return {
+        "context_id": cid,
+        "stored_bytes": stored,
+        "object_bytes": object_bytes,
+        "runs_s": runs,
+        "ttft_s": ttft,
+        "load_gbps_page_cache": object_bytes
+        / max(ttft["page_cache"] - ttft["resident"], 1e-9)
+        / 1e9,
+        "disk_read_gbps_4_threads": gbps,
+        "decode_ms_per_token": decode_ms,
+        "decode_tokens": tokens,
+    }
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,48 +147,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     doc = build_documents(engine.tokenizer, "haystack", 1, args.context_tokens)[0]
     prefill_s = plain_prefill(engine.model, engine.encode_document(doc.text).all_ids)[0]
     out: dict[str, Any] = {"machine": machine(engine), "settings": vars(args) | {"out": None}}
-    out.update(context_tokens=doc.tokens, plain_prefill_s=prefill_s)
-    question = doc.questions[0]
+    out.update(context_tokens=doc.tokens, plain_prefill_s=prefill_s, by_quantization={})
     with tempfile.TemporaryDirectory(prefix="kvzip-ttft-", dir=args.data_root) as data_dir:
         app, service = build_app_and_service(args, engine, Path(data_dir))
         timeout = httpx.Timeout(1800.0, connect=30.0)
         with serving(app) as url, httpx.Client(base_url=url, timeout=timeout) as client:
-            body = {"text": doc.text, "compression": {"method": args.method, "ratio": args.ratio}}
-            r = client.post("/contexts", json=body)
-            r.raise_for_status()
-            cid, stored = r.json()["id"], r.json().get("bytes")
-            _query_s(client, cid, question)  # warm-up (kernels, allocator)
-            runs: dict[str, list[float]] = {"resident": [], "page_cache": [], "dropped": []}
-            for _ in range(args.repeats):
-                runs["resident"].append(_query_s(client, cid, question))
-            for _ in range(args.repeats):
-                _forget(service, cid)
-                _query_s(client, cid, question)  # one read to fill the page cache
-                _forget(service, cid)
-                runs["page_cache"].append(_query_s(client, cid, question))
-            for _ in range(args.repeats):
-                _forget(service, cid)
-                _drop_page_cache(Path(data_dir))
-                runs["dropped"].append(_query_s(client, cid, question))
-            files = [p for p in Path(data_dir).rglob("*") if p.is_file()]
-            biggest = max(files, key=lambda p: p.stat().st_size)
-            object_bytes = biggest.stat().st_size
-            gbps = disk_read_gbps(biggest)
-    ttft = {k: statistics.median(v) for k, v in runs.items()}
-    reprefill = prefill_s + ttft["resident"]
-    disk_bound = object_bytes / (gbps * 1e9)
-    out.update(
-        context_id=cid,
-        stored_bytes=stored,
-        object_bytes=object_bytes,
-        runs_s=runs,
-        ttft_s=ttft,
-        reprefill_s=reprefill,
-        ttft_over_reprefill={k: v / reprefill for k, v in ttft.items()},
-        disk_read_gbps_4_threads=gbps,
-        disk_bound_s=disk_bound,
-        dropped_over_disk_bound=ttft["dropped"] / disk_bound,
-    )
+            for quantization in args.quantization:
+                row = _measure_one(
+                    client, service, Path(data_dir), doc.text, doc.questions[0], args, quantization
+                )
+                gbps = row["disk_read_gbps_4_threads"]
+                reprefill = prefill_s + row["ttft_s"]["resident"]
+                disk_bound = row["object_bytes"] / (gbps * 1e9)
+                row.update(
+                    reprefill_s=reprefill,
+                    ttft_over_reprefill={k: v / reprefill for k, v in row["ttft_s"].items()},
+                    disk_bound_s=disk_bound,
+                    dropped_over_disk_bound=row["ttft_s"]["dropped"] / disk_bound,
+                )
+                out["by_quantization"][quantization] = row
+                print(quantization, json.dumps(row, default=str), flush=True)
     return out
 
 
@@ -152,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--method", default="kvzip")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quantization", nargs="+", default=["none", "fp8", "int4"])
     p.add_argument("--data-root", default=None, help="where the disk tier lives (a real disk)")
     p.add_argument("--out", type=Path, default=Path("bench/results/ttft-cuda.json"))
     args = p.parse_args(argv)
@@ -161,11 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(json.dumps({k: result[k] for k in ("ttft_s", "reprefill_s", "ttft_over_reprefill")}))
-    print(
-        f"disk {result['disk_read_gbps_4_threads']:.2f} GB/s, bound {result['disk_bound_s']:.3f} s,"
-        f" dropped / bound {result['dropped_over_disk_bound']:.2f}"
-    )
+    for name, row in result["by_quantization"].items():
+        ratios = {k: round(v, 3) for k, v in row["ttft_over_reprefill"].items()}
+        print(
+            f"{name}: {row['object_bytes'] / 1e9:.2f} GB, TTFT / re-prefill {ratios}, disk "
+            f"{row['disk_read_gbps_4_threads']:.2f} GB/s, dropped / disk bound "
+            f"{row['dropped_over_disk_bound']:.2f}, load {row['load_gbps_page_cache']:.1f} GB/s, "
+            f"decode {row['decode_ms_per_token']:.1f} ms/token"
+        )
 
 
 if __name__ == "__main__":

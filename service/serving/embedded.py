@@ -9,8 +9,9 @@ instruction joins the protected prefix) and starts an ingest task. While it runs
 context is PROCESSING, in memory, with the fraction of tokens scored; the pipeline stores
 the blob and then the READY record (the commit point). An unwaited ingest that fails stays
 visible as FAILED until it expires or is deleted. The record owns the expiry: an expired
-context answers 404 and is purged from every tier, on lookup and by a periodic sweep. A
-context whose stored cache was lost is a FAILED record until registered again.
+context answers 404 and is purged from every tier, on lookup and by a periodic sweep, which
+first rebuilds the records lost from the disk from the objects that describe them. A context
+whose stored cache was lost is a FAILED record until registered again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -114,8 +115,10 @@ class EmbeddedContextService:
         cid = pipeline.context_id(checked)
         for known in (cid, pipeline.legacy_id(checked, doc)):  # ids of older versions too
             record = await self.registry.record(known, request.tenant)
-            if record is not None and record.state != FAILED:  # FAILED: ingest it again
-                return (await self.registry.extend(record, checked.ttl_s)).info(), False
+            if record is None or record.state == FAILED:  # FAILED: ingest it again
+                continue
+            if kept := await self.registry.extend(record, checked.ttl_s):
+                return kept.info(), False
         async with self._admission:  # the quota check and the in-flight slot it grants
             running = self.inflight.get(cid, request.tenant)
             created = running is None or running.record.state == FAILED
@@ -188,9 +191,12 @@ class EmbeddedContextService:
         if (ingest := self.inflight.get(context_id, tenant)) is not None:
             ingest.set_expiry(expire)
             return ingest.info()
-        record = await self._require(context_id, tenant, ready=False)
-        record = replace(record, expire_time=expire)
-        await self.registry.put(record)
+        await self._require(context_id, tenant, ready=False)
+        record = await self.registry.update(
+            context_id, tenant, lambda current: replace(current, expire_time=expire)
+        )  # under the context's lock: a DELETE cannot land between the read and the write
+        if record is None:
+            raise ContextNotFoundError(context_id)
         return record.info()
 
     async def list_contexts(
@@ -207,13 +213,11 @@ class EmbeddedContextService:
         return purged
 
     async def _sweep_forever(self) -> None:
+        """Rebuild the records lost from disk, then purge expired contexts now and then."""
+        await _logged(self.registry.restore_missing, "records rebuilt from stored objects")
         while True:
             await asyncio.sleep(self.config.sweep_interval_s)
-            try:
-                if purged := await self.purge_expired():
-                    log.info("expiry sweep purged %d contexts", purged)
-            except Exception:
-                log.exception("expiry sweep failed")
+            await _logged(self.purge_expired, "expired contexts purged")
 
     # -- queries ------------------------------------------------------------------------
 
@@ -235,6 +239,14 @@ class EmbeddedContextService:
             result = event.result or result
         assert result is not None
         return result
+
+
+async def _logged(step: Callable[[], Awaitable[int]], what: str) -> None:
+    try:
+        if done := await step():
+            log.info("%s: %d", what, done)
+    except Exception:
+        log.exception("%s: failed", what)
 
 
 def build_embedded_service(

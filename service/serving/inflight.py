@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from service import telemetry
-from service.errors import ContextNotFoundError, QueueFullError
+from service.errors import ContextNotFoundError, QueueFullError, public_message
 from service.serving.records import ContextRecord
 from service.types import ANY_TENANT, ContextInfo
 
@@ -119,8 +119,8 @@ class InFlight:
             ingest.future.set_exception(outcome)
             ingest.future.exception()  # retrieved: waiters re-raise it, nobody else must
             if not (aborted or ingest.waited or isinstance(outcome, QueueFullError)):
-                log.warning("context %s failed to ingest: %r", ingest.record.id, outcome)
-                error = str(outcome) or repr(outcome)
+                log.warning("context %s failed to ingest", ingest.record.id, exc_info=outcome)
+                error = public_message(outcome, "ingesting")  # no internals for tenants
                 ingest.record = replace(ingest.record, state=FAILED, error=error)
                 return
         self._forget(ingest)

@@ -2,8 +2,12 @@
 
     ingest:  document ─► tokens ─► length check ─► engine.ingest (prefill, score, select;
              on the engine thread) ─► codec ─► registry.commit (blob, then record) ─► resident
-    answer:  READY record ─► resident or tiers ─► decode ─► (re-select) ─► question tokens
+    answer:  READY record ─► hold (ContextHolds: decoded contexts within the KV budget)
+             ─► resident or tiers ─► decode ─► (re-select) ─► question tokens
              ─► window check ─► generate on the engine thread ─► text deltas ─► QueryResult
+
+The stored object describes its record (records.describe), so the record can be rebuilt
+from the object alone.
 
 The embedded service and a distributed worker's executor both call these; neither writes
 any step of it again. Requests reach it validated (service.serving.validation).
@@ -14,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 
 from service import codec, telemetry
@@ -32,8 +38,9 @@ from service.errors import (
     QuestionTooLongError,
 )
 from service.serving.engine_thread import EngineWorker
+from service.serving.holds import ContextHolds, decoded_bytes
 from service.serving.ids import context_id, legacy_context_id
-from service.serving.records import READY, ContextRecord
+from service.serving.records import READY, ContextRecord, describe
 from service.serving.registry import ContextRegistry
 from service.serving.resident import ResidentContexts
 from service.serving.scheduler import Scheduler
@@ -44,6 +51,8 @@ from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings, T
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
+LAYOUTS = 256
+"""Prompt layouts kept (one per system instruction, least recently used dropped)."""
 
 
 class IngestAborted(Exception):
@@ -64,14 +73,19 @@ class Pipeline:
         self.config, self.engine, self.registry = config, engine, registry
         self.thread, self.resident = thread, resident
         registry.on_purge.append(resident.drop)
+        if engine.model.device.type == "cpu":  # decoded contexts are in host memory already
+            registry.keep_no_bytes_in_memory()
         self.scheduler = Scheduler(engine.model, engine.eos_ids, thread, config.batching)
+        batching = config.batching
+        self.holds = ContextHolds(batching.kv_budget_bytes, batching.queue_size)
         self.identity = {
             "model": engine.identity.name,
             "model_fingerprint": engine.identity.model_fingerprint,
             "tokenizer_fingerprint": engine.identity.tokenizer_fingerprint,
             "format_version": FORMAT_VERSION,
         }
-        self._layouts: dict[str | None, PromptLayout] = {}
+        self._layouts: OrderedDict[str | None, PromptLayout] = OrderedDict()
+        self._layouts_lock = threading.Lock()  # question_ids runs in worker threads
         self._loading: dict[str, asyncio.Future[CompressedContext]] = {}
 
     async def close(self) -> None:
@@ -123,7 +137,10 @@ class Pipeline:
         ctx, timings = await self.thread.run(self.engine.ingest, doc, compression, progress)
         started = time.perf_counter()
         scheme, group = compression.quantization, compression.group_size
-        blob = await asyncio.to_thread(codec.encode, ctx, self.engine.identity, scheme, group)
+        described = describe(ready_record(current(), ctx, 0))  # the object tells its record
+        blob = await asyncio.to_thread(
+            codec.encode, ctx, self.engine.identity, scheme, group, described
+        )
         if compression.quantization != "none":  # resident = what a later load decodes
             ctx = await asyncio.to_thread(self._decode, blob)
         await self._abort_if(aborted, current().id)
@@ -194,10 +211,21 @@ class Pipeline:
     ) -> list[int]:
         """The question side of the prompt in the layout the context was ingested with (its
         system prompt): the request's instructions, earlier turns, then the question."""
-        if system not in self._layouts:
-            self._layouts[system] = build_layout(self.engine.tokenizer, system)
-        layout = self._layouts[system]
-        return question_ids(layout, self.engine.tokenizer, question, instructions, history)
+        return question_ids(
+            self._layout(system), self.engine.tokenizer, question, instructions, history
+        )
+
+    def _layout(self, system: str | None) -> PromptLayout:
+        """The prompt layout of `system`, from an LRU of LAYOUTS (tenants choose `system`)."""
+        with self._layouts_lock:
+            layout = self._layouts.pop(system, None)
+        if layout is None:
+            layout = build_layout(self.engine.tokenizer, system)
+        with self._layouts_lock:
+            self._layouts[system] = layout
+            while len(self._layouts) > LAYOUTS:
+                self._layouts.popitem(last=False)
+        return layout
 
     async def _prepared(
         self, record: ContextRecord, request: QueryRequest
@@ -230,9 +258,21 @@ class Pipeline:
     ) -> AsyncIterator[QueryEvent]:
         """Text deltas as tokens arrive, then one event with the QueryResult.
 
-        Stops at the first stop sequence (left out of the answer). Closing this iterator
-        early (the client went away) stops the generation at its next token.
+        Waits first until the context may be held (ContextHolds: QueueFullError when too
+        many wait). Stops at the first stop sequence (left out of the answer). Closing this
+        iterator early (the client went away) stops the generation at its next token.
         """
+        size = decoded_bytes(record, self.engine.model.dtype.itemsize)
+        async with (
+            self.holds.hold(record.id, size),
+            contextlib.aclosing(self._answer(record, request)) as events,
+        ):
+            async for event in events:
+                yield event
+
+    async def _answer(
+        self, record: ContextRecord, request: QueryRequest
+    ) -> AsyncGenerator[QueryEvent, None]:
         start = time.perf_counter()
         ctx, prompt, load_s = await self._prepared(record, request)
         text = TextStream(self.engine.decode, request.sampling.stop)

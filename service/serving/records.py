@@ -1,7 +1,9 @@
 """Context records: the small JSON document that says a context exists and what it is.
 
 Stored next to the compressed blob under `<id>.json`; written after the blob, so a record
-always points at a complete object. (No torch here.)
+always points at a complete object. The blob describes its record too (`describe`, in its
+safetensors metadata), so a record that is lost (Redis flushed, the file deleted) is rebuilt
+from the blob alone (`described_record`). (No torch here.)
 """
 
 from __future__ import annotations
@@ -10,15 +12,21 @@ import base64
 import binascii
 import builtins
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 
 from service.errors import InvalidInputError
 from service.types import ANY_TENANT, CompressionStats, ContextInfo, ContextPage
 
+log = logging.getLogger(__name__)
+
 PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
 BLOB_SUFFIX = ".safetensors"
+DESCRIPTION = "record"
+"""The metadata entry of a stored object that holds its record (JSON)."""
+_UNDESCRIBED = ("bytes", "state", "progress", "error")  # what the object itself says
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,40 @@ def record_key(context_id: str) -> str:
     return f"{context_id}.json"
 
 
+def is_context_id(cid: str) -> bool:
+    """True for an id shaped like the ones this service gives (`ctx_` + 32 hex digits)."""
+    digits = cid.removeprefix("ctx_")
+    return len(cid) == 36 and len(digits) == 32 and not digits.strip("0123456789abcdef")
+
+
+def describe(record: ContextRecord) -> dict[str, str]:
+    """The metadata entry that lets a stored object stand for its record: every field but
+    those the object gives by itself (its size; that it exists, so READY)."""
+    body = {k: v for k, v in asdict(record).items() if k not in _UNDESCRIBED}
+    return {DESCRIPTION: json.dumps(body, sort_keys=True)}
+
+
+def described_record(cid: str, meta: Mapping[str, str], nbytes: int) -> ContextRecord | None:
+    """The READY record a stored object of `nbytes` bytes describes, or None when its
+    metadata holds no record (objects written before it did), another id's, or a broken one."""
+    raw = meta.get(DESCRIPTION)
+    if raw is None:
+        return None
+    known = {f.name for f in fields(ContextRecord)} - set(_UNDESCRIBED)
+    try:
+        body = json.loads(raw)
+        given = {k: v for k, v in body.items() if k in known}
+        record = ContextRecord(**given, bytes=nbytes, state=READY, progress=1.0, error=None)
+        record.info()  # its times and numbers parse too
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.error("the object of %s describes no usable record (%s)", cid, exc)
+        return None
+    if record.id != cid:
+        log.error("the object stored as %s describes %s; not restored", cid, record.id)
+        return None
+    return record
+
+
 def listing_order(info: ContextInfo) -> tuple[float, str]:
     """Listing order: oldest first, ties by id."""
     return info.create_time.timestamp(), info.id
@@ -120,10 +162,7 @@ def decode_page_token(token: str) -> tuple[float, str]:
         raise refused from exc
     if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not isinstance(cid, str):
         raise refused
-    if not 0.0 <= stamp <= latest:  # also False for NaN, and no float() of a huge int
-        raise refused
-    hex_digits = cid.removeprefix("ctx_")
-    if len(cid) != 36 or len(hex_digits) != 32 or hex_digits.strip("0123456789abcdef"):
+    if not 0.0 <= stamp <= latest or not is_context_id(cid):  # NaN too; no float() of a huge int
         raise refused
     return float(stamp), cid
 

@@ -45,6 +45,10 @@ from service.types import SamplingParams
 log = logging.getLogger(__name__)
 
 _END = object()
+Emitted = list[tuple["asyncio.Queue[object]", object]]
+"""(a request's output queue, a token / _END / an error): what an iteration hands to the
+loop. The queue, not the request: the engine thread then holds no reference to a finished
+request's context while the loop goes on (its memory is freed as its answer ends)."""
 BURST_S = 0.05  # engine-thread time of decode steps before other engine work may run
 
 
@@ -128,9 +132,9 @@ class Scheduler:
         next step."""
         loop = asyncio.get_running_loop()
 
-        def dispatch(emitted: list[tuple[_Request, object]]) -> None:
-            for request, item in emitted:
-                request.out.put_nowait(item)
+        def dispatch(emitted: Emitted) -> None:
+            for out, item in emitted:
+                out.put_nowait(item)
 
         def burst() -> None:  # engine thread; other engine work waits at most BURST_S
             deadline = time.monotonic() + BURST_S
@@ -147,7 +151,7 @@ class Scheduler:
                 await self.thread.run(burst, admit=False)
             except Exception as exc:  # a failed step fails every request in it
                 log.exception("decode iteration failed")
-                dispatch([(r, exc) for r in self._abort_all()])
+                dispatch([(r.out, exc) for r in self._abort_all()])
 
     def _abort_all(self) -> list[_Request]:
         requests = [*self.running, *self.pending]
@@ -157,9 +161,9 @@ class Scheduler:
 
     # -- the engine thread ---------------------------------------------------------------
 
-    def _iteration(self) -> list[tuple[_Request, object]]:
+    def _iteration(self) -> Emitted:
         """One step of every decoding row, one prefill chunk, admission (engine thread)."""
-        emitted: list[tuple[_Request, object]] = []
+        emitted: Emitted = []
         self._drop_cancelled()
         if self.running:
             started = time.perf_counter()
@@ -176,14 +180,14 @@ class Scheduler:
         telemetry.BATCH_ROWS.observe(len(self.running))
         return emitted
 
-    def _emit(self, request: _Request, token: int) -> list[tuple[_Request, object]]:
+    def _emit(self, request: _Request, token: int) -> Emitted:
         request.generated += 1
         request.last = token
-        out: list[tuple[_Request, object]] = []
+        out: Emitted = []
         if token not in request.eos:
-            out.append((request, token))
+            out.append((request.out, token))
         if token in request.eos or request.generated >= request.max_new:
-            out.append((request, _END))
+            out.append((request.out, _END))
             self._leave(request)
         return out
 
@@ -236,7 +240,7 @@ class Scheduler:
         for request in self.pending:
             self.rows.add(request.context, request.tail_tokens)
 
-    def _prefill_chunk(self) -> list[tuple[_Request, object]]:
+    def _prefill_chunk(self) -> Emitted:
         size = self.config.prefill_chunk
         chunks = [r.prompt[r.prefilled : r.prefilled + size] for r in self.pending]
         logits = self.rows.prefill(chunks)
@@ -248,7 +252,7 @@ class Scheduler:
         done, self.pending = self.pending, []
         self.running += done
         tokens = sample(logits, [r.sampling for r in done]).tolist()
-        emitted: list[tuple[_Request, object]] = []
+        emitted: Emitted = []
         for request, token in zip(done, tokens, strict=True):
             emitted += self._emit(request, int(token))
         return emitted

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from service.config import DistributedConfig, ServiceConfig
@@ -33,7 +33,8 @@ IDENTITY = {
 
 @dataclass
 class FakeExecutor:
-    """Ingests in no time (unless `gate` holds it); answers "the pass key is 48213"."""
+    """Ingests in no time (unless `gate` holds it); answers "the pass key is 48213".
+    `stored` stands for the shared disk: the records its objects describe."""
 
     identity: dict[str, str] = field(default_factory=lambda: dict(IDENTITY))
     device: str = "cpu"
@@ -43,6 +44,8 @@ class FakeExecutor:
     purged: list[str] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)  # request ids answered to the end
+    forgotten: list[str] = field(default_factory=list)
+    stored: dict[str, ContextRecord] = field(default_factory=dict)
     stopped_early: list[str] = field(default_factory=list)
     resident: list[str] = field(default_factory=list)  # "on the device", most recent first
     words: tuple[str, ...] = ("the", " pass", " key", " is", " 48213")
@@ -51,12 +54,12 @@ class FakeExecutor:
     expiries: list[str | None] = field(default_factory=list)  # expire_time of each call
 
     async def ingest(
-        self, job: IngestJob, progress: Progress, expire_time: str | None = None
+        self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
         self.ingested.append(job.context_id)
         self._touch(job.context_id)
         self.texts.append(job.text)
-        self.expiries.append(expire_time)
+        self.expiries.append(None if registered is None else registered.expire_time)
         progress(0.5)
         if self.gate is not None:
             await self.gate.wait()
@@ -82,6 +85,11 @@ class FakeExecutor:
             bytes=tokens * 100,
             system=job.system,
         )
+        if registered is not None:
+            record = replace(
+                record, create_time=registered.create_time, expire_time=registered.expire_time
+            )
+        self.stored[job.context_id] = record
         return record, ("disk", "redis")
 
     async def answer(
@@ -111,6 +119,17 @@ class FakeExecutor:
 
     async def purge(self, context_id: str) -> None:
         self.purged.append(context_id)
+        self.stored.pop(context_id, None)
+
+    async def forget(self, context_id: str) -> None:
+        self.forgotten.append(context_id)
+
+    async def restore(self, context_id: str) -> tuple[ContextRecord, tuple[str, ...]] | None:
+        record = self.stored.get(context_id)
+        return None if record is None else (record, ("disk",))
+
+    async def stored_ids(self) -> list[str]:
+        return sorted(self.stored)
 
     def resident_ids(self, limit: int) -> list[str]:
         return self.resident[:limit]

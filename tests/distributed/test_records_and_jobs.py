@@ -28,7 +28,8 @@ from service.serving.distributed.jobs import (
     error_payload,
 )
 from service.serving.distributed.keys import RedisKeys
-from service.serving.distributed.redis_records import RecordStore, RemoteRecord
+from service.serving.distributed.redis_records import RecordStore
+from service.serving.distributed.remote_record import RemoteRecord
 from service.serving.records import ContextRecord
 from service.types import QueryRequest, QueryResult, QueryTimings, SamplingParams, Turn
 from tests.storage.storage_testing import RedisEnv

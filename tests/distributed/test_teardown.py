@@ -99,13 +99,11 @@ class StuckExecutor(FakeExecutor):
     started: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def ingest(  # type: ignore[no-untyped-def]
-        self, job: IngestJob, progress: Progress, expire_time: str | None = None
-    ):
+    async def ingest(self, job: IngestJob, progress: Progress, registered=None):  # type: ignore[no-untyped-def]
         self.started.set()
         while not self.release.is_set():
             await lose_a_cancel()
-        return await super().ingest(job, progress, expire_time)
+        return await super().ingest(job, progress, registered)
 
 
 @pytest.mark.redis

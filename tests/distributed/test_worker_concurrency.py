@@ -110,7 +110,7 @@ async def test_a_registration_whose_job_never_reached_the_stream_is_resubmitted(
     from datetime import UTC, datetime, timedelta
 
     from service.config import ServiceConfig
-    from service.serving.distributed.redis_records import RemoteRecord
+    from service.serving.distributed.remote_record import RemoteRecord
     from service.serving.ids import context_id
     from service.serving.registry import processing_record
     from service.serving.validation import validated_create

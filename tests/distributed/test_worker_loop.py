@@ -315,9 +315,9 @@ async def test_delete_expiry_and_the_sweep(redis_env: RedisEnv) -> None:
         await asyncio.sleep(0.4)
         with pytest.raises(ContextNotFoundError):
             await cluster.api.get_context(short.id)  # expired: the record key is gone
-        assert await worker.sweep() == 2
+        assert await worker.housekeeping.sweep() == 2
         assert sorted(executor.purged) == sorted([deleted.id, short.id])
-        assert await worker.sweep() == 0  # each purge happens once
+        assert await worker.housekeeping.sweep() == 0  # each purge happens once
         later = datetime.now(UTC) + timedelta(hours=2)
         updated = await cluster.api.update_context(kept.id, later)
         assert updated.expire_time is not None
@@ -390,4 +390,4 @@ async def test_a_context_deleted_while_it_ingests_is_purged_not_revived(
         with pytest.raises(ContextNotFoundError):
             await cluster.api.get_context(info.id)
         assert await cluster.events() == []  # never READY
-        assert await worker.sweep() == 1 and executor.purged == [info.id]
+        assert await worker.housekeeping.sweep() == 1 and executor.purged == [info.id]

@@ -50,6 +50,18 @@ async def test_the_file_holds_a_header_then_exactly_the_bytes(tmp_path: Path) ->
     assert raw[:8] == b"\x89KVZOBJ\n" and raw[H:] == b"\x00safetensors\xff"
 
 
+async def test_head_reads_the_objects_first_bytes_past_the_checksum_header(tmp_path: Path) -> None:
+    """`head` (a self-describing object's header, for rebuilding its record) sees the
+    object's bytes, not the file's frame; a file written before frames existed as it is."""
+    tier = DiskTier(tmp_path)
+    await tier.put("framed", b"0123456789")
+    assert await tier.head("framed", 4) == (b"0123", 10)
+    (tmp_path / "legacy").write_bytes(b"abcdefgh")
+    assert await tier.head("legacy", 3) == (b"abc", 8)
+    assert await tier.head("legacy", 100) == (b"abcdefgh", 8)
+    assert await tier.head("missing", 4) is None
+
+
 @pytest.mark.parametrize("failing", ["replace", "fsync"])
 async def test_a_failed_write_leaves_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str

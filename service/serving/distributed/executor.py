@@ -4,10 +4,12 @@ Both verbs are the shared `Pipeline`'s (the embedded service runs the same code)
 encodes, compresses and commits the blob and a READY record into the shared store
 (memory -> Redis -> disk: disk first, then Redis); answer streams from that stored record.
 
-The stored records carry no `expire_time` (in distributed mode the Redis record owns expiry,
-and the workers' sweep purges the bytes, `purge`), but the stored blob and record expire from
-the disk tier with the context (its expiry when the worker ran the job, moved later when a
-query finds it extended), so that the disk tier drops them by itself when the sweep is
+The stored records never expire by themselves (`expire_time` None on the worker's own
+record: in distributed mode the Redis record owns expiry, and the workers' sweep purges the
+bytes, `purge`). The stored object describes the record as the API registered it, expiry
+included, so `restore` gives that record back when Redis lost it; and the stored bytes expire
+from the disk tier with the context (its expiry when the worker ran the job, moved later when
+a query finds it extended), so that the disk tier drops them by itself when the sweep is
 behind, and evicts them first when it is full.
 """
 
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -57,7 +60,7 @@ class EngineExecutor:
         self.config, self.store = config, store
         self.thread = EngineWorker(config.queue_size)
         self.resident = ResidentContexts(config.memory_cache_bytes)
-        self.registry = ContextRegistry(store)
+        self.registry = ContextRegistry(store, owns_expiry=False)
         self.pipeline = Pipeline(config, engine, self.registry, self.thread, self.resident)
         self.identity = dict(self.pipeline.identity)
         self.device = str(engine.model.device)
@@ -70,18 +73,22 @@ class EngineExecutor:
         await asyncio.to_thread(self.thread.close)
 
     async def ingest(
-        self, job: IngestJob, progress: Progress, expire_time: str | None = None
+        self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
-        ttl_s = time_left(expire_time)
+        ttl_s = time_left(registered.expire_time) if registered is not None else None
         record = await self.registry.ready(job.context_id)  # an earlier attempt finished it
         if record is None:
-            record = await self._compute(job, progress, ttl_s)
+            record = await self._compute(job, progress, registered, ttl_s)
         elif ttl_s is not None:
             await self.registry.retain(job.context_id, ttl_s)
         return record, await self._tiers(job.context_id)
 
     async def _compute(
-        self, job: IngestJob, progress: Progress, ttl_s: float | None
+        self,
+        job: IngestJob,
+        progress: Progress,
+        registered: ContextRecord | None,
+        ttl_s: float | None,
     ) -> ContextRecord:
         request = CreateContextRequest(
             job.text, job.display_name, job.compression, job.tenant, job.system
@@ -89,7 +96,10 @@ class EngineExecutor:
         checked = validated_create(request, self.config)
         doc = await self.pipeline.encode(checked)
         base = processing_record(job.context_id, checked, self.identity["model"])
-        base = replace(base, expire_time=None)  # the Redis record owns expiry
+        if registered is not None:  # the object describes the registration's times
+            base = replace(
+                base, create_time=registered.create_time, expire_time=registered.expire_time
+            )
         return await self.pipeline.ingest(
             lambda: base, doc, checked.compression, progress, ttl_s=ttl_s
         )
@@ -112,6 +122,22 @@ class EngineExecutor:
 
     async def purge(self, context_id: str) -> None:
         await self.pipeline.purge(context_id)
+
+    async def forget(self, context_id: str) -> None:
+        await self.registry.forget(context_id)
+
+    async def restore(self, context_id: str) -> tuple[ContextRecord, tuple[str, ...]] | None:
+        record = await self.registry.described(context_id)
+        if record is None and (record := await self.registry.ready(context_id)) is not None:
+            # an object written before objects described their records: the record this
+            # worker stored beside it, living no longer than any registration could
+            created = datetime.fromisoformat(record.create_time)
+            latest = created + timedelta(seconds=self.config.max_ttl_s)
+            record = replace(record, expire_time=latest.isoformat())
+        return None if record is None else (record, await self._tiers(context_id))
+
+    async def stored_ids(self) -> list[str]:
+        return await self.registry.stored_ids()
 
     async def _tiers(self, context_id: str) -> tuple[str, ...]:
         """The shared tiers (not this process's memory) that hold the blob."""

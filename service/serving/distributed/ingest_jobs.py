@@ -56,10 +56,9 @@ class IngestJobs:
             await self.queue.ack(delivery)
             return False
         progress = Fraction()
-        expire_time = current.record.expire_time
         try:
             async with beside(self._mirror_progress, cid, progress):
-                record, tiers = await self.executor.ingest(loaded, progress.set, expire_time)
+                record, tiers = await self.executor.ingest(loaded, progress.set, current.record)
         except ServiceError as exc:
             log.info("worker %s: context %s failed: %s", self.name, cid, exc)
             await self.records.mark_failed(cid, error_payload(exc), self.name)

@@ -14,6 +14,9 @@
 {p}reply:<request>              one query's answer, token by token (stream with a TTL)
 {p}cancel:<request>             set when the asker went away (key with a TTL)
 {p}rate:<name>:<key>            a token bucket of the API's rate limits (hash with a TTL)
+{p}purges                       pub/sub: ids purged (DELETE, sweep); workers drop their copies
+{p}restores                     pub/sub: {"id", "reply"} asks workers to rebuild a lost record
+{p}restored:<request>           the workers' answers to one restore request (list with a TTL)
 {p}blob:<key>:...               the Redis tier (storage.RedisTier), chunked blobs
 """
 
@@ -86,3 +89,14 @@ class RedisKeys:
     def rate(self, name: str, key: str) -> str:
         """The token bucket of `key` (a key digest or a client address) in limiter `name`."""
         return f"{self.prefix}rate:{name}:{key}"
+
+    @property
+    def purges(self) -> str:
+        return f"{self.prefix}purges"
+
+    @property
+    def restores(self) -> str:
+        return f"{self.prefix}restores"
+
+    def restored(self, request_id: str) -> str:
+        return f"{self.prefix}restored:{request_id}"

@@ -20,11 +20,12 @@ class Executor(Protocol):
     device: str
 
     async def ingest(
-        self, job: IngestJob, progress: Progress, expire_time: str | None = None
+        self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
     ) -> tuple[ContextRecord, tuple[str, ...]]:
         """Compute (or find stored) and durably store the context; its READY record and the
         tiers that hold it. Raises a ServiceError for a document that can never succeed.
-        expire_time: the context's expiry (ISO 8601), which its stored bytes carry too."""
+        registered: the record the API made (times, expiry), for the object to describe;
+        its stored bytes expire with it."""
 
     def resident_ids(self, limit: int) -> list[str]:
         """The contexts held decoded on the device, most recently used first (at most
@@ -37,3 +38,13 @@ class Executor(Protocol):
 
     async def purge(self, context_id: str) -> None:
         """Remove the context's bytes from every tier."""
+
+    async def forget(self, context_id: str) -> None:
+        """Drop this process's in-memory copies of a context purged elsewhere."""
+
+    async def restore(self, context_id: str) -> tuple[ContextRecord, tuple[str, ...]] | None:
+        """The READY record the context's stored object describes (expiry included) and the
+        shared tiers that hold it; None when there is no such object."""
+
+    async def stored_ids(self) -> list[str]:
+        """The ids of every context stored on the shared disk."""

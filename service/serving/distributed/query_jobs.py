@@ -17,6 +17,7 @@ from service.errors import (
     ContextNotReadyError,
     EngineUnavailableError,
     ServiceError,
+    public_message,
 )
 from service.serving.distributed.jobs import (
     DELTA,
@@ -73,7 +74,7 @@ class QueryJobs:
             if self.on_fatal(exc):
                 return False  # unacknowledged: another worker answers it
             log.exception("worker %s: query %s failed", self.name, job.request_id)
-            error = EngineUnavailableError(f"the worker failed to answer: {exc!r}")
+            error = EngineUnavailableError(public_message(exc, "answering"))
             await writer.send(Reply(ERROR, writer.attempt, error=error_payload(error)))
         await self.queue.ack(delivery)
         log.info(

@@ -8,7 +8,10 @@ when each context's bytes may be purged, and a worker's sweep removes them from 
 
 State changes are optimistic transactions (WATCH / MULTI): PROCESSING -> READY | FAILED
 happens at most once per registration, however many workers finish the same job, and each
-transition is appended to the `{p}events` stream in the same transaction.
+transition is appended to the `{p}events` stream in the same transaction. A READY record
+that Redis lost comes back through `restore` (from the object that describes it, by a
+worker: service.serving.distributed.housekeeping), unless the context was deleted or
+expired meanwhile. Every purge is published on `{p}purges` (workers drop their copies).
 
 Ids: service.serving.ids.context_id, the same in every mode (the model identity comes from
 the workers' heartbeats).
@@ -17,11 +20,10 @@ the workers' heartbeats).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +32,12 @@ from redis.exceptions import WatchError
 
 from service.errors import ContextNotFoundError, InvalidInputError
 from service.serving.distributed.keys import RedisKeys
+from service.serving.distributed.remote_record import (
+    RemoteRecord,
+    as_text,
+    expires_at,
+    px,
+)
 from service.serving.quota import Usage, usage_of
 from service.serving.records import (
     ContextRecord,
@@ -40,61 +48,9 @@ from service.serving.records import (
 from service.types import ANY_TENANT, ContextInfo, ContextPage
 
 PROCESSING, READY, FAILED = "PROCESSING", "READY", "FAILED"
+RESTORED = "RESTORED"  # the event of a record rebuilt from its stored object
 EVENTS_MAXLEN = 100_000
 _USAGE_BATCH = 1000  # records read per MGET when counting a tenant's usage
-
-
-@dataclass(frozen=True)
-class RemoteRecord:
-    """A context record as the distributed mode stores it."""
-
-    record: ContextRecord
-    tiers: tuple[str, ...] = ()  # where the bytes were written ("disk", "redis")
-    failure: dict[str, Any] | None = None  # jobs.error_payload of why it FAILED
-    worker: str | None = None  # the worker that made it READY or FAILED
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def state(self) -> str:
-        return self.record.state
-
-    def info(self) -> ContextInfo:
-        return self.record.info()
-
-    def to_json(self) -> bytes:
-        body = {
-            "record": asdict(self.record),
-            "tiers": list(self.tiers),
-            "failure": self.failure,
-            "worker": self.worker,
-        }
-        return json.dumps(body, sort_keys=True).encode()
-
-    @staticmethod
-    def from_json(data: bytes | str) -> RemoteRecord:
-        body = json.loads(data)
-        return RemoteRecord(
-            record=ContextRecord(**body["record"]),
-            tiers=tuple(body.get("tiers") or ()),
-            failure=body.get("failure"),
-            worker=body.get("worker"),
-        )
-
-
-def _expires_at(record: ContextRecord) -> float:
-    """Unix seconds of the record's expiry (+inf for never)."""
-    if record.expire_time is None:
-        return math.inf
-    return datetime.fromisoformat(record.expire_time).timestamp()
-
-
-def _px(record: ContextRecord) -> int | None:
-    """Milliseconds the record key should live (None: no expiry)."""
-    at = _expires_at(record)
-    return None if math.isinf(at) else max(1, int((at - time.time()) * 1000))
 
 
 Change = Callable[[RemoteRecord], RemoteRecord | None]
@@ -133,11 +89,7 @@ class RecordStore:
                     if admit is not None:
                         admit(await self._usage(pipe, new.record.tenant, new.id))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, new.to_json(), px=_px(new.record))
-                    created = datetime.fromisoformat(new.record.create_time).timestamp()
-                    pipe.zadd(self.keys.index(new.record.tenant), {new.id: created})
-                    pipe.zadd(self.keys.index_all, {new.id: created})
-                    pipe.zadd(self.keys.expiry, {new.id: _expires_at(new.record)})
+                    self._store(pipe, new)
                     await pipe.execute()
                     return new, True
                 except WatchError:
@@ -146,7 +98,7 @@ class RecordStore:
     async def _usage(self, client: Any, tenant: str, new_id: str) -> Usage:
         """What `tenant` holds now (its live records, other than `new_id`), read through
         `client` (a pipeline in its watching phase)."""
-        ids = [_text(i) for i in await client.zrange(self.keys.index(tenant), 0, -1)]
+        ids = [as_text(i) for i in await client.zrange(self.keys.index(tenant), 0, -1)]
         ids = [i for i in ids if i != new_id]
         records = []
         for start in range(0, len(ids), _USAGE_BATCH):
@@ -154,6 +106,39 @@ class RecordStore:
             raws = await client.mget([self.keys.context(i) for i in batch])
             records += [RemoteRecord.from_json(r).record for r in raws if r is not None]
         return usage_of(r for r in records if r.tenant == tenant)
+
+    def _store(self, pipe: Any, new: RemoteRecord) -> None:
+        """Queue the writes of a new record: the record, its places in the listings and in
+        the expiry set."""
+        pipe.set(self.keys.context(new.id), new.to_json(), px=px(new.record))
+        created = datetime.fromisoformat(new.record.create_time).timestamp()
+        pipe.zadd(self.keys.index(new.record.tenant), {new.id: created})
+        pipe.zadd(self.keys.index_all, {new.id: created})
+        pipe.zadd(self.keys.expiry, {new.id: expires_at(new.record)})
+
+    async def restore(self, record: ContextRecord, tiers: tuple[str, ...], worker: str) -> bool:
+        """Store the READY `record` of a context whose record Redis lost (rebuilt from its
+        stored object); False when a record exists, or when its purge is due (deleted or
+        expired: the sweep removes its bytes) or it expired."""
+        key = self.keys.context(record.id)
+        while True:
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    purge_at = await pipe.zscore(self.keys.expiry, record.id)
+                    gone = purge_at is not None and purge_at <= time.time()
+                    if record.expired() or gone or await pipe.exists(key):
+                        return False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    self._store(
+                        pipe, RemoteRecord(replace(record, state=READY), tiers, None, worker)
+                    )
+                    fields = {"event": RESTORED, "id": record.id, "worker": worker}
+                    pipe.xadd(self.keys.events, fields, maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     async def update(self, context_id: str, change: Change, event: str | None = None) -> bool:
         """Apply `change` to the record atomically; False when there is no record or
@@ -174,8 +159,8 @@ class RecordStore:
                     if new.record.expire_time == old.record.expire_time:
                         pipe.set(key, new.to_json(), keepttl=True)
                     else:
-                        pipe.set(key, new.to_json(), px=_px(new.record))
-                        pipe.zadd(self.keys.expiry, {context_id: _expires_at(new.record)})
+                        pipe.set(key, new.to_json(), px=px(new.record))
+                        pipe.zadd(self.keys.expiry, {context_id: expires_at(new.record)})
                     if event is not None:
                         fields = {"event": event, "id": context_id, "worker": new.worker or ""}
                         pipe.xadd(
@@ -245,12 +230,14 @@ class RecordStore:
         return await self.update(context_id, change)
 
     async def delete(self, record: RemoteRecord) -> None:
-        """Remove the record now; its bytes are purged from the tiers by the next sweep."""
+        """Remove the record now, and tell the workers to drop their in-memory copies; the
+        bytes are purged from the shared tiers by the next sweep."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.context(record.id))
             pipe.zrem(self.keys.index(record.record.tenant), record.id)
             pipe.zrem(self.keys.index_all, record.id)
             pipe.zadd(self.keys.expiry, {record.id: 0})
+            pipe.publish(self.keys.purges, record.id)
             await pipe.execute()
 
     async def schedule_purge(self, context_id: str) -> None:
@@ -287,7 +274,7 @@ class RecordStore:
     ) -> tuple[list[ContextInfo], int]:
         """The rows' contexts the tenant sees after `after`, and how many expired rows were
         dropped from the index."""
-        ids = [_text(row[0]) for row in rows]
+        ids = [as_text(row[0]) for row in rows]
         raws = await self.client.mget([self.keys.context(cid) for cid in ids])
         infos, gone = [], []
         for cid, raw in zip(ids, raws, strict=True):
@@ -307,7 +294,7 @@ class RecordStore:
     async def due(self, now: float, limit: int = 100) -> list[str]:
         """Ids whose bytes may be purged (expired or deleted), oldest expiry first."""
         rows = await self.client.zrangebyscore(self.keys.expiry, "-inf", now, start=0, num=limit)
-        return [_text(row) for row in rows]
+        return [as_text(row) for row in rows]
 
     async def claim_purge(self, context_id: str, now: float) -> bool:
         """Take the purge of `context_id` (True for exactly one caller, while still due)."""
@@ -342,6 +329,7 @@ class RecordStore:
         if current is not None:
             await self.client.delete(self.keys.context(cid))
         await purge(cid)
+        await self.client.publish(self.keys.purges, cid)  # every worker's memory
         return 1
 
     async def wait_settled(self, cid: str, timeout_s: float) -> RemoteRecord:
@@ -360,11 +348,7 @@ class RecordStore:
 
     async def reschedule(self, record: RemoteRecord) -> None:
         """The record outlives its entry in the expiry set (clock skew): put it right."""
-        await self.client.zadd(self.keys.expiry, {record.id: _expires_at(record.record)})
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        await self.client.zadd(self.keys.expiry, {record.id: expires_at(record.record)})
 
 
 _CLAIM_PURGE = """

@@ -1,11 +1,12 @@
 """RemoteContextService: the ContextService of an API process in distributed mode.
 
 It never loads a model (nor torch): every registration becomes an ingest job and every
-question a query job on the Redis streams; records live in Redis (service.serving.distributed.
-records), answers come back token by token over a per-request stream. Readiness = Redis
-answers and at least one worker heartbeat is live (checked in the background, so that
-`is_ready` stays a cheap, synchronous call). Redis down = EngineUnavailableError (503) with
-the reason, within the client's short socket timeouts, never a hang.
+question a query job on the Redis streams; records live in Redis (redis_records; a lookup
+that finds none asks the workers to rebuild it from its stored object: housekeeping),
+answers come back token by token over a per-request stream. Readiness = Redis answers and
+at least one worker heartbeat is live (checked in the background, so that `is_ready` stays
+a cheap, synchronous call). Redis down = EngineUnavailableError (503) with the reason,
+within the client's short socket timeouts, never a hang.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from service.errors import (
 )
 from service.serving.distributed.affinity import submit_query
 from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
+from service.serving.distributed.housekeeping import request_restore
 from service.serving.distributed.jobs import (
     DELTA,
     ERROR,
@@ -48,12 +50,8 @@ from service.serving.distributed.jobs import (
     error_from_payload,
 )
 from service.serving.distributed.keys import RedisKeys
-from service.serving.distributed.redis_records import (
-    FAILED,
-    PROCESSING,
-    RecordStore,
-    RemoteRecord,
-)
+from service.serving.distributed.redis_records import FAILED, PROCESSING, RecordStore
+from service.serving.distributed.remote_record import RemoteRecord
 from service.serving.distributed.transport import JobQueue, ReplyReader
 from service.serving.ids import context_id
 from service.serving.quota import check_quota
@@ -260,6 +258,8 @@ class RemoteContextService:
     async def _visible(self, context_id: str, tenant: str) -> RemoteRecord:
         with self._redis():
             record = await self.records.get(context_id)
+            if record is None and await request_restore(self.client, self.keys, context_id):
+                record = await self.records.get(context_id)  # rebuilt from its stored object
         if record is None or not record.record.visible_to(tenant):
             raise ContextNotFoundError(context_id)
         return record

@@ -15,7 +15,8 @@ by an `Executor`, see service.serving.distributed.executor).
 Jobs are idempotent, so at-least-once delivery never duplicates a context (an ingest whose
 record is not PROCESSING any more is acknowledged without work). A domain error fails the
 context at once; any other error leaves the entry for whichever worker claims it next, at
-most `max_deliveries` times. Ingest: ingest_jobs; queries: query_jobs.
+most `max_deliveries` times. Ingest: ingest_jobs; queries: query_jobs; beside them the
+expiry sweep, records rebuilt from the stored objects, and purges: housekeeping.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from redis.exceptions import RedisError
 from service.config import DistributedConfig
 from service.serving.distributed.affinity import RESIDENT_PUBLISHED, TakeOvers
 from service.serving.distributed.heartbeat import Heartbeats, WorkerBeat
+from service.serving.distributed.housekeeping import Housekeeping
 from service.serving.distributed.ingest_jobs import IngestJobs
 from service.serving.distributed.jobs import (
     INGEST,
@@ -45,7 +47,6 @@ from service.serving.distributed.keys import RedisKeys
 from service.serving.distributed.loops import (
     beat_forever,
     beside,
-    every,
     is_device_failure,
     raise_if_cancelled,
     sleep_or_stop,
@@ -85,8 +86,8 @@ class StreamWorker:
         self.ingests = IngestJobs(
             self.queue, self.records, executor, name, self._stop_if_fatal, progress_interval_s
         )
+        self.housekeeping = Housekeeping(client, keys, executor, name, sweep_interval_s)
         self.block_ms = block_ms
-        self.sweep_interval_s = sweep_interval_s
         self.slots = {QUERY: max_queries, INGEST: 1}
         self.take_overs = TakeOvers(self.queue, self.heartbeats, name, config, block_ms)
         self.beat = WorkerBeat(name, executor.identity, device=executor.device)
@@ -103,7 +104,12 @@ class StreamWorker:
         await self._until_redis(lambda: self.queue.ensure_group(self.name), stop)
         log.info("worker %s serving %s", self.name, self.keys.prefix)
         try:
-            async with beside(self._beat_forever), beside(self._sweep_forever):
+            async with (
+                beside(self._beat_forever),
+                beside(self.housekeeping.sweep_forever),
+                beside(self.housekeeping.scan_forever),
+                beside(self.housekeeping.listen_forever),
+            ):
                 await self._serve(stop)
                 await self._drain()  # a graceful stop finishes the jobs in progress
         finally:
@@ -140,6 +146,7 @@ class StreamWorker:
             except (RedisError, OSError) as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data: make the streams again
                     log.warning("worker %s: job streams gone; recreating them", self.name)
+                    self.housekeeping.rescan()  # and the records of the stored contexts
                     with contextlib.suppress(RedisError, OSError):
                         await self.queue.ensure_group(self.name)
                     continue
@@ -219,7 +226,7 @@ class StreamWorker:
                     )
                     return
 
-    # -- heartbeat and expiry sweep ----------------------------------------------------------
+    # -- heartbeat -----------------------------------------------------------------------------
 
     def _beat_now(self) -> WorkerBeat:
         running = sorted(t.get_name() for t in self._tasks())
@@ -236,13 +243,3 @@ class StreamWorker:
 
     async def _beat_forever(self, done: asyncio.Event) -> None:
         await beat_forever(done, self.heartbeats, self._beat_now, self.config.heartbeat_ttl_s / 3)
-
-    async def _sweep_forever(self, done: asyncio.Event) -> None:
-        await every(done, self.sweep_interval_s, self.sweep, f"worker {self.name}: expiry sweep")
-
-    async def sweep(self) -> int:
-        """Purge the bytes of every expired or deleted context (each by one worker)."""
-        purged = await self.records.sweep(self.executor.purge)
-        if purged:
-            log.info("worker %s: purged %d expired or deleted contexts", self.name, purged)
-        return purged
