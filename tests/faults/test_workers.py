@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -28,12 +29,13 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(150)]
 
 LONG_ANSWER = {"question": "Tell me everything about the archive.", "max_new_tokens": 384}
 FAULTS = {"killed": signal.SIGKILL, "hung": signal.SIGSTOP}
+T = TypeVar("T")
 
 
-def in_background(call: Callable[[], httpx.Response]) -> Future[tuple[httpx.Response, float]]:
-    """Run `call` on a thread; its response and the monotonic time it came back."""
+def in_background(call: Callable[[], T]) -> Future[tuple[T, float]]:
+    """Run `call` on a thread; what it returned and the monotonic time it came back."""
 
-    def timed() -> tuple[httpx.Response, float]:
+    def timed() -> tuple[T, float]:
         response = call()
         return response, time.monotonic()
 
@@ -122,9 +124,7 @@ def test_a_worker_lost_mid_answer_has_the_question_answered_by_another(
 ) -> None:
     api = deployment.apis[0]
     with deployment.explained(), httpx.Client(base_url=api, timeout=WAIT_TIMEOUT_S + 10) as http:
-        created = http.post("/contexts", json={"text": f"{uuid.uuid4().hex}\n{document(7)}"})
-        assert created.status_code == 201, created.text
-        cid = created.json()["id"]
+        cid = new_context(http)
         earlier = replies(deployment)
         asking = in_background(lambda: http.post(f"/contexts/{cid}/query", json=LONG_ANSWER))
         owner = answering_worker(deployment, earlier)
@@ -140,6 +140,49 @@ def test_a_worker_lost_mid_answer_has_the_question_answered_by_another(
         again = http.post(f"/contexts/{cid}/query", json=QUESTION)  # acknowledged: still there
         assert again.status_code == 200, again.text
         assert deployment.redis.xlen(deployment.key("jobs:dead")) == 0
+
+
+def test_a_stream_whose_worker_hangs_mid_answer_ends_with_a_clear_error_in_time(
+    deployment: Deployment, recovered: Callable[[str, float], None]
+) -> None:
+    """Tokens already sent cannot be taken back: when another worker takes the question
+    over, the stream ends with an error event that says to ask again (and the new attempt
+    is cancelled), instead of hanging or mixing two answers."""
+    api = deployment.apis[0]
+    with deployment.explained(), httpx.Client(base_url=api, timeout=WAIT_TIMEOUT_S + 10) as http:
+        cid = new_context(http)
+        earlier = replies(deployment)
+        body = {**LONG_ANSWER, "stream": True}
+        streaming = in_background(lambda: sse_events(http, f"/contexts/{cid}/query", body))
+        owner = answering_worker(deployment, earlier)
+        hit = inflict(deployment, "hung", owner)
+        events, done = streaming.result(timeout=WAIT_TIMEOUT_S + 10)
+        assert "delta" in events[0] and "error" in events[-1], events
+        assert events[-1]["error"]["code"] == "engine_unavailable"
+        assert "ask again" in events[-1]["error"]["message"]
+        assert done - hit < CLAIM_IDLE_S + 20
+        recovered("worker hung mid-stream: the stream ends, 'ask again'", done - hit)
+        deployment.signal(owner, signal.SIGCONT)
+        idle_again(deployment, owner)
+        again = http.post(f"/contexts/{cid}/query", json=QUESTION)
+        assert again.status_code == 200, again.text
+
+
+def new_context(http: httpx.Client) -> str:
+    created = http.post("/contexts", json={"text": f"{uuid.uuid4().hex}\n{document(7)}"})
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def sse_events(http: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a streamed answer, up to [DONE] or the end of the stream."""
+    events = []
+    with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line.removeprefix("data: ")))
+    return events
 
 
 def replies(deployment: Deployment) -> set[bytes]:
