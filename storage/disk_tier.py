@@ -223,25 +223,17 @@ class DiskTier:
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
-            self._write_when_full(key, (head, data), ttl_s)
+            self._make_room(key, size, self._scanned_total(key), "the disk is full")
+            try:
+                self._write(key, (head, data), ttl_s)
+            except OSError as again:
+                if again.errno not in _DISK_FULL:
+                    raise
+                raise TierFullError(
+                    f"disk tier {self.name!r}: the disk is full; {key!r} ({size} bytes) was "
+                    "not written"
+                ) from again
         self._account(size - old_size)
-
-    def _write_when_full(self, key: str, chunks: tuple[bytes, bytes], ttl_s: float | None) -> None:
-        """The disk is full (ENOSPC): evict what the file needs and write once more;
-        TierFullError when evicting cannot free enough (then nothing was evicted) or the
-        disk is still full."""
-        size = sum(len(c) for c in chunks)
-        full = f"disk tier {self.name!r}: the disk is full; {key!r} ({size} bytes) was not written"
-        try:
-            self._make_room(key, size, self._scanned_total(key))  # free `size` bytes
-        except TierFullError as exc:
-            raise TierFullError(f"{full} (evicting cannot free that much)") from exc
-        try:
-            self._write(key, chunks, ttl_s)
-        except OSError as again:
-            if again.errno not in _DISK_FULL:
-                raise
-            raise TierFullError(full) from again
 
     def _write(self, key: str, chunks: tuple[bytes, bytes], ttl_s: float | None) -> None:
         self._write_expiry(key, ttl_s)  # first: a crash in between leaves the new expiry
@@ -339,10 +331,11 @@ class DiskTier:
     def _scanned_total(self, protect: str) -> int:
         return sum(i.size for i in self._scan() if i.key != protect)
 
-    def _make_room(self, protect: str, size: int, limit: int) -> None:
+    def _make_room(self, protect: str, size: int, limit: int, why: str = "") -> None:
         """Evict until the other files plus `size` bytes fit in `limit`: expired objects
         first, then least recently used; never `protect` (the key being written) nor a key
-        `evictable` keeps. TierFullError, evicting nothing, when they cannot fit."""
+        `evictable` keeps. TierFullError (saying `why`, by default the capacity), evicting
+        nothing, when they cannot fit."""
         with self._lock:
             infos = self._scan()
             total = sum(i.size for i in infos if i.key != protect)
@@ -351,9 +344,9 @@ class DiskTier:
                 kept = total - sum(i.size for i in candidates)
                 if kept + size > limit:
                     raise TierFullError(
-                        f"disk tier {self.name!r}: an object of {size} bytes does not fit in "
-                        f"{limit} bytes ({kept} bytes held may not be evicted; capacity "
-                        f"{self.capacity_bytes})"
+                        f"disk tier {self.name!r}: {why or f'capacity {self.capacity_bytes}'}; "
+                        f"an object of {size} bytes does not fit in {limit} bytes ({kept} "
+                        "bytes held may not be evicted)"
                     )
                 total = self._evict(candidates, total, limit - size)
             self.bytes_used = total + self._size(protect)
