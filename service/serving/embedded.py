@@ -1,17 +1,10 @@
 """The embedded context service: model, storage and records in one process.
 
-FastAPI calls the coroutines below on the event loop; the data path is the shared
-`Pipeline` (engine work on its one thread), records and blobs live in a `ContextRegistry`
-over the store it is given (memory LRU -> disk by default, see `build_embedded_service`).
-
-A context's life: `create_context` validates, encodes the document (an optional system
-instruction joins the protected prefix) and starts an ingest task. While it runs the
-context is PROCESSING, in memory, with the fraction of tokens scored; the pipeline stores
-the blob and then the READY record (the commit point). An unwaited ingest that fails stays
-visible as FAILED until it expires or is deleted. The record owns the expiry: an expired
-context answers 404 and is purged from every tier, on lookup and by a periodic sweep, which
-first rebuilds the records lost from the disk from the objects that describe them. A context
-whose stored cache was lost is a FAILED record until registered again.
+The data path is the shared `Pipeline` (engine work on its one thread), records and blobs
+in a `ContextRegistry`. A context is PROCESSING while it ingests, then READY (blob, then
+record: the commit point), or FAILED (also once its stored cache was lost) until registered
+again. An expired context is a 404, purged on lookup and by a periodic sweep, which first
+rebuilds lost records from the objects that describe them.
 """
 
 from __future__ import annotations
@@ -234,7 +227,7 @@ class EmbeddedContextService:
                 yield event
 
     async def query(self, context_id: str, request: QueryRequest) -> QueryResult:
-        result: QueryResult | None = None
+        result = None
         async for event in self.stream_query(context_id, request):
             result = event.result or result
         assert result is not None

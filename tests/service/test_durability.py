@@ -18,6 +18,7 @@ from service.metadata import read_metadata
 from service.serving.embedded import EmbeddedContextService, build_embedded_service
 from service.serving.records import blob_key, described_record, record_key
 from service.types import CreateContextRequest, QueryRequest, SamplingParams
+from storage.disk_tier import HEADER_BYTES
 
 TEXT = "The museum opens at nine. Tickets cost twelve euros. The cafe closes at five. " * 8
 QUESTION = QueryRequest(
@@ -48,7 +49,7 @@ async def test_the_stored_object_describes_its_record(tiny_engine, tmp_path):
     svc = await _started(tiny_engine, tmp_path)
     cid = await _register(svc, system="Answer briefly.")
     record = await svc.registry.record(cid, "team-a")
-    blob = (tmp_path / "contexts" / blob_key(cid)).read_bytes()
+    blob = (tmp_path / "contexts" / blob_key(cid)).read_bytes()[HEADER_BYTES:]  # past the frame
     assert described_record(cid, read_metadata(blob), len(blob)) == record
     assert described_record("ctx_" + "0" * 32, read_metadata(blob), len(blob)) is None
     await svc.close()
