@@ -160,3 +160,30 @@ def touch(path: Path) -> None:
     nanoseconds (finer than the kernel's coarse clock, and whatever the mount's atime)."""
     now = time.time_ns()
     os.utime(path, ns=(now, now))
+
+
+SIDECAR_SUFFIX = ".ttl"  # `.<key>.ttl`: the expiry of `<key>`
+
+
+def stale_leftovers(root: Path, cutoff: float) -> list[Path]:
+    """Temp files and orphan sidecars under `root` last modified before `cutoff` (unix
+    seconds): what a crashed write or a removed object left behind."""
+    with os.scandir(root) as it:
+        hidden = [Path(e.path) for e in it if e.name.startswith(".") and e.is_file()]
+    return [p for p in hidden if _leftover(root, p.name) and _modified_before(p, cutoff)]
+
+
+def _leftover(root: Path, name: str) -> bool:
+    if name.endswith(TEMP_SUFFIX):
+        return True
+    if not name.endswith(SIDECAR_SUFFIX):
+        return False
+    key = name[1 : -len(SIDECAR_SUFFIX)]
+    return is_key(key) and not (root / key).exists()
+
+
+def _modified_before(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime <= cutoff
+    except FileNotFoundError:
+        return False

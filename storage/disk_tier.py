@@ -50,15 +50,15 @@ from typing import TypeVar
 
 from storage._disk_files import (
     HEADER_BYTES,
-    TEMP_SUFFIX,
+    SIDECAR_SUFFIX,
     Damaged,
     FileInfo,
     framed,
     header,
-    is_key,
     map_object,
     read_object,
     scan,
+    stale_leftovers,
     touch,
     write_atomic,
 )
@@ -70,7 +70,6 @@ __all__ = ["HEADER_BYTES", "DiskTier"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-_SIDECAR_SUFFIX = ".ttl"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -167,7 +166,7 @@ class DiskTier:
         return self.root / key
 
     def _sidecar(self, key: str) -> Path:
-        return self.root / f".{key}{_SIDECAR_SUFFIX}"
+        return self.root / f".{key}{SIDECAR_SUFFIX}"
 
     # -- synchronous halves (run in a worker thread) ---------------------------------------
 
@@ -382,25 +381,6 @@ class DiskTier:
 
     def _clean_startup(self) -> None:
         """Drop stale temp files and orphan sidecars; measure `bytes_used`."""
-        cutoff = time.time() - self.stale_after_s
-        with os.scandir(self.root) as it:
-            hidden = [Path(e.path) for e in it if e.name.startswith(".") and e.is_file()]
-        for path in hidden:
-            if self._is_stale_leftover(path, cutoff):
-                path.unlink(missing_ok=True)
+        for path in stale_leftovers(self.root, time.time() - self.stale_after_s):
+            path.unlink(missing_ok=True)
         self.bytes_used = sum(i.size for i in self._scan())
-
-    def _is_stale_leftover(self, path: Path, cutoff: float) -> bool:
-        """A temp file or orphan sidecar last modified before `cutoff` (unix seconds)."""
-        if not (path.name.endswith(TEMP_SUFFIX) or self._orphan_sidecar(path.name)):
-            return False
-        try:
-            return path.stat().st_mtime <= cutoff
-        except FileNotFoundError:
-            return False
-
-    def _orphan_sidecar(self, name: str) -> bool:
-        if not name.endswith(_SIDECAR_SUFFIX):
-            return False
-        key = name[1 : -len(_SIDECAR_SUFFIX)]
-        return is_key(key) and not self._path(key).exists()
