@@ -94,7 +94,9 @@ class DistributedConfig:
     to the dead-letter stream. Every Redis-tier key expires after `redis_ttl_s` (the disk
     copy stays); the API waits at most `wait_timeout_s` for a worker's answer. The Redis tier
     may live on a server of its own (`redis_cache_url`, an allkeys-lru instance), so that
-    its evictions never touch jobs or records; unset, it shares `redis_url`.
+    its evictions never touch jobs or records; unset, it shares `redis_url`. A worker whose
+    engine thread spends `engine_stall_s` in one call without progress (a decode burst lasts
+    milliseconds, an ingest reports its progress) is hung: it lets its jobs go and stops.
     """
 
     redis_url: str | None = None
@@ -106,6 +108,7 @@ class DistributedConfig:
     max_deliveries: int = 3
     redis_ttl_s: float = 24 * 3600.0
     wait_timeout_s: float = 600.0
+    engine_stall_s: float = 600.0  # one engine call without progress this long: hung
 
 
 @dataclass(frozen=True)

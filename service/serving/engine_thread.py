@@ -27,6 +27,7 @@ class EngineWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvzip-engine")
         self._limit = queue_size
         self._admitted = 0
+        self._active_since: float | None = None  # monotonic: the running call's last sign
         telemetry.track_worker(self)
 
     @property
@@ -49,7 +50,11 @@ class EngineWorker:
         def timed() -> T:
             if admit:
                 telemetry.QUEUE_TIME.observe(time.perf_counter() - submitted)
-            return fn(*args)
+            self._active_since = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                self._active_since = None
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
@@ -57,6 +62,18 @@ class EngineWorker:
             if admit:
                 self._admitted -= 1
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def touch(self) -> None:
+        """The running call made progress (an ingest's progress callback, on the thread)."""
+        if self._active_since is not None:
+            self._active_since = time.monotonic()
+
+    def stalled_s(self) -> float:
+        """Seconds the running call has gone without a sign of progress (0 when idle): a
+        hung engine (a stuck kernel, a deadlock) grows this without bound."""
+        since = self._active_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread; wait=False leaves a hung call behind (the process is ending)."""
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 

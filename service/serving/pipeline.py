@@ -134,7 +134,11 @@ class Pipeline:
         ttl_s: how long the stored bytes live in the tiers (None: until the record is
         purged; a worker passes the time left to the context, see ContextRegistry.commit).
         """
-        ctx, timings = await self.thread.run(self.engine.ingest, doc, compression, progress)
+        def progressed(fraction: float) -> None:  # on the engine thread: it is not hung
+            self.thread.touch()
+            progress(fraction)
+
+        ctx, timings = await self.thread.run(self.engine.ingest, doc, compression, progressed)
         started = time.perf_counter()
         scheme, group = compression.quantization, compression.group_size
         described = describe(ready_record(current(), ctx, 0))  # the object tells its record

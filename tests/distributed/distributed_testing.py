@@ -52,6 +52,7 @@ class FakeExecutor:
     word_delay_s: float = 0.0
     texts: list[str] = field(default_factory=list)  # the documents ingested
     expiries: list[str | None] = field(default_factory=list)  # expire_time of each call
+    stalled: float = 0.0  # what stalled_s() says: seconds the "engine" made no progress
 
     async def ingest(
         self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
@@ -130,6 +131,9 @@ class FakeExecutor:
 
     async def stored_ids(self) -> list[str]:
         return sorted(self.stored)
+
+    def stalled_s(self) -> float:
+        return self.stalled
 
     def resident_ids(self, limit: int) -> list[str]:
         return self.resident[:limit]

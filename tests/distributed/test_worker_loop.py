@@ -269,6 +269,38 @@ async def test_a_live_workers_long_job_is_not_taken_over(redis_env: RedisEnv) ->
         assert await cluster.events() == [("READY", info.id)]
 
 
+async def test_a_worker_whose_engine_hangs_lets_its_job_go_and_stops(redis_env: RedisEnv) -> None:
+    """Issue 13 item 8: a hung engine thread (no progress within `engine_stall_s`) no longer
+    keeps its job alive forever: the worker stops keeping it, stops itself (fatal, for its
+    orchestrator to restart) and another worker finishes the job, READY once."""
+    from service.serving.distributed.loops import EngineHungError
+
+    async with Cluster(redis_env, claim_idle_s=0.3, engine_stall_s=0.4) as cluster:
+        hung = FakeExecutor(gate=asyncio.Event())  # never released: the engine is stuck
+        worker = await cluster.start_worker("hung", hung)
+        info, _ = await cluster.api.create_context(register(wait=False))
+
+        async def taken() -> bool:
+            return hung.ingested == [info.id]
+
+        await cluster.until(taken)
+        await asyncio.sleep(1.0)  # a long job, not a hung one: still kept (no stall reported)
+        rescuer = FakeExecutor()
+        await cluster.start_worker("rescuer", rescuer)
+        await asyncio.sleep(1.0)
+        assert rescuer.ingested == []
+        hung.stalled = 10.0  # now its engine thread has made no progress for a while
+
+        async def ready() -> bool:
+            return (await cluster.api.get_context(info.id)).state == "READY"
+
+        await cluster.until(ready)
+        assert rescuer.ingested == [info.id]
+        assert await cluster.events() == [("READY", info.id)]
+        await asyncio.wait_for(asyncio.shield(cluster.running["hung"].task), 10)
+        assert isinstance(worker.fatal, EngineHungError)
+
+
 async def test_a_job_delivered_too_often_is_dead_lettered_and_fails(redis_env: RedisEnv) -> None:
     async with Cluster(redis_env, claim_idle_s=0.2, max_deliveries=3) as cluster:
         crashing = FakeExecutor(crash_with=ValueError("a bug that fails every time"))

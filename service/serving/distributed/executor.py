@@ -69,8 +69,10 @@ class EngineExecutor:
         pass
 
     async def close(self) -> None:
-        await self.pipeline.close()
-        await asyncio.to_thread(self.thread.close)
+        hung = self.thread.stalled_s() > 0  # a call still running now never returns
+        if not hung:
+            await self.pipeline.close()
+        await asyncio.to_thread(self.thread.close, not hung)
 
     async def ingest(
         self, job: IngestJob, progress: Progress, registered: ContextRecord | None = None
@@ -138,6 +140,9 @@ class EngineExecutor:
 
     async def stored_ids(self) -> list[str]:
         return await self.registry.stored_ids()
+
+    def stalled_s(self) -> float:
+        return self.thread.stalled_s()
 
     async def _tiers(self, context_id: str) -> tuple[str, ...]:
         """The shared tiers (not this process's memory) that hold the blob."""

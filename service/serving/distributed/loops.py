@@ -66,10 +66,28 @@ async def beside(
         await asyncio.gather(task, return_exceptions=True)
 
 
+class EngineHungError(RuntimeError):
+    """The engine thread has been inside one call without progress too long."""
+
+
 def is_device_failure(exc: BaseException) -> bool:
-    """A CUDA error: the process must stop so that its orchestrator restarts it."""
+    """A CUDA error or a hung engine: the process must stop so that its orchestrator
+    restarts it."""
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for m in _FATAL_MARKERS)
+    hung = isinstance(exc, EngineHungError)
+    return hung or (isinstance(exc, RuntimeError) and any(m in text for m in _FATAL_MARKERS))
+
+
+async def watch_engine(
+    done: asyncio.Event, stalled_s: Callable[[], float], limit_s: float,
+    on_hung: Callable[[BaseException], object],
+) -> None:  # fmt: skip
+    """Until `done`: once the engine has gone `limit_s` without progress in one call, tell
+    `on_hung` (once) and return."""
+    while not await sleep_or_stop(done, min(5.0, limit_s / 4)):
+        if (stalled := stalled_s()) > limit_s:
+            on_hung(EngineHungError(f"the engine thread made no progress for {stalled:.0f} s"))
+            return
 
 
 async def beat_forever(

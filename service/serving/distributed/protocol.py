@@ -48,3 +48,6 @@ class Executor(Protocol):
 
     async def stored_ids(self) -> list[str]:
         """The ids of every context stored on the shared disk."""
+
+    def stalled_s(self) -> float:
+        """Seconds the engine has been inside one call without progress (0 when idle)."""

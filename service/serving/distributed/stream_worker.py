@@ -50,6 +50,7 @@ from service.serving.distributed.loops import (
     is_device_failure,
     raise_if_cancelled,
     sleep_or_stop,
+    watch_engine,
 )
 from service.serving.distributed.protocol import Executor, Progress
 from service.serving.distributed.query_jobs import QueryJobs
@@ -106,12 +107,15 @@ class StreamWorker:
         try:
             async with (
                 beside(self._beat_forever),
+                beside(watch_engine, self.executor.stalled_s, self.config.engine_stall_s,
+                       self._stop_if_fatal),  # fmt: skip
                 beside(self.housekeeping.sweep_forever),
                 beside(self.housekeeping.scan_forever),
                 beside(self.housekeeping.listen_forever),
             ):
                 await self._serve(stop)
-                await self._drain()  # a graceful stop finishes the jobs in progress
+                if self.fatal is None:  # a graceful stop finishes the jobs in progress
+                    await self._drain()
         finally:
             for task in self._tasks():  # cancelled (killed): the jobs stay unacknowledged
                 task.cancel()
@@ -218,7 +222,7 @@ class StreamWorker:
         self.jobs_done += int(done)
 
     async def _keep_alive(self, done: asyncio.Event, delivery: Delivery) -> None:
-        while not await sleep_or_stop(done, self.config.claim_idle_s / 3):
+        while not await sleep_or_stop(done, self.config.claim_idle_s / 3) and not self.fatal:
             with contextlib.suppress(RedisError, OSError):
                 if not await self.queue.keep_alive(delivery, self.name):
                     log.warning(

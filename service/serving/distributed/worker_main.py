@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import signal
 
 from service.config import ServiceConfig
@@ -18,6 +19,7 @@ from service.engine.kvzip_engine import KVzipEngine
 from service.serving.distributed.executor import EngineExecutor, build_shared_store
 from service.serving.distributed.heartbeat import default_worker_name
 from service.serving.distributed.keys import RedisKeys
+from service.serving.distributed.loops import EngineHungError
 from service.serving.distributed.stream_worker import StreamWorker
 from storage import redis_client
 
@@ -31,8 +33,14 @@ EXIT_DEVICE_FAILED = 3
 
 def run_worker(config: ServiceConfig) -> None:
     """Serve jobs until SIGTERM/SIGINT (blocking; the process's one event loop). A device
-    failure (CUDA error) ends the process with status 3, for its orchestrator to restart."""
-    if asyncio.run(serve(config)) is not None:
+    failure (CUDA error) or a hung engine ends the process with status 3, for its
+    orchestrator to restart (a hung engine thread cannot be joined: the process ends
+    without waiting for it)."""
+    fatal = asyncio.run(serve(config))
+    if isinstance(fatal, EngineHungError):
+        logging.shutdown()
+        os._exit(EXIT_DEVICE_FAILED)
+    if fatal is not None:
         raise SystemExit(EXIT_DEVICE_FAILED)
 
 
