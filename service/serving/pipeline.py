@@ -118,7 +118,7 @@ class Pipeline:
         scheme, group = compression.quantization, compression.group_size
         blob = await asyncio.to_thread(codec.encode, ctx, self.engine.identity, scheme, group)
         if compression.quantization != "none":  # resident = what a later load decodes
-            ctx = await asyncio.to_thread(self._decode, blob)
+            ctx = await self._decoded(blob)
         await self._abort_if(aborted, current().id)
         record = ready_record(current(), ctx, len(blob))
         await self.registry.commit(record, blob)
@@ -164,14 +164,20 @@ class Pipeline:
         blob = await self.registry.blob_view(cid)
         if blob is None:
             raise ContextNotFoundError(cid)
-        ctx = await asyncio.to_thread(self._decode, blob)
+        ctx = await self._decoded(blob)
         self.resident.put(cid, ctx)
         return ctx
 
-    def _decode(self, blob: ByteSource) -> CompressedContext:
-        """A stored object on the model's device in its dtype (dequantized there)."""
+    async def _decoded(self, blob: ByteSource) -> CompressedContext:
+        """A stored object on the model's device in its dtype (dequantized there), decoded
+        off the engine thread; the prefix rows an object leaves out come from the engine."""
+        ids = codec.prefix_ids(blob)
+        prefix = await self.thread.run(self.engine.prefix_context, ids) if ids else None
+        return await asyncio.to_thread(self._decode, blob, prefix)
+
+    def _decode(self, blob: ByteSource, prefix: CompressedContext | None) -> CompressedContext:
         device, dtype = self.engine.model.device, self.engine.model.dtype
-        return codec.decode(blob, self.engine.identity, device, dtype)
+        return codec.decode(blob, self.engine.identity, device, dtype, prefix)
 
     def question_ids(self, system: str | None, question: str) -> list[int]:
         """The question in the layout the context was ingested with (its system prompt)."""
