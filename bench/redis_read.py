@@ -15,7 +15,8 @@ within each round:
   that stays mapped: no page faults).
 
 Every read is checked equal to the object. Reports the median GB/s of each way and the CPU
-seconds per GB of this process and of the redis-server (from /proc, when it runs here).
+seconds per GB of this process and of the redis-server (from /proc, when it runs here), and
+two local ceilings: sha256 on one thread, and filling a new buffer (page faults + writes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -35,6 +37,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from storage.buffers import new_bytes
 from storage.redis_tier import RedisTier, _sha256_all, redis_client
 
 URL = "redis://127.0.0.1:6379"
@@ -89,6 +92,24 @@ async def _time(read: Read, expected: bytes, redis_pid: int | None) -> dict[str,
     }
 
 
+def _ceilings(data: bytes, rounds: int) -> dict[str, float]:
+    """GB/s of sha256 on one thread and of filling a new buffer of the object's size."""
+    sha, fill = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        sha.append(len(data) / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        out, view = new_bytes(len(data))
+        view[:] = data
+        fill.append(len(data) / (time.perf_counter() - t0) / 1e9)
+        del out, view
+    return {
+        "sha256_one_thread_gb_s": round(statistics.median(sha), 3),
+        "new_buffer_fill_gb_s": round(statistics.median(fill), 3),
+    }
+
+
 def _summary(samples: list[dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         k: round(statistics.median(s[k] for s in samples), 3) for k in samples[0]
@@ -130,6 +151,7 @@ async def run(mib: int, rounds: int, workers: list[int]) -> dict[str, Any]:
         "machine": _machine(),
         "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "reads": {name: _summary(s) for name, s in samples.items()},
+        "ceilings": _ceilings(data, rounds),
     }
 
 
@@ -151,6 +173,7 @@ def main() -> None:
             f"{name:26s} {row['gb_s']:.2f} GB/s  client {row['client_cpu_s_per_gb']:.2f} "
             f"+ redis {row['redis_cpu_s_per_gb']:.2f} CPU s/GB  {row['gb_s_all']}"
         )
+    print("ceilings (GB/s):", result["ceilings"])
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
