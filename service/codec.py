@@ -8,34 +8,43 @@ dtype, prefix_len, context_len, n_layers, method, ratio, chunk_size, created_at,
 a record lost with Redis or deleted from disk is rebuilt from the object alone. Readers ignore
 entries they do not know, so objects without `record` still load.
 
-Quantized keys/values (service.engine.quantization) make a format version 2 object: the
+Quantized keys/values (service.engine.quantization) make a format version 3 object: the
 metadata adds `quantization` (fp8 | int4) and `group_size`, `dtype` is the dtype they were
-quantized from, keys/values hold the codes and `layers.{l}.{keys,values}_{scale,zero}` the
-rest; scores are fp16 and positions int16 while every position fits (fp32 + int32 would be
-8 of the 80 bytes of an int4 pair of a 64-channel head), read back as fp32 / int32.
-Version 1 objects (`none`, what earlier code wrote) are byte for byte unchanged; code that
-predates version 2 refuses such an object (format version) instead of reading codes as
-floats. Never pickle: decoding is safetensors only and refuses foreign or broken objects.
+quantized from. Only the context's rows are stored (service.engine.shared_prefix): per
+layer the codes `layers.{l}.{keys,values}` and `layers.{l}.{keys,values}_{scale,zero}` of
+the rows after the prefix, `layers.{l}.kept` (H, ceil(context_len / 8)) uint8, the context
+tokens each head kept as bits, and `layers.{l}.scores` fp16 of those rows; no cu_lens or
+positions. Decoding puts the engine's prefix rows back (`decode(..., prefix=)`; which
+prefix: `prefix_ids`).
+
+Version 2 objects (written before version 3) keep loading: every row quantized, prefix
+included, cu_lens, fp16 scores and int16 (or int32) positions. Version 1 objects (`none`)
+are byte for byte what earlier code wrote. Code that predates a version refuses its objects
+(format version) instead of misreading them. Never pickle: decoding is safetensors only
+and refuses foreign or broken objects.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Mapping
 
 import torch
 
-from service.engine import quantization
+from service.engine import quantization, shared_prefix
 from service.engine.fingerprints import FORMAT_VERSION, ModelIdentity
 from service.engine.kvcache import CompressedContext, RaggedLayer
 from service.engine.tensor_blob import ByteSource, pack, unpack
 from service.errors import CorruptContextError, IncompatibleContextError
-from service.metadata import read_metadata
+from service.metadata import header_length, read_metadata
 
 __all__ = ["check_compatible", "decode", "encode", "read_metadata", "stored_quantization"]
 
-QUANTIZED_FORMAT_VERSION = "2"
-"""The format version of objects whose keys/values are quantized (fp8, int4)."""
+QUANTIZED_FORMAT_VERSION = "3"
+"""The format version of the objects written with quantized keys/values (fp8, int4)."""
+V2 = "2"
+"""Quantized objects written before the prefix was left out: still read."""
 DEFAULT_GROUP_SIZE = 64
 _FIELDS = ("cu_lens", "scores", "positions")
 _FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,16 +61,15 @@ def encode(
     copied to the CPU). `extra`: more metadata entries (the context's record, so that the
     object describes itself: service.serving.records.describe)."""
     tensors = {"context_ids": context.context_ids.to(torch.int32)}
-    compact = quantization_scheme != "none"
     for i, layer in enumerate(context.layers):
-        for field in _FIELDS:
-            tensors[f"layers.{i}.{field}"] = getattr(layer, field)
-        if compact:
-            tensors[f"layers.{i}.scores"] = layer.scores.half()
-            if context.seq_len <= torch.iinfo(torch.int16).max:
-                tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int16)
-        for name, t in quantization.quantize(layer, quantization_scheme, group_size).items():
-            tensors[f"layers.{i}.{name}"] = t
+        if quantization_scheme == "none":
+            tensors |= {f"layers.{i}.{f}": getattr(layer, f) for f in _FIELDS}
+            stored = {"keys": layer.keys, "values": layer.values}
+        else:
+            rest, kept = shared_prefix.split(layer, context.prefix_len, context.context_len)
+            tensors |= {f"layers.{i}.kept": kept, f"layers.{i}.scores": rest.scores.half()}
+            stored = quantization.quantize(rest, quantization_scheme, group_size)
+        tensors |= {f"layers.{i}.{name}": t for name, t in stored.items()}
     meta = _metadata(context, identity, quantization_scheme, group_size)
     return pack(tensors, {**(extra or {}), **meta})
 
@@ -92,13 +100,44 @@ def _metadata(
     return meta
 
 
+def prefix_ids(data: ByteSource) -> list[int] | None:
+    """The prefix tokens whose rows a version 3 object leaves out (when not empty: fetch
+    `KVzipEngine.prefix_context` of them for `decode`); None for other versions."""
+    header = _header(data)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format_version") != QUANTIZED_FORMAT_VERSION:
+        return None
+    try:
+        s = int(meta["prefix_len"])
+        entry = header["context_ids"]
+        start = 8 + struct.unpack("<Q", memoryview(data).cast("B")[:8])[0]
+        begin, end = (start + int(o) for o in entry["data_offsets"])
+        if entry["dtype"] != "I32" or not 0 <= s <= (end - begin) // 4:
+            raise ValueError(f"context_ids {entry['dtype']} cannot hold {s} prefix tokens")
+        view = memoryview(data).cast("B")[begin : begin + 4 * s]
+        return list(struct.unpack(f"<{s}i", view))
+    except (KeyError, ValueError, TypeError, struct.error) as exc:
+        raise CorruptContextError(f"stored context has no readable prefix: {exc}") from exc
+
+
+def _header(data: ByteSource) -> dict:  # type: ignore[type-arg]
+    try:
+        view = memoryview(data).cast("B")
+        header = json.loads(bytes(view[8 : header_length(view)]))
+    except (struct.error, ValueError, TypeError) as exc:
+        raise CorruptContextError(f"stored context does not parse as safetensors: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptContextError("stored context does not parse as safetensors: not a header")
+    return header
+
+
 def check_compatible(meta: dict[str, str], identity: ModelIdentity) -> None:
     """Raise IncompatibleContextError unless format, model and tokenizer all match."""
     expected = {
         "model_fingerprint": identity.model_fingerprint,
         "tokenizer_fingerprint": identity.tokenizer_fingerprint,
     }
-    if meta.get("format_version") != QUANTIZED_FORMAT_VERSION:
+    if meta.get("format_version") not in (QUANTIZED_FORMAT_VERSION, V2):
         expected = {"format_version": FORMAT_VERSION, **expected}
     for key, want in expected.items():
         if meta.get(key) != want:
@@ -139,19 +178,27 @@ def decode(
     identity: ModelIdentity,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    prefix: CompressedContext | None = None,
 ) -> CompressedContext:
     """safetensors bytes (any bytes-like object, e.g. an mmap view) -> CompressedContext on
     `device` (keys/values cast to `dtype`; quantized ones are moved to `device` as codes and
-    dequantized there, to `dtype` or else the dtype they were quantized from)."""
+    dequantized there, to `dtype` or else the dtype they were quantized from).
+
+    prefix: for a version 3 object, the all-kept context of its `prefix_ids` (the engine's
+    `prefix_context`), whose rows are put back in front of every head's; ignored otherwise.
+    """
     meta = read_metadata(data)
     check_compatible(meta, identity)
     scheme, group_size = stored_quantization(meta)
     if dtype is None and scheme != "none":
         dtype = _FLOATS[meta["dtype"]]
+    front = _prefix_layers(data, meta, prefix)
     try:
         tensors = unpack(data, device)
         layers = tuple(
             _layer(tensors, i, device, dtype, scheme, group_size)
+            if front is None
+            else _context_layer(tensors, i, device, dtype, (scheme, group_size), front[i], meta)
             for i in range(int(meta["n_layers"]))
         )
         return CompressedContext(
@@ -167,6 +214,45 @@ def decode(
         raise CorruptContextError(f"stored context is incomplete or broken: {exc}") from exc
 
 
+def _prefix_layers(
+    data: ByteSource, meta: dict[str, str], prefix: CompressedContext | None
+) -> list[RaggedLayer | None] | None:
+    """Per layer, the rows to put in front (None: no prefix); None for an object that
+    stores every row (versions 1 and 2). `prefix` is checked to be the object's own."""
+    ids = prefix_ids(data)
+    if ids is None:
+        return None
+    n_layers = int(meta["n_layers"])
+    if not ids:
+        return [None] * n_layers
+    if prefix is None:
+        raise ValueError("a version 3 object needs prefix= (KVzipEngine.prefix_context)")
+    if prefix.context_ids.tolist() != ids or len(prefix.layers) != n_layers:
+        raise ValueError("prefix= is not the prefix this object was made with")
+    return list(prefix.layers)
+
+
+def _context_layer(
+    tensors: dict[str, torch.Tensor],
+    i: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    quantized: tuple[str, int],
+    prefix: RaggedLayer | None,
+    meta: dict[str, str],
+) -> RaggedLayer:
+    """A version 3 layer: the context rows dequantized, behind the prefix's rows."""
+    scheme, group_size = quantized
+    n = int(meta["context_len"])
+    kept = shared_prefix.unpack_bits(tensors[f"layers.{i}.kept"].to(device), n)
+    cu_lens = shared_prefix.context_cu_lens(kept)
+    stored = {n: tensors[f"layers.{i}.{n}"].to(device) for n in quantization.stored_names(scheme)}
+    quantization.check_shapes(stored, cu_lens, scheme, group_size, layer=i)
+    assert dtype is not None  # quantized: the dtype quantized from at the latest
+    keys, values = quantization.dequantize(stored, cu_lens, scheme, group_size, dtype)
+    return shared_prefix.merge(prefix, kept, keys, values, tensors[f"layers.{i}.scores"])
+
+
 def _layer(
     tensors: dict[str, torch.Tensor],
     i: int,
@@ -175,6 +261,7 @@ def _layer(
     scheme: str,
     group_size: int,
 ) -> RaggedLayer:
+    """A version 1 or 2 layer: every row stored."""
     parts = {f: tensors[f"layers.{i}.{f}"].to(device) for f in _FIELDS}
     if scheme != "none":  # compact side data of version 2: back to the resident dtypes
         parts["scores"] = parts["scores"].float()

@@ -7,12 +7,15 @@ Keys (for a tier `prefix` and an object `key`)::
                                      total_bytes, sha256
 
 A put writes every part (one pipeline), then SETs the manifest, so a reader never sees a
-manifest before its parts. A read whose manifest is missing is a miss; a read whose manifest
-does not parse, whose part is missing (evicted by the server's allkeys-lru, or expired) or
-whose bytes fail the checksum is a miss too, and the remnants are UNLINKed (counted in
-`evictions`), unless a writer replaced the manifest meanwhile (checked with WATCH). Every key
-carries a TTL when one is given: the shorter of the call's and `default_ttl_s` (so that
-`default_ttl_s` bounds how long any copy stays in Redis).
+manifest before its parts. A read fetches the parts in parallel on a few connections of its
+own (`storage.redis_fetch`), straight into one buffer (the returned bytes, or the caller's
+with `get_into`), checking each part's sha256 as its bytes arrive. A read whose manifest is
+missing is a miss; a read whose manifest does not parse, whose part is missing (evicted by
+the server's allkeys-lru, or expired), of another size or failing its checksum is a miss
+too, and the remnants are UNLINKed (counted in `evictions`), unless a writer replaced the
+manifest meanwhile (checked with WATCH). Every key carries a TTL when one is given: the
+shorter of the call's and `default_ttl_s` (so that `default_ttl_s` bounds how long any copy
+stays in Redis).
 
 Never hang: create the client with `socket_timeout` and `socket_connect_timeout`, and a small
 `retry` (redis-py 8 retries 10 times by default, which turns "Redis is down" into several
@@ -26,7 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -41,9 +44,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from storage._checksum import PART_BYTES, sha256_all, split
 from storage._ttl import check_ttl
 from storage.base import TierUnavailableError, validate_key
+from storage.buffers import new_bytes
+from storage.redis_fetch import Endpoint, PartFetcher
 
 FORMAT_VERSION = 1
 DEFAULT_PART_BYTES = PART_BYTES
+READ_WORKERS = 2
+"""Connections (and threads) one read fetches parts on (see docs/benchmarks.md)."""
+READ_WINDOW_BYTES = 4 * 1024 * 1024
+"""Bytes asked for per GETRANGE."""
+READ_DEPTH = 4
+"""Windows in flight per connection (bounds what the server buffers for one read)."""
+
+Allocate = Callable[[int], memoryview]
+"""Given a size, a writable buffer of exactly that many bytes (see `RedisTier.get_into`)."""
 _GLOB_SPECIAL = frozenset("*?[]\\")
 
 
@@ -110,28 +124,11 @@ class Manifest:
             and isinstance(self.sizes, list)
             and isinstance(self.part_sha256, list)
             and len(self.sizes) == len(self.part_sha256) == self.part_count
-            and all(isinstance(s, int) for s in self.sizes)
+            and all(isinstance(s, int) and s >= 1 for s in self.sizes)
+            and all(isinstance(d, str) for d in self.part_sha256)
             and sum(self.sizes) == self.total_bytes
             and isinstance(self.sha256, str)
         )
-
-    def verify(self, parts: list[bytes | None]) -> bytes | None:
-        """The joined bytes when every part is present with the recorded size and checksum.
-
-        The part checksums cover every byte (parts of another version of the object fail
-        theirs), so the whole-object sha256 is not recomputed on read; parts are hashed on
-        a few threads (hashlib releases the GIL), which matters for GB-sized contexts.
-        """
-        if len(parts) != self.part_count:
-            return None
-        present = [p for p in parts if p is not None]
-        if len(present) != self.part_count:
-            return None
-        if [len(p) for p in present] != self.sizes:
-            return None
-        if sha256_all(present) != self.part_sha256:
-            return None
-        return b"".join(present)
 
 
 def _shorter(a: float | None, b: float | None) -> float | None:
@@ -141,6 +138,19 @@ def _shorter(a: float | None, b: float | None) -> float | None:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def _writable(buffer: memoryview, size: int) -> memoryview:
+    """`buffer` as flat bytes, checked writable, contiguous and `size` bytes long."""
+    view = memoryview(buffer)
+    if view.readonly or not view.c_contiguous or view.nbytes != size:
+        raise ValueError(f"allocate({size}) must return a writable contiguous {size}-byte buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _split(data: bytes, part_bytes: int) -> list[memoryview]:
+    view = memoryview(data)
+    return [view[i : i + part_bytes] for i in range(0, len(data), part_bytes)]
 
 
 class RedisTier:
@@ -157,6 +167,10 @@ class RedisTier:
         part_bytes: int = DEFAULT_PART_BYTES,
         default_ttl_s: float | None = None,
         name: str = "redis",
+        *,
+        read_workers: int = READ_WORKERS,
+        read_window_bytes: int = READ_WINDOW_BYTES,
+        read_depth: int = READ_DEPTH,
     ) -> None:
         if part_bytes < 1:
             raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
@@ -171,6 +185,13 @@ class RedisTier:
         self.misses = 0
         self.evictions = 0
         self._client = client
+        self._fetcher = PartFetcher(
+            Endpoint.of_client(client), read_workers, read_window_bytes, read_depth
+        )
+
+    def close(self) -> None:
+        """Close the tier's own read connections (the client stays the caller's)."""
+        self._fetcher.close()
 
     def manifest_key(self, key: str) -> str:
         """The Redis key of `key`'s manifest."""
@@ -181,10 +202,28 @@ class RedisTier:
         return f"{self.prefix}blob:{key}:part:{index}"
 
     async def get(self, key: str) -> bytes | None:
-        """The verified bytes, or None (a broken object's remnants are removed)."""
+        """The verified bytes, or None (a broken object's remnants are removed). The parts
+        are received straight into the returned object (no join, no second copy)."""
+        made: list[bytes] = []
+
+        def allocate(size: int) -> memoryview:
+            data, view = new_bytes(size) if size else (b"", memoryview(bytearray()))
+            made.append(data)
+            return view
+
+        return None if await self.get_into(key, allocate) is None else made[0]
+
+    async def get_into(self, key: str, allocate: Allocate) -> memoryview | None:
+        """The verified object written into `allocate(total_bytes)`, or None (nothing written,
+        or a broken object: its remnants are removed).
+
+        `allocate` returns a writable C-contiguous memoryview of exactly the size it is given
+        (of a reused or pinned staging buffer, a numpy array, a new bytearray...). Its
+        contents are undefined after a None.
+        """
         validate_key(key)
         with self._translate_errors():
-            data = await self._read(key)
+            data = await self._read(key, allocate)
         if data is None:
             self.misses += 1
         else:
@@ -260,7 +299,7 @@ class RedisTier:
         raw = await self._raw_manifest(key)
         return None if raw is None else Manifest.decode(raw)
 
-    async def _read(self, key: str) -> bytes | None:
+    async def _read(self, key: str, allocate: Allocate) -> memoryview | None:
         raw = await self._raw_manifest(key)
         if raw is None:
             return None
@@ -268,17 +307,12 @@ class RedisTier:
         if manifest is None:
             await self._discard(key, raw, 0)
             return None
-        parts = await self._parts(key, manifest.part_count)
-        data = await asyncio.to_thread(manifest.verify, parts)
-        if data is None:
+        out = _writable(allocate(manifest.total_bytes), manifest.total_bytes)
+        keys = [self.part_key(key, i) for i in range(manifest.part_count)]
+        if not await self._fetcher.fetch(keys, manifest.sizes, manifest.part_sha256, out):
             await self._discard(key, raw, manifest.part_count)
-        return data
-
-    async def _parts(self, key: str, count: int) -> list[bytes | None]:
-        if count == 0:
-            return []
-        values: list[Any] = await self._client.mget([self.part_key(key, i) for i in range(count)])
-        return [v if isinstance(v, bytes) else None for v in values]
+            return None
+        return out
 
     async def _discard(self, key: str, seen: bytes, part_count: int) -> None:
         """UNLINK a broken object unless its manifest changed since it was read as `seen`."""

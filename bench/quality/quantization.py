@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             for scheme, group in variants(args.group_sizes):
                 source = as_bf16(ctx) if scheme == "none" else ctx
                 blob = codec.encode(source, engine.identity, scheme, group)
-                loaded = codec.decode(blob, engine.identity, "cpu", torch.float32)
+                ids = codec.prefix_ids(blob)
+                prefix = engine.prefix_context(ids) if ids else None
+                loaded = codec.decode(blob, engine.identity, "cpu", torch.float32, prefix)
                 kl = flips = positions = agree = 0.0
                 for prompt, ref, logits, same in zip(prompts, refs, ref_logits, plain, strict=True):
                     got = teacher_forced(engine, loaded, prompt, ref)

@@ -44,6 +44,8 @@ from service.types import SamplingParams
 __all__ = ["Document", "IngestTimings", "KVzipEngine", "Progress"]
 
 Progress = Callable[[float], None]
+PREFIX_CONTEXTS = 8
+"""Prefix contexts an engine keeps (one per system prompt in use; see `prefix_context`)."""
 MODEL_FIELDS = ("model", "gguf_file", "device", "dtype", "attention_backend")
 """EngineConfig fields that describe the loaded model itself (`with_config` keeps them)."""
 
@@ -81,6 +83,7 @@ class KVzipEngine:
         self.max_positions = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
         self.reconstruction_passes = 0  # KVzip reconstruction forwards run (by the scorers)
+        self._prefixes: dict[tuple[int, ...], CompressedContext] = {}
 
     @classmethod
     def load(cls, config: EngineConfig) -> KVzipEngine:
@@ -179,6 +182,19 @@ class KVzipEngine:
         return CompressedContext(
             tuple(layers), ids, s, compression.method, 1.0, compression.chunk_size, time.time()
         )
+
+    def prefix_context(self, prefix_ids: Sequence[int]) -> CompressedContext:
+        """The all-kept context of `prefix_ids` alone: the rows a stored object of format
+        version 3 leaves out (service.engine.shared_prefix). One prefill per prefix, then
+        kept (the last `PREFIX_CONTEXTS` prefixes asked for)."""
+        key = tuple(prefix_ids)
+        ctx = self._prefixes.pop(key, None)
+        if ctx is None:
+            ctx = self.prefill_context(Document(list(key), []), CompressionConfig())
+        self._prefixes[key] = ctx  # most recent last
+        while len(self._prefixes) > PREFIX_CONTEXTS:
+            self._prefixes.pop(next(iter(self._prefixes)))
+        return ctx
 
     def forward(
         self,

@@ -4,8 +4,9 @@
 (`cu_lens`), are stored; the resident context is always dequantized to the model dtype.
 
 - `none`: the tensors as they are (the model dtype).
-- `fp8`: float8 e4m3 codes (N, d) and one float32 scale per (KV head, channel),
-  `{keys,values}_scale` (H, d) = amax / 448. Keys have outlier channels (KIVI), so the scale
+- `fp8`: float8 e4m3 codes (N, d) and one bf16 scale per (KV head, channel),
+  `{keys,values}_scale` (H, d) = amax / 448 rounded up to bf16 (objects of format version
+  2 carry float32 scales; both read the same). Keys have outlier channels (KIVI), so the scale
   is per channel; e4m3's own exponent absorbs the spread between tokens, so a per-token
   scale would cost 2 bytes per row for nothing. Error: |x - x̂| <= max(2^-4 |x|, 2^-10 s).
 - `int4`: asymmetric 4-bit codes, two per byte (N, d/2) uint8 (low nibble first). Keys:
@@ -77,12 +78,12 @@ def quantize(layer: RaggedLayer, scheme: str, group_size: int) -> dict[str, torc
 
 
 def _fp8(x: torch.Tensor, head: torch.Tensor, n_heads: int, field: str) -> dict[str, torch.Tensor]:
-    """x (N, d) -> e4m3 codes (N, d) and a float32 scale per (head, channel) (H, d)."""
+    """x (N, d) -> e4m3 codes (N, d) and a bf16 scale per (head, channel) (H, d)."""
     xf = x.float()
     amax = torch.zeros(n_heads, x.shape[1], dtype=torch.float32, device=x.device)
     amax.scatter_reduce_(0, head[:, None].expand(-1, x.shape[1]), xf.abs(), "amax")
-    scale = (amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = (xf / scale[head]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
+    scale = _round_up((amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.bfloat16)
+    codes = (xf / scale.float()[head]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
     return {field: codes, f"{field}_scale": scale}
 
 
@@ -116,7 +117,7 @@ def _affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     compact = _fits_fp16(lo) and _fits_fp16(hi - lo)
     zero = _round_down_fp16(lo) if compact else lo
     scale = ((hi - zero.float()) / _LEVELS).clamp_min(2.0**-24)
-    return zero, _round_up_fp16(scale) if compact else scale
+    return zero, _round_up(scale, torch.float16) if compact else scale
 
 
 def _codes(x: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -138,10 +139,10 @@ def _round_down_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() > x, smaller.view(torch.float16), h)
 
 
-def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
-    """The smallest fp16 >= x (x float32, positive, < 65504)."""
-    h = x.half()
-    return torch.where(h.float() < x, (h.view(torch.int16) + 1).view(torch.float16), h)
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest `dtype` (fp16 or bf16) >= x (x float32, positive, finite in `dtype`)."""
+    h = x.to(dtype)
+    return torch.where(h.float() < x, (h.view(torch.int16) + 1).view(dtype), h)
 
 
 # -- dequantize ----------------------------------------------------------------------------

@@ -24,7 +24,6 @@ Host-side copies are `torch.Tensor.copy_`, which uses torch's intra-op threads.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import struct
 import threading
@@ -33,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from storage.buffers import new_bytes
 
 STAGING_SLOTS = 4
 STAGING_BYTES = 32 * 1024 * 1024
@@ -51,15 +52,6 @@ _DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
 }
 _FROM_NAME = {name: dtype for dtype, name in _DTYPES.items()}
-
-# CPython's own constructor: with a NULL source the contents are left uninitialised, to be
-# filled by the caller before anyone else sees the object (what C extensions do).
-_bytes_uninitialised = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
-    ("PyBytes_FromStringAndSize", ctypes.pythonapi)
-)
-_bytes_address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(
-    ("PyBytes_AsString", ctypes.pythonapi)
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +155,8 @@ def _new_bytes(size: int) -> tuple[bytes, torch.Tensor]:
 
     The caller must write every byte before the object is used anywhere else.
     """
-    if size < 1:
-        raise ValueError("an empty bytes object is a shared singleton: nothing to fill")
-    out = _bytes_uninitialised(None, size)
-    address = _bytes_address(out)
-    view = torch.frombuffer((ctypes.c_char * size).from_address(address), dtype=torch.uint8)
-    return out, view
+    out, view = new_bytes(size)
+    return out, torch.frombuffer(view, dtype=torch.uint8)
 
 
 def _gather(host: torch.Tensor, spans: list[_Span]) -> None:

@@ -146,7 +146,7 @@ class Pipeline:
             codec.encode, ctx, self.engine.identity, scheme, group, described
         )
         if compression.quantization != "none":  # resident = what a later load decodes
-            ctx = await asyncio.to_thread(self._decode, blob)
+            ctx = await self._decoded(blob)
         await self._abort_if(aborted, current().id)
         record = ready_record(current(), ctx, len(blob))
         await self.registry.commit(record, blob, ttl_s)
@@ -195,16 +195,22 @@ class Pipeline:
         if blob is None:
             raise await self.registry.lost(cid, "no tier holds an intact copy any more")
         try:
-            ctx = await asyncio.to_thread(self._decode, blob)
+            ctx = await self._decoded(blob)
         except CorruptContextError as exc:
             raise await self.registry.lost(cid, f"the stored object does not parse: {exc}") from exc
         self.resident.put(cid, ctx)
         return ctx
 
-    def _decode(self, blob: ByteSource) -> CompressedContext:
-        """A stored object on the model's device in its dtype (dequantized there)."""
+    async def _decoded(self, blob: ByteSource) -> CompressedContext:
+        """A stored object on the model's device in its dtype (dequantized there), decoded
+        off the engine thread; the prefix rows an object leaves out come from the engine."""
+        ids = codec.prefix_ids(blob)
+        prefix = await self.thread.run(self.engine.prefix_context, ids) if ids else None
+        return await asyncio.to_thread(self._decode, blob, prefix)
+
+    def _decode(self, blob: ByteSource, prefix: CompressedContext | None) -> CompressedContext:
         device, dtype = self.engine.model.device, self.engine.model.dtype
-        return codec.decode(blob, self.engine.identity, device, dtype)
+        return codec.decode(blob, self.engine.identity, device, dtype, prefix)
 
     def question_ids(
         self,

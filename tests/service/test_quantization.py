@@ -81,7 +81,16 @@ def test_fp8_error_is_within_the_e4m3_bound():
         bound = torch.maximum(FP8_RELATIVE * exact.abs(), FP8_SUBNORMAL * scale)
         assert ((got - exact).abs() <= bound * (1 + 1e-6)).all(), field
         assert stored[field].dtype == torch.float8_e4m3fn
+        amax = torch.stack([exact[a:b].abs().amax(0) for a, b in _heads(layer) if b > a])
+        present = [b > a for a, b in _heads(layer)]
+        scale = stored[f"{field}_scale"]
+        assert scale.dtype == torch.bfloat16 and (scale.float()[present] >= amax / 448).all()
     assert stored["keys_scale"].shape == (len(LENS), 64)
+
+
+def _heads(layer: RaggedLayer) -> list[tuple[int, int]]:
+    bounds = layer.cu_lens.tolist()
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def test_dequantized_in_the_model_dtype():
@@ -110,26 +119,117 @@ def _rewrite(blob: bytes, meta_changes: dict, tensor_changes: dict | None = None
     return safetensors.torch.save({**tensors, **(tensor_changes or {})}, meta)
 
 
+def _decode(engine, blob: bytes, **kwargs) -> CompressedContext:
+    """What the service does: the engine's prefix for the object, then decode."""
+    ids = codec.prefix_ids(blob)
+    prefix = engine.prefix_context(ids) if ids else None
+    return codec.decode(blob, engine.identity, prefix=prefix, **kwargs)
+
+
 @pytest.mark.parametrize("scheme", ["fp8", "int4"])
-def test_quantized_object_is_version_2_and_round_trips(tiny_engine, compressed, scheme):
+def test_quantized_object_is_version_3_and_round_trips(tiny_engine, compressed, scheme):
     blob = codec.encode(compressed, tiny_engine.identity, scheme, 32)
     meta = codec.read_metadata(blob)
-    assert meta["format_version"] == "2" and meta["quantization"] == scheme
+    assert meta["format_version"] == "3" and meta["quantization"] == scheme
     assert meta["dtype"] == "float32" and meta["group_size"] == "32"
     stored = safetensors.torch.load(blob)
-    assert stored["layers.0.scores"].dtype == torch.float16
-    assert stored["layers.0.positions"].dtype == torch.int16
-    back = codec.decode(blob, tiny_engine.identity)  # dtype: the one quantized from
-    for a, b in zip(compressed.layers, back.layers, strict=True):
+    s, n = compressed.prefix_len, compressed.context_len
+    assert "layers.0.positions" not in stored and "layers.0.cu_lens" not in stored
+    first = compressed.layers[0]
+    assert stored["layers.0.kept"].shape == (first.n_heads, -(-n // 8))
+    assert stored["layers.0.scores"].shape == (first.keys.shape[0] - first.n_heads * s,)
+    assert codec.prefix_ids(blob) == compressed.context_ids[:s].tolist()
+    back = _decode(tiny_engine, blob)  # dtype: the one quantized from
+    prefix = tiny_engine.prefix_context(compressed.context_ids[:s].tolist())
+    for a, b, p in zip(compressed.layers, back.layers, prefix.layers, strict=True):
         for field in ("cu_lens", "positions"):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
         assert b.scores.dtype == torch.float32 and b.positions.dtype == torch.int32
-        assert torch.equal(b.scores, a.scores.half().float())  # stored as fp16
+        assert torch.equal(b.scores, a.scores.half().float())  # fp16; the prefix's stays inf
         assert b.keys.dtype == torch.float32 and b.keys.shape == a.keys.shape
+        is_prefix = a.positions < s  # the engine's own prefix rows, as a prefill makes them
+        assert torch.equal(b.keys[is_prefix], p.keys) and torch.equal(b.values[is_prefix], p.values)
+        torch.testing.assert_close(p.keys, a.keys[is_prefix], rtol=1e-4, atol=1e-5)
         scale = a.keys.abs().max() if scheme == "fp8" else a.keys.max() - a.keys.min()
         assert (b.keys - a.keys).abs().max() <= scale / 8
     full = len(codec.encode(compressed, tiny_engine.identity))  # fp32 on the CPU
     assert len(blob) < full / (2.5 if scheme == "fp8" else 3.5)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_a_v3_object_holds_the_context_rows_and_nothing_else(tiny_engine, compressed, scheme):
+    """Every byte accounted for: codes and scales of the context rows, fp16 scores, one bit
+    per (head, context token), the token ids; the prefix rows are not stored."""
+    group = 32
+    blob = codec.encode(compressed, tiny_engine.identity, scheme, group)
+    (header,) = struct.unpack("<Q", blob[:8])
+    s, n = compressed.prefix_len, compressed.context_len
+    want = 4 * compressed.seq_len  # context_ids int32
+    for layer in compressed.layers:
+        h, d = layer.n_heads, layer.keys.shape[1]
+        lens = [x - s for x in layer.lens.tolist()]
+        rows = sum(lens)
+        want += 2 * rows + h * -(-n // 8)  # scores fp16, kept bits
+        if scheme == "fp8":
+            want += 2 * rows * d + 2 * h * d * 2  # codes, bf16 scale per head and channel
+        else:
+            key_groups = sum(-(-x // group) for x in lens)
+            value_groups = d // quantization.value_group(group, d)
+            want += rows * d + 2 * key_groups * d * 2 + 2 * rows * value_groups * 2
+    assert len(blob) - 8 - header == want
+
+
+def test_a_v2_object_written_by_earlier_code_still_loads(tiny_engine, compressed):
+    """The version 2 layout (every row quantized, prefix included; cu_lens, fp16 scores,
+    int16 positions, float32 fp8 scales), written through the safetensors library."""
+    tensors = {"context_ids": compressed.context_ids.to(torch.int32)}
+    for i, layer in enumerate(compressed.layers):
+        tensors[f"layers.{i}.cu_lens"] = layer.cu_lens
+        tensors[f"layers.{i}.scores"] = layer.scores.half()
+        tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int16)
+        for name, t in quantization.quantize(layer, "fp8", 64).items():
+            tensors[f"layers.{i}.{name}"] = t.float() if name.endswith("scale") else t
+    meta = codec.read_metadata(codec.encode(compressed, tiny_engine.identity, "fp8", 64))
+    blob = safetensors.torch.save(tensors, meta | {"format_version": "2"})
+    assert codec.prefix_ids(blob) is None
+    back = codec.decode(blob, tiny_engine.identity)  # no prefix needed: it is stored
+    for a, b in zip(compressed.layers, back.layers, strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.cu_lens, b.cu_lens)
+        assert (b.keys - a.keys).abs().max() <= a.keys.abs().max() / 8
+
+
+def test_a_v3_object_needs_its_own_prefix(tiny_engine, compressed):
+    blob = codec.encode(compressed, tiny_engine.identity, "fp8", 64)
+    with pytest.raises(ValueError, match="needs prefix="):
+        codec.decode(blob, tiny_engine.identity)
+    ids = codec.prefix_ids(blob)
+    other = tiny_engine.prefix_context([*ids[:-1], (ids[-1] + 1) % 100])
+    with pytest.raises(ValueError, match="not the prefix"):
+        codec.decode(blob, tiny_engine.identity, prefix=other)
+
+
+def test_the_engine_keeps_its_prefix_contexts(tiny_engine):
+    ids = tiny_engine.encode_document("Anything.").prefix_ids
+    first = tiny_engine.prefix_context(ids)
+    assert tiny_engine.prefix_context(ids) is first
+    assert first.seq_len == first.prefix_len == len(ids)
+    assert all(layer.keys.shape[0] == layer.n_heads * len(ids) for layer in first.layers)
+
+
+def test_a_broken_kept_mask_is_refused(tiny_engine, compressed):
+    blob = codec.encode(compressed, tiny_engine.identity, "int4", 32)
+    kept = safetensors.torch.load(blob)["layers.2.kept"]
+    past_the_end = kept.clone()
+    past_the_end[0, -1] |= 0x80  # a token after the context (context_len is not a multiple of 8)
+    assert compressed.context_len % 8 != 0
+    for broken, message in ((past_the_end, "past the context"), (kept[:, 1:], "does not fit")):
+        bad = _rewrite(blob, {}, {"layers.2.kept": broken.contiguous()})
+        with pytest.raises(CorruptContextError, match=message):
+            _decode(tiny_engine, bad)
+    extra = kept.clone()
+    extra[1, 0] ^= 0x01  # one more (or one fewer) row than the codes hold
+    with pytest.raises(CorruptContextError, match="do not fit"):
+        _decode(tiny_engine, _rewrite(blob, {}, {"layers.2.kept": extra}))
 
 
 def test_an_unquantized_object_is_version_1_as_before(tiny_engine, compressed):
@@ -157,7 +257,7 @@ def test_a_v1_object_written_by_earlier_code_still_loads(tiny_engine, compressed
         ({"quantization": "int2"}, IncompatibleContextError, "quantization 'int2'"),
         ({"quantization": None}, IncompatibleContextError, "quantization 'none'"),
         ({"format_version": "1"}, CorruptContextError, "format version 1 names"),
-        ({"format_version": "3"}, IncompatibleContextError, "format version"),
+        ({"format_version": "4"}, IncompatibleContextError, "format version"),
         ({"group_size": "abc"}, CorruptContextError, "group_size"),
         ({"group_size": "64"}, CorruptContextError, "keys_scale"),
         ({"quantization": "fp8"}, CorruptContextError, "do not fit the stored fp8"),
@@ -169,7 +269,7 @@ def test_mismatched_quantization_metadata_is_refused(
 ):
     blob = codec.encode(compressed, tiny_engine.identity, "int4", 32)
     with pytest.raises(error, match=message):
-        codec.decode(_rewrite(blob, changes), tiny_engine.identity)
+        _decode(tiny_engine, _rewrite(blob, changes))
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int4"])
@@ -178,11 +278,11 @@ def test_tensors_that_do_not_fit_their_layout_are_refused(tiny_engine, compresse
     scale = safetensors.torch.load(blob)["layers.1.keys_scale"]
     shorter = {"layers.1.keys_scale": scale[:-1].contiguous()}
     with pytest.raises(CorruptContextError, match="layer 1: keys_scale"):
-        codec.decode(_rewrite(blob, {}, shorter), tiny_engine.identity)
+        _decode(tiny_engine, _rewrite(blob, {}, shorter))
     codes = safetensors.torch.load(blob)["layers.0.values"]
     retyped = {"layers.0.values": codes.view(torch.uint8).to(torch.float16)}
     with pytest.raises(CorruptContextError, match="values"):
-        codec.decode(_rewrite(blob, {}, retyped), tiny_engine.identity)
+        _decode(tiny_engine, _rewrite(blob, {}, retyped))
 
 
 def test_a_truncated_quantized_object_is_refused(tiny_engine, compressed):
@@ -191,7 +291,7 @@ def test_a_truncated_quantized_object_is_refused(tiny_engine, compressed):
     header = json.loads(blob[8 : 8 + size])
     assert header["__metadata__"]["quantization"] == "int4"
     with pytest.raises(CorruptContextError):
-        codec.decode(blob[: len(blob) - 100], tiny_engine.identity)
+        _decode(tiny_engine, blob[: len(blob) - 100])
 
 
 # -- settings and ids ------------------------------------------------------------------------
@@ -247,7 +347,7 @@ def test_quantized_context_keeps_the_next_token_distribution(
     prompt = tiny_engine.encode_question("What is stored in the cache?")
     reference = _next_token_logprobs(tiny_engine, compressed, prompt)
     blob = codec.encode(compressed, tiny_engine.identity, scheme, 64)
-    quantized = _next_token_logprobs(tiny_engine, codec.decode(blob, tiny_engine.identity), prompt)
+    quantized = _next_token_logprobs(tiny_engine, _decode(tiny_engine, blob), prompt)
     kl = (reference.exp() * (reference - quantized)).sum(-1).mean()
     assert 0 <= float(kl) < bound
 
@@ -286,7 +386,7 @@ def test_dequantization_on_the_gpu_matches_the_cpu(scheme):
     ctx = CompressedContext(
         layers=layers,
         context_ids=torch.arange(200, dtype=torch.int32),
-        prefix_len=10,
+        prefix_len=0,  # the heads of `_layer` do not all hold a prefix
         method="kvzip",
         ratio=0.3,
         chunk_size=64,

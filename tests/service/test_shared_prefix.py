@@ -1,0 +1,84 @@
+"""The version 3 row layout: prefix rows left out, kept tokens as bits, put back exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine import shared_prefix
+from service.engine.kvcache import RaggedLayer
+from service.errors import CorruptContextError
+
+S, N, D = 4, 19, 8  # prefix tokens, context tokens, channels
+
+
+def _layer(kept: list[list[int]], seed: int = 0) -> RaggedLayer:
+    """Heads holding the prefix then the context tokens `kept[h]` (ascending)."""
+    g = torch.Generator().manual_seed(seed)
+    positions = [list(range(S)) + [S + t for t in head] for head in kept]
+    lens = [len(p) for p in positions]
+    n = sum(lens)
+    scores = torch.rand(n, generator=g)
+    flat = torch.tensor([p for head in positions for p in head], dtype=torch.int32)
+    scores[flat < S] = torch.inf
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    keys, values = torch.randn(2, n, D, generator=g)
+    return RaggedLayer(keys, values, cu, scores, flat)
+
+
+KEPT = [[0, 3, 4, 18], [], list(range(N))]
+
+
+def test_split_then_merge_gives_the_layer_back_exactly() -> None:
+    layer = _layer(KEPT)
+    rest, packed = shared_prefix.split(layer, S, N)
+    assert packed.shape == (3, 3) and packed.dtype == torch.uint8
+    assert rest.keys.shape == (sum(map(len, KEPT)), D)
+    assert bool((rest.positions >= S).all())
+    prefix = layer.keep(layer.positions < S)
+    kept = shared_prefix.unpack_bits(packed, N)
+    assert kept.sum(1).tolist() == [len(k) for k in KEPT]
+    back = shared_prefix.merge(prefix, kept, rest.keys, rest.values, rest.scores)
+    for field in ("keys", "values", "cu_lens", "scores", "positions"):
+        assert torch.equal(getattr(back, field), getattr(layer, field)), field
+
+
+def test_without_a_prefix_the_context_rows_are_the_layer() -> None:
+    kept = torch.zeros(2, 5, dtype=torch.bool)
+    kept[0, [1, 4]] = kept[1, 2] = True
+    keys, values = torch.randn(2, 3, D)
+    layer = shared_prefix.merge(None, kept, keys, values, torch.rand(3))
+    assert layer.cu_lens.tolist() == [0, 2, 3] and layer.positions.tolist() == [1, 4, 2]
+    assert torch.equal(layer.keys, keys)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64])
+def test_bits_round_trip(n: int) -> None:
+    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(n)) < 0.4
+    packed = shared_prefix.pack_bits(mask)
+    assert packed.shape == (3, -(-n // 8))
+    assert torch.equal(shared_prefix.unpack_bits(packed, n), mask)
+
+
+def test_a_layer_without_the_whole_prefix_or_out_of_order_is_refused() -> None:
+    layer = _layer(KEPT)
+    no_prefix = layer.keep(layer.positions != 2)
+    with pytest.raises(ValueError, match="whole prefix"):
+        shared_prefix.split(no_prefix, S, N)
+    swapped = layer.positions.clone()
+    swapped[[5, 6]] = swapped[[6, 5]]
+    with pytest.raises(ValueError, match="position order"):
+        shared_prefix.split(
+            RaggedLayer(layer.keys, layer.values, layer.cu_lens, layer.scores, swapped), S, N
+        )
+    with pytest.raises(ValueError, match="outside the context"):
+        shared_prefix.split(layer, S, N - 1)
+
+
+def test_a_mask_of_another_width_is_refused() -> None:
+    packed = shared_prefix.pack_bits(torch.ones(2, 12, dtype=torch.bool))
+    assert shared_prefix.unpack_bits(packed, 12).all()
+    with pytest.raises(CorruptContextError, match="does not fit"):
+        shared_prefix.unpack_bits(packed, 17)
+    with pytest.raises(CorruptContextError, match="past the context"):
+        shared_prefix.unpack_bits(packed, 10)
