@@ -109,7 +109,9 @@ class StreamOptions(OpenAIBody):
     include_usage: bool = False
 
 
-TokenCount = Annotated[int, Field(ge=1), BeforeValidator(integral)]
+PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(integral)]
+"""A JSON integer >= 1; the bound comes before the validator, so the schema says `minimum`
+(after it, on a union, pydantic would write a raw `ge` that JSON Schema ignores)."""
 
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -177,8 +179,8 @@ class ChatCompletionCreate(OpenAIBody):
         description="The compressed context to answer from (`extra_body` in OpenAI clients).",
         examples=[CONTEXT_ID_EXAMPLE],
     )
-    max_tokens: TokenCount | None = Field(default=None, description="Default 128.")
-    max_completion_tokens: TokenCount | None = Field(
+    max_tokens: PositiveJsonInt | None = Field(default=None, description="Default 128.")
+    max_completion_tokens: PositiveJsonInt | None = Field(
         default=None, description="Alias of max_tokens (wins when both are given)."
     )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -189,7 +191,7 @@ class ChatCompletionCreate(OpenAIBody):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: JsonInt | None = Field(default=None, ge=1, description=_described(NEUTRAL["n"]))
+    n: PositiveJsonInt | None = Field(default=None, description=_described(NEUTRAL["n"]))
     logprobs: bool | None = Field(default=None, description=_described(NEUTRAL["logprobs"]))
     top_logprobs: JsonInt | None = Field(
         default=None, description=_described(NEUTRAL["top_logprobs"])
