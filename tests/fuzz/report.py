@@ -99,7 +99,8 @@ def markdown(counts: Counts) -> str:
     rows = ["| Operation | Cases | Responses |", "|---|---:|---|"]
     for operation, n in sorted(counts.operations.items()):
         rows.append(f"| `{operation}` | {n} | {_statuses(counts.by_operation, operation)} |")
-    rows.append(f"| **total** | **{counts.total}** | 5xx or no response: {counts.server_errors()} |")
+    errors = counts.server_errors()
+    rows.append(f"| **total** | **{counts.total}** | 5xx or no response: {errors} |")
     classes: Counter[str] = Counter()
     for (name, _), n in counts.by_class.items():
         classes[name] += n
