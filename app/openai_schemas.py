@@ -15,6 +15,7 @@ import json
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from app.schemas import (
@@ -133,8 +134,14 @@ def _only(neutral: tuple[Any, ...]) -> str:
     return " or ".join(["only null", *(_json(value) for value in neutral)])
 
 
-def _described(neutral: tuple[Any, ...]) -> str:
-    return f"Not implemented: {_only(neutral)} (anything else is 400 unsupported_parameter)."
+def _unimplemented(name: str, ge: float | None = None, le: float | None = None) -> Any:
+    """The Field of an OpenAI field this server does not implement: null by default, and a
+    schema `enum` of null and its neutral values, so that clients and fuzzers know what is
+    accepted; any other value of the right type is still parsed, then refused with 400."""
+    neutral = NEUTRAL[name]
+    description = f"Not implemented: {_only(neutral)} (anything else is 400 unsupported_parameter)."
+    extra: JsonDict = {"enum": [None, *neutral]}
+    return Field(default=None, description=description, json_schema_extra=extra, ge=ge, le=le)
 
 
 class ChatCompletionCreate(OpenAIBody):
@@ -191,25 +198,15 @@ class ChatCompletionCreate(OpenAIBody):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: PositiveJsonInt | None = Field(default=None, description=_described(NEUTRAL["n"]))
-    logprobs: bool | None = Field(default=None, description=_described(NEUTRAL["logprobs"]))
-    top_logprobs: JsonInt | None = Field(
-        default=None, description=_described(NEUTRAL["top_logprobs"])
-    )
-    presence_penalty: float | None = Field(
-        default=None, ge=-2.0, le=2.0, description=_described(NEUTRAL["presence_penalty"])
-    )
-    frequency_penalty: float | None = Field(
-        default=None, ge=-2.0, le=2.0, description=_described(NEUTRAL["frequency_penalty"])
-    )
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description=_described(NEUTRAL["logit_bias"])
-    )
-    response_format: dict[str, Any] | None = Field(
-        default=None, description=_described(NEUTRAL["response_format"])
-    )
-    tools: list[Any] | None = Field(default=None, description=_described(()))
-    functions: list[Any] | None = Field(default=None, description=_described(()))
+    n: PositiveJsonInt | None = _unimplemented("n")
+    logprobs: bool | None = _unimplemented("logprobs")
+    top_logprobs: JsonInt | None = _unimplemented("top_logprobs")
+    presence_penalty: float | None = _unimplemented("presence_penalty", ge=-2.0, le=2.0)
+    frequency_penalty: float | None = _unimplemented("frequency_penalty", ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = _unimplemented("logit_bias")
+    response_format: dict[str, Any] | None = _unimplemented("response_format")
+    tools: list[Any] | None = _unimplemented("tools")
+    functions: list[Any] | None = _unimplemented("functions")
 
     @model_validator(mode="after")
     def _neutral_only(self) -> Self:

@@ -55,21 +55,25 @@ KEYED_FLAG = "--keyed"
 TENANT_KEY = "sk-fuzz-tenant-0001"
 SUMMARY_FLAG = "--summary"
 """Also write the summary (the tables below) to this file."""
+EVENTS_FLAG = "--report-ndjson-path"
+"""st's own option: where its events go (by default a temporary file)."""
 
 
 def main(argv: list[str]) -> int:
     keyed = KEYED_FLAG in argv
     argv = [arg for arg in argv if arg != KEYED_FLAG]
     summary_path = _take_option(argv, SUMMARY_FLAG)
+    events_path = _take_option(argv, EVENTS_FLAG)
     for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
         del os.environ[name]
     with tempfile.TemporaryDirectory(prefix="kvzip-fuzz-") as tmp:
         root = Path(tmp)
+        events = Path(events_path) if events_path else root / "events.ndjson"
         application = _application(root, keyed)
         headers = {"Authorization": f"Bearer {TENANT_KEY}"} if keyed else {}
         with serving(application) as url:
             started = time.monotonic()
-            code = _schemathesis(url, root, headers, argv)
+            code = _schemathesis(url, root, events, headers, argv)
             elapsed = time.monotonic() - started
             results = run_probes(url, headers)
         documented = {
@@ -77,7 +81,7 @@ def main(argv: list[str]) -> int:
             for path, ops in application.openapi()["paths"].items()
             for method in ops
         }
-        counts = summarise(root / "events.ndjson", documented)
+        counts = summarise(events, documented)
     unexpected = sum(result.unexpected for result in results)
     text = _summary(keyed, counts, elapsed, code, results, unexpected)
     print(text)
@@ -123,14 +127,16 @@ def _application(root: Path, keyed: bool) -> FastAPI:
     return application
 
 
-def _schemathesis(url: str, root: Path, headers: dict[str, str], argv: list[str]) -> int:
-    """`st run` against the live server; its events go to root/events.ndjson."""
+def _schemathesis(
+    url: str, root: Path, events: Path, headers: dict[str, str], argv: list[str]
+) -> int:
+    """`st run` against the live server (in `root`); its events go to `events`."""
     st = Path(sys.executable).with_name("st")
     config = Path(__file__).with_name("schemathesis.toml")
     command = [str(st), "--config-file", str(config), "run", f"{url}/openapi.json"]
     command += [arg for name, value in headers.items() for arg in ("--header", f"{name}: {value}")]
     command += [*DEFAULT_ARGS, "--report", "ndjson", "--report-ndjson-path"]
-    command += [str(root / "events.ndjson"), *argv]
+    command += [str(events), *argv]
     # st keeps its state in .schemathesis/ under its working directory: the temp one
     return subprocess.run(command, cwd=root, check=False).returncode
 
