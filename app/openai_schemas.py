@@ -76,7 +76,8 @@ class OpenAIBody(BaseModel):
 
 
 class TextPart(OpenAIBody):
-    type: str = "text"
+    # any string parses (another part type is a 400 naming it); the schema names the one taken
+    type: str = Field(default="text", json_schema_extra={"enum": ["text"]})
     text: str
 
     @model_validator(mode="after")
@@ -90,7 +91,9 @@ class ChatMessage(OpenAIBody):
     """One message. System (and developer) messages join the question side of the prompt,
     never the cached context; user and assistant messages are the conversation."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        json_schema_extra={"enum": [*SYSTEM_ROLES, "user", "assistant"]}
+    )  # tool and function parse, to be refused with a 400 that names them
     content: str | list[TextPart] | None = None
 
     @model_validator(mode="after")

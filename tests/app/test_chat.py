@@ -226,6 +226,14 @@ def test_the_schema_lists_what_each_unsupported_field_accepts(
     ]["properties"]
     context_id = register(client)
 
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == [
+        "system",
+        "developer",
+        "user",
+        "assistant",
+    ]
+    assert schemas["TextPart"]["properties"]["type"]["enum"] == ["text"]
     for field in NEUTRAL:
         accepted = properties[field]["enum"]
         assert accepted[0] is None and len(accepted) <= 2, (field, accepted)
