@@ -71,6 +71,8 @@ def summarise(ndjson: Path, documented: set[str]) -> Counts:
     """Fold the events in `ndjson`; a method the schema does not document on a path counts
     under `<undocumented method> path`."""
     counts = Counts()
+    if not ndjson.exists():  # st stopped before testing (a bad option, a bad config)
+        return counts
     lines = ndjson.read_text(encoding="utf-8").splitlines()
     for case, status in _cases(json.loads(line) for line in lines if line.strip()):
         operation = f"{case['method']} {case['path']}"

@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
         headers = {"Authorization": f"Bearer {TENANT_KEY}"} if keyed else {}
         with serving(application) as url:
             started = time.monotonic()
-            code = _schemathesis(url, root, events, headers, argv)
+            model = application.state.service.model_name
+            code = _schemathesis(url, root, events, headers, model, argv)
             elapsed = time.monotonic() - started
             results = run_probes(url, headers)
         documented = {
@@ -128,9 +129,10 @@ def _application(root: Path, keyed: bool) -> FastAPI:
 
 
 def _schemathesis(
-    url: str, root: Path, events: Path, headers: dict[str, str], argv: list[str]
+    url: str, root: Path, events: Path, headers: dict[str, str], model: str, argv: list[str]
 ) -> int:
-    """`st run` against the live server (in `root`); its events go to `events`."""
+    """`st run` against the live server (in `root`); its events go to `events`; `model`
+    (the served model's name) reaches schemathesis.toml as FUZZ_MODEL."""
     st = Path(sys.executable).with_name("st")
     config = Path(__file__).with_name("schemathesis.toml")
     command = [str(st), "--config-file", str(config), "run", f"{url}/openapi.json"]
@@ -138,7 +140,9 @@ def _schemathesis(
     command += [*DEFAULT_ARGS, "--report", "ndjson", "--report-ndjson-path"]
     command += [str(events), *argv]
     # st keeps its state in .schemathesis/ under its working directory: the temp one
-    return subprocess.run(command, cwd=root, check=False).returncode
+    events.unlink(missing_ok=True)
+    env = {**os.environ, "FUZZ_MODEL": model}
+    return subprocess.run(command, cwd=root, env=env, check=False).returncode
 
 
 def _summary(
