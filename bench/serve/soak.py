@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int, default=4, help="documents registered")
     p.add_argument("--queue-size", type=int, default=8)
     p.add_argument("--max-batch-rows", type=int, default=8)
-    p.add_argument("--kv-budget-bytes", type=int, default=2 * MIB)
+    p.add_argument("--kv-budget-bytes", type=int, default=MIB)  # contexts + ~4 rows
     p.add_argument("--rate-limit-per-minute", type=int, default=1200)
     p.add_argument("--rate-limit-burst", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=60.0, help="each request's deadline")

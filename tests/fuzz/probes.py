@@ -13,10 +13,11 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
-__all__ = ["ProbeResult", "markdown", "probes", "run_probes"]
+__all__ = ["ProbeResult", "markdown", "probes", "register", "run_probes"]
 
 DOC = "The pass key is 48213. Remember it."
 NON_FINITE = ("1e400", "-1e400", "NaN", "Infinity", "-Infinity")
@@ -141,13 +142,19 @@ def probes() -> list[Probe]:
     return [*_stop_probes(), *_number_probes(), *_token_probes(), *_shape_probes()]
 
 
+def register(base_url: str, headers: dict[str, str], count: int = 1) -> list[dict[str, Any]]:
+    """`count` contexts (READY when this returns): their JSON (id, model, ...)."""
+    with httpx.Client(base_url=base_url, headers=headers, timeout=60.0) as client:
+        texts = [f"{DOC} Copy {index}." for index in range(count)]  # one text, one id
+        created = [client.post("/contexts", json={"text": text, "wait": True}) for text in texts]
+    return [response.raise_for_status().json() for response in created]
+
+
 def run_probes(base_url: str, headers: dict[str, str]) -> list[ProbeResult]:
     """Register one context, send every probe, and count the statuses per input class."""
     results: dict[str, ProbeResult] = {}
+    context = register(base_url, headers)[0]
     with httpx.Client(base_url=base_url, headers=headers, timeout=60.0) as client:
-        created = client.post("/contexts", json={"text": DOC, "wait": True})
-        created.raise_for_status()
-        context = created.json()
         for probe in probes():
             path = probe.path.replace("{id}", context["id"])
             body = probe.body

@@ -17,12 +17,14 @@ other than its documented one.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -31,7 +33,7 @@ from app.ratelimit import LocalRateLimiter
 from app.settings import ENV_PREFIX, Settings
 from tests.app.conftest import serving
 from tests.conftest import build_tiny_model_dir
-from tests.fuzz.probes import ProbeResult, run_probes
+from tests.fuzz.probes import ProbeResult, register, run_probes
 from tests.fuzz.probes import markdown as probes_markdown
 from tests.fuzz.report import Counts, markdown, summarise
 
@@ -50,6 +52,7 @@ DEFAULT_ARGS = [
 ]
 
 
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 KEYED_FLAG = "--keyed"
 """Serve with API keys (a tenant key and an admin key) and authenticate as the tenant."""
 TENANT_KEY = "sk-fuzz-tenant-0001"
@@ -73,8 +76,8 @@ def main(argv: list[str]) -> int:
         headers = {"Authorization": f"Bearer {TENANT_KEY}"} if keyed else {}
         with serving(application) as url:
             started = time.monotonic()
-            model = application.state.service.model_name
-            code = _schemathesis(url, root, events, headers, model, argv)
+            contexts = register(url, headers, count=3)
+            code = _schemathesis(url, root, contexts, events, headers, argv)
             elapsed = time.monotonic() - started
             results = run_probes(url, headers)
         documented = {
@@ -128,20 +131,41 @@ def _application(root: Path, keyed: bool) -> FastAPI:
     return application
 
 
+def _config(root: Path, contexts: list[dict[str, Any]]) -> Path:
+    """schemathesis.toml plus the dictionaries only the running server knows: the served
+    model's name and the ids of `contexts`."""
+    model = json.dumps([contexts[0]["model"]])
+    ids = json.dumps([context["id"] for context in contexts])
+    extra = f"\n[dictionaries.served_model]\nvalues = {model}\n"
+    extra += f"\n[dictionaries.contexts]\nvalues = {ids}\n"
+    config = root / "schemathesis.toml"
+    config.write_text(CONFIG.read_text(encoding="utf-8") + extra, encoding="utf-8")
+    return config
+
+
 def _schemathesis(
-    url: str, root: Path, events: Path, headers: dict[str, str], model: str, argv: list[str]
+    url: str,
+    root: Path,
+    contexts: list[dict[str, Any]],
+    events: Path,
+    headers: dict[str, str],
+    argv: list[str],
 ) -> int:
-    """`st run` against the live server (in `root`); its events go to `events`; `model`
-    (the served model's name) reaches schemathesis.toml as FUZZ_MODEL."""
+    """`st run` against the live server (in `root`), `contexts` kept alive for the chat
+    route (tests/fuzz/hooks.py); its events go to `events`."""
+    config = _config(root, contexts)
     st = Path(sys.executable).with_name("st")
-    config = Path(__file__).with_name("schemathesis.toml")
     command = [str(st), "--config-file", str(config), "run", f"{url}/openapi.json"]
     command += [arg for name, value in headers.items() for arg in ("--header", f"{name}: {value}")]
     command += [*DEFAULT_ARGS, "--report", "ndjson", "--report-ndjson-path"]
     command += [str(events), *argv]
-    # st keeps its state in .schemathesis/ under its working directory: the temp one
     events.unlink(missing_ok=True)
-    env = {**os.environ, "FUZZ_MODEL": model}
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("hooks.py")),
+        "FUZZ_KEEP_CONTEXTS": ",".join(context["id"] for context in contexts),
+    }
+    # st keeps its state in .schemathesis/ under its working directory: the temp one
     return subprocess.run(command, cwd=root, env=env, check=False).returncode
 
 
