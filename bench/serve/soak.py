@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             "processor": _cpu_model(),
             "load_average_at_end": os.getloadavg(),
         }
-        payload = {"command": sys.argv, "machine": machine, **vars(result)}
+        command = ["python", "-m", "bench.serve.soak", *(sys.argv[1:] if argv is None else argv)]
+        payload = {"command": command, "machine": machine, **vars(result)}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return 0 if result.held else 1
 
