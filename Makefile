@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv serve test test-fast schemathesis lint bench-quality compose-check clean
+.PHONY: venv serve test test-fast schemathesis soak lint bench-quality compose-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,11 @@ test: venv lint  ## the whole suite (CI runs this)
 test-fast: venv  ## everything but the tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-schemathesis: venv  ## Schemathesis vs the OpenAPI schema on a tiny model (EXAMPLES per operation)
-	$(BIN)/python -m tests.fuzz.run --max-examples $(or $(EXAMPLES),40) $(ARGS)
+schemathesis: venv  ## Schemathesis + hostile probes vs a tiny model (EXAMPLES per operation; >1,000 cases)
+	$(BIN)/python -m tests.fuzz.run --max-examples $(or $(EXAMPLES),100) $(ARGS)
+
+soak: venv  ## 64 SSE streams for 60 s against python -m app, tiny model (docs/reliability.md)
+	$(BIN)/python -m bench.serve.soak $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check app kvzip service storage tests bench docker

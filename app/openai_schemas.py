@@ -15,6 +15,7 @@ import json
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from app.schemas import (
@@ -75,7 +76,8 @@ class OpenAIBody(BaseModel):
 
 
 class TextPart(OpenAIBody):
-    type: str = "text"
+    # any string parses (another part type is a 400 naming it); the schema names the one taken
+    type: str = Field(default="text", json_schema_extra={"enum": ["text"]})
     text: str
 
     @model_validator(mode="after")
@@ -89,7 +91,9 @@ class ChatMessage(OpenAIBody):
     """One message. System (and developer) messages join the question side of the prompt,
     never the cached context; user and assistant messages are the conversation."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        json_schema_extra={"enum": [*SYSTEM_ROLES, "user", "assistant"]}
+    )  # tool and function parse, to be refused with a 400 that names them
     content: str | list[TextPart] | None = None
 
     @model_validator(mode="after")
@@ -109,7 +113,9 @@ class StreamOptions(OpenAIBody):
     include_usage: bool = False
 
 
-TokenCount = Annotated[int, Field(ge=1), BeforeValidator(integral)]
+PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(integral)]
+"""A JSON integer >= 1; the bound comes before the validator, so the schema says `minimum`
+(after it, on a union, pydantic would write a raw `ge` that JSON Schema ignores)."""
 
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -131,8 +137,14 @@ def _only(neutral: tuple[Any, ...]) -> str:
     return " or ".join(["only null", *(_json(value) for value in neutral)])
 
 
-def _described(neutral: tuple[Any, ...]) -> str:
-    return f"Not implemented: {_only(neutral)} (anything else is 400 unsupported_parameter)."
+def _unimplemented(name: str, ge: float | None = None, le: float | None = None) -> Any:
+    """The Field of an OpenAI field this server does not implement: null by default, and a
+    schema `enum` of null and its neutral values, so that clients and fuzzers know what is
+    accepted; any other value of the right type is still parsed, then refused with 400."""
+    neutral = NEUTRAL[name]
+    description = f"Not implemented: {_only(neutral)} (anything else is 400 unsupported_parameter)."
+    extra: JsonDict = {"enum": [None, *neutral]}
+    return Field(default=None, description=description, json_schema_extra=extra, ge=ge, le=le)
 
 
 class ChatCompletionCreate(OpenAIBody):
@@ -177,8 +189,8 @@ class ChatCompletionCreate(OpenAIBody):
         description="The compressed context to answer from (`extra_body` in OpenAI clients).",
         examples=[CONTEXT_ID_EXAMPLE],
     )
-    max_tokens: TokenCount | None = Field(default=None, description="Default 128.")
-    max_completion_tokens: TokenCount | None = Field(
+    max_tokens: PositiveJsonInt | None = Field(default=None, description="Default 128.")
+    max_completion_tokens: PositiveJsonInt | None = Field(
         default=None, description="Alias of max_tokens (wins when both are given)."
     )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -189,25 +201,15 @@ class ChatCompletionCreate(OpenAIBody):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: JsonInt | None = Field(default=None, ge=1, description=_described(NEUTRAL["n"]))
-    logprobs: bool | None = Field(default=None, description=_described(NEUTRAL["logprobs"]))
-    top_logprobs: JsonInt | None = Field(
-        default=None, description=_described(NEUTRAL["top_logprobs"])
-    )
-    presence_penalty: float | None = Field(
-        default=None, ge=-2.0, le=2.0, description=_described(NEUTRAL["presence_penalty"])
-    )
-    frequency_penalty: float | None = Field(
-        default=None, ge=-2.0, le=2.0, description=_described(NEUTRAL["frequency_penalty"])
-    )
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description=_described(NEUTRAL["logit_bias"])
-    )
-    response_format: dict[str, Any] | None = Field(
-        default=None, description=_described(NEUTRAL["response_format"])
-    )
-    tools: list[Any] | None = Field(default=None, description=_described(()))
-    functions: list[Any] | None = Field(default=None, description=_described(()))
+    n: PositiveJsonInt | None = _unimplemented("n")
+    logprobs: bool | None = _unimplemented("logprobs")
+    top_logprobs: JsonInt | None = _unimplemented("top_logprobs")
+    presence_penalty: float | None = _unimplemented("presence_penalty", ge=-2.0, le=2.0)
+    frequency_penalty: float | None = _unimplemented("frequency_penalty", ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = _unimplemented("logit_bias")
+    response_format: dict[str, Any] | None = _unimplemented("response_format")
+    tools: list[Any] | None = _unimplemented("tools")
+    functions: list[Any] | None = _unimplemented("functions")
 
     @model_validator(mode="after")
     def _neutral_only(self) -> Self:

@@ -5,7 +5,8 @@
 - The Bearer security scheme is declared only when API keys are configured (an open server
   needs no Authorization header).
 - Every 422 is the `ErrorPublic` envelope (not FastAPI's default `HTTPValidationError`).
-- `POST /contexts` links its `id` to the operations on one context.
+- `POST /contexts` links its `id` to the operations on one context, and its `id` and `model`
+  to the body of `POST /v1/chat/completions`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = ["install_openapi"]
 
 _ID_LINK = {"context_id": "$response.body#/id"}
 _LINKED_OPERATIONS = ("read_context", "update_context", "delete_context", "query_context")
+_CHAT_OPERATION = "create_chat_completion"
+_CHAT_LINK = {"context_id": "$response.body#/id", "model": "$response.body#/model"}
 
 
 def _set_maximum(schema: dict[str, Any], maximum: float) -> None:
@@ -79,9 +82,10 @@ def _envelope_422(document: dict[str, Any]) -> None:
 
 def _add_links(document: dict[str, Any]) -> None:
     created = document["paths"]["/contexts"]["post"]["responses"]
-    links = {
+    links: dict[str, Any] = {
         name: {"operationId": name, "parameters": dict(_ID_LINK)} for name in _LINKED_OPERATIONS
     }
+    links[_CHAT_OPERATION] = {"operationId": _CHAT_OPERATION, "requestBody": dict(_CHAT_LINK)}
     for status in ("200", "201", "202"):
         if status in created:
             created[status]["links"] = links

@@ -29,7 +29,8 @@ What is measured, per request, on the client's clock (time.perf_counter):
 Output tokens/s = sum of completion tokens of successful requests / scenario wall time.
 Errors are counted by HTTP status (`"503"`), by exception type for transport failures and
 timeouts (`"ReadTimeout"`, `"TimeoutError"`), and as `"stream:<code>"` for an error event
-after the 200.
+after the 200. A refusal's Retry-After header is kept; with `honour_retry_after` a closed-loop
+worker waits that long before its next request (as a well-behaved client does).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-__all__ = ["DEFAULT_QUESTION", "RequestRecord", "Scenario", "run_scenario", "summarize"]
+__all__ = [
+    "DEFAULT_QUESTION",
+    "RequestRecord",
+    "Scenario",
+    "percentiles",
+    "run_scenario",
+    "summarize",
+]
 
 DEFAULT_QUESTION = "Summarise the document."
 
@@ -69,6 +77,7 @@ class Scenario:
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 600.0
     seed: int = 0
+    honour_retry_after: bool = False  # closed loop: a refused worker waits Retry-After
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -92,6 +101,7 @@ class RequestRecord:
     completion_tokens: int = 0
     finish_reason: str | None = None
     server_ttft_s: float | None = None
+    retry_after: str | None = None  # the Retry-After header of a refusal
     delta_times_s: list[float] = field(default_factory=list)  # from the request's start
 
     @property
@@ -154,12 +164,22 @@ async def _closed_loop(
             job = next(jobs, None)
             if job is None:
                 return
-            records.append(await _request(client, scenario, job, t0))
+            record = await _request(client, scenario, job, t0)
+            records.append(record)
+            if scenario.honour_retry_after and record.retry_after is not None:
+                await _wait_retry_after(record.retry_after, deadline)
 
     assert scenario.concurrency is not None
     workers = [asyncio.create_task(worker()) for _ in range(scenario.concurrency)]
     await _drain(workers, scenario.duration_s + scenario.drain_timeout_s)
     return sorted(records, key=lambda r: r.index)
+
+
+async def _wait_retry_after(retry_after: str, deadline: float) -> None:
+    """Sleep the refusal's Retry-After seconds, but not past the scenario's window."""
+    with contextlib.suppress(ValueError):
+        wait = min(float(retry_after), deadline - time.perf_counter())
+        await asyncio.sleep(max(wait, 0.0))
 
 
 async def _open_loop(
@@ -219,6 +239,7 @@ async def _stream(
         if response.status_code != 200:
             await response.aread()
             record.error = str(response.status_code)
+            record.retry_after = response.headers.get("retry-after")
             return
         done = False
         async for line in response.aiter_lines():
@@ -246,7 +267,7 @@ def _take_event(payload: dict[str, Any], record: RequestRecord, now: float) -> N
         record.server_ttft_s = (payload.get("timings") or {}).get("ttft_s")
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "mean": None}
     arr = np.asarray(values, dtype=float)
@@ -278,8 +299,8 @@ def summarize(scenario: Scenario, records: list[RequestRecord], wall_s: float) -
         "output_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
         "mean_completion_tokens": tokens / len(ok) if ok else 0.0,
-        "ttft_s": _percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
-        "itl_s": _percentiles([g for r in ok for g in r.itl_samples()]),
-        "e2e_s": _percentiles([r.e2e_s for r in ok if r.e2e_s is not None]),
-        "server_ttft_s": _percentiles([r.server_ttft_s for r in ok if r.server_ttft_s]),
+        "ttft_s": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "itl_s": percentiles([g for r in ok for g in r.itl_samples()]),
+        "e2e_s": percentiles([r.e2e_s for r in ok if r.e2e_s is not None]),
+        "server_ttft_s": percentiles([r.server_ttft_s for r in ok if r.server_ttft_s]),
     }

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.openai_schemas import NEUTRAL
 from service.errors import QuestionTooLongError
 from service.types import Turn
 
@@ -212,6 +213,34 @@ def test_neutral_values_of_unsupported_fields_are_accepted(
 
     assert response.status_code == 200, response.text
     assert len(fake.queries) == 1
+
+
+def test_the_schema_lists_what_each_unsupported_field_accepts(
+    client: TestClient, fake: FakeContextService
+) -> None:
+    """Found by schemathesis: the schema allowed any `n` >= 1 and any penalty, so almost every
+    generated chat request was a 400. Each field's `enum` is null and its neutral values, and
+    every one of them is accepted."""
+    properties = client.get("/openapi.json").json()["components"]["schemas"][
+        "ChatCompletionCreate"
+    ]["properties"]
+    context_id = register(client)
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == [
+        "system",
+        "developer",
+        "user",
+        "assistant",
+    ]
+    assert schemas["TextPart"]["properties"]["type"]["enum"] == ["text"]
+    for field in NEUTRAL:
+        accepted = properties[field]["enum"]
+        assert accepted[0] is None and len(accepted) <= 2, (field, accepted)
+        for value in accepted:
+            body = chat(context_id, [{"role": "user", "content": "Key?"}], **{field: value})
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, (field, value, response.text)
 
 
 def test_a_wrong_type_is_still_422(client: TestClient) -> None:

@@ -105,8 +105,18 @@ def test_created_contexts_link_to_their_operations(
 ) -> None:
     links = document(settings, fake)["paths"]["/contexts"]["post"]["responses"]["201"]["links"]
 
-    assert set(links) == {"read_context", "update_context", "delete_context", "query_context"}
+    assert set(links) == {
+        "read_context",
+        "update_context",
+        "delete_context",
+        "query_context",
+        "create_chat_completion",
+    }
     assert links["read_context"]["parameters"] == {"context_id": "$response.body#/id"}
+    assert links["create_chat_completion"]["requestBody"] == {
+        "context_id": "$response.body#/id",
+        "model": "$response.body#/model",
+    }
 
 
 def test_a_wrong_method_names_every_allowed_one(client: TestClient) -> None:
@@ -157,3 +167,30 @@ def test_text_that_is_not_unicode_is_400(client: TestClient, field: str) -> None
     assert response.json()["error"]["message"] == (
         f"{field} is not valid Unicode (character 7 is a lone surrogate)"
     )
+
+
+PYDANTIC_ONLY_KEYWORDS = {"ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of"}
+"""Constraint names pydantic writes through untranslated when a `Field` bound sits on a
+union it cannot push into: JSON Schema ignores them, so clients would see no bound."""
+
+
+def _keywords(schema: Any, path: str = "") -> list[str]:
+    if isinstance(schema, list):
+        return [hit for i, item in enumerate(schema) for hit in _keywords(item, f"{path}/{i}")]
+    if not isinstance(schema, dict):
+        return []
+    hits = []
+    for key, value in schema.items():
+        if key in PYDANTIC_ONLY_KEYWORDS and not path.endswith("/properties"):
+            hits.append(f"{path}/{key}")
+        hits += _keywords(value, f"{path}/{key}")
+    return hits
+
+
+def test_every_bound_is_a_json_schema_keyword(settings: Settings, fake: FakeContextService) -> None:
+    """Found by schemathesis: `n` carried `ge: 1`, so `n: 0` was schema-valid but 422."""
+    doc = document(settings, fake)
+
+    assert _keywords(doc) == []
+    n = doc["components"]["schemas"]["ChatCompletionCreate"]["properties"]["n"]
+    assert {"type": "integer", "minimum": 1} in n["anyOf"]
