@@ -64,8 +64,8 @@ async def test_queued_requests_on_distinct_contexts_decode_within_the_budget(
     try:
         live, decode = LiveContexts(), svc.pipeline._decode
 
-        def tracked(blob):
-            ctx = decode(blob)
+        def tracked(*args):  # (blob, the shared prefix of a quantized object)
+            ctx = decode(*args)
             live.track(ctx)
             return ctx
 
