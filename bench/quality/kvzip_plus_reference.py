@@ -18,7 +18,9 @@ through head g, relative to the receiving token's hidden state:
     W_O^{(g)}       the columns of the layer's output projection that read head g
     v_i             the value of pair i in KV head h (g's group)
     h_t             the attention input of query t (the hidden state after the layer's
-                    input norm: what kvpress's KVzap collector and KVzipPress divide by)
+                    input norm: what kvpress's KVzap collector and KVzipPress divide by;
+                    the variant "kvzip_plus-residual" reads it as the residual stream
+                    entering the layer instead)
     Q               the queries maxed over: the paper's KVzap targets take the copied
                     context tokens only ("the repeated prompt"); KVzip takes every token of
                     the reconstruction input (instruction, chat header and copy). A query
@@ -55,11 +57,14 @@ class Chunk:
     x: tuple[int, ...]
 
 
-VARIANTS = {  # name -> (KVzip+ weights, queries maxed over)
-    "kvzip": (False, "all"),
-    "kvzip-copy": (False, "copy"),
-    "kvzip_plus": (True, "all"),
-    "kvzip_plus-copy": (True, "copy"),
+VARIANTS = {  # name -> (weights: the KVzip+ factors applied, queries maxed over)
+    "kvzip": ("", "all"),
+    "kvzip-copy": ("", "copy"),
+    "kvzip_plus": ("value/hidden", "all"),
+    "kvzip_plus-copy": ("value/hidden", "copy"),
+    "kvzip-value": ("value", "all"),  # a * ||W_O v_i|| only (diagnostic)
+    "kvzip-hidden": ("/hidden", "all"),  # a / ||h_t|| only (diagnostic)
+    "kvzip_plus-residual": ("value/residual", "all"),  # h_t read as the residual stream
 }
 
 
@@ -68,7 +73,8 @@ class _Probe:
 
     def __init__(self, s: int, chunk: Chunk) -> None:
         self.s, self.chunk = s, chunk
-        self.h_norm: dict[int, torch.Tensor] = {}
+        self.h_norm: dict[int, torch.Tensor] = {}  # attention inputs (after the input norm)
+        self.r_norm: dict[int, torch.Tensor] = {}  # residual stream entering the layer
         self.scores: dict[str, dict[int, torch.Tensor]] = {name: {} for name in VARIANTS}
 
     def score(self, module: torch.nn.Module, probs: torch.Tensor, v: torch.Tensor) -> None:
@@ -88,10 +94,19 @@ class _Probe:
             [(chunk_v[j // group] @ w_o[:, j * d : (j + 1) * d].T).norm(dim=-1) for j in range(hq)]
         )  # (Hq, m): ||W_O^(j) v_i||
         h_norm = self.h_norm[layer][x_rows]  # (T,): ||h_t||
-        plus = a * value_norm[:, None, :] / h_norm[None, :, None]
-        plus[:, h_norm == 0] = 0.0  # h_t = 0 (a zero embedding row, layer 0): no ratio
-        for name, (weighted, queries) in VARIANTS.items():
-            w = plus if weighted else a
+        inv_h = torch.where(h_norm > 0, 1.0 / h_norm, 0.0)  # h_t = 0 (a zero embedding
+        # row, layer 0): no ratio, the query is left out
+        weighted = {
+            "": a,
+            "value": a * value_norm[:, None, :],
+            "/hidden": a * inv_h[None, :, None],
+            "value/hidden": a * value_norm[:, None, :] * inv_h[None, :, None],
+            "value/residual": a
+            * value_norm[:, None, :]
+            / self.r_norm[layer][x_rows][None, :, None],
+        }
+        for name, (factors, queries) in VARIANTS.items():
+            w = weighted[factors]
             if queries == "copy":
                 w = w[:, x_len - m :]
             best = w.amax(dim=1)  # max over the queries: (Hq, m)
@@ -144,9 +159,17 @@ def reference_variants(
     for chunk in chunks:
         probe = _Probe(s, chunk)
         handles = [
-            m.register_forward_pre_hook(_norm_hook(probe, int(m.layer_idx)), with_kwargs=True)
+            m.register_forward_pre_hook(
+                _norm_hook(probe.h_norm, int(m.layer_idx)), with_kwargs=True
+            )
             for m in model64.modules()
             if hasattr(m, "o_proj") and hasattr(m, "layer_idx")
+        ] + [
+            m.register_forward_pre_hook(
+                _norm_hook(probe.r_norm, int(m.self_attn.layer_idx)), with_kwargs=True
+            )
+            for m in model64.modules()
+            if hasattr(m, "self_attn") and hasattr(m, "input_layernorm")
         ]
         _ACTIVE.append(probe)
         try:
@@ -164,9 +187,9 @@ def reference_variants(
     return {name: [layers[i] for i in sorted(layers)] for name, layers in out.items()}
 
 
-def _norm_hook(probe: _Probe, layer: int):  # type: ignore[no-untyped-def]
+def _norm_hook(sink: dict[int, torch.Tensor], layer: int):  # type: ignore[no-untyped-def]
     def record(module, args, kwargs):  # type: ignore[no-untyped-def]
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        probe.h_norm[layer] = hidden[0].double().norm(dim=-1)
+        sink[layer] = hidden[0].double().norm(dim=-1)
 
     return record

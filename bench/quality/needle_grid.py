@@ -163,20 +163,27 @@ def run(
     return data
 
 
-def grid_tasks(engine: KVzipEngine, n: int, dev: bool = False, seed: int = 16) -> list[Task]:
+def grid_tasks(
+    engine: KVzipEngine,
+    n: int,
+    dev: bool = False,
+    lengths: tuple[int, int] = (500, 1500),
+    seed: int = 16,
+) -> list[Task]:
     """The reported grid's haystacks (or, dev=True, the ones settings are chosen on)."""
     articles = load_articles()[DEV_ARTICLES if dev else GRID_ARTICLES]
 
     def count(text: str) -> int:
         return len(engine.tokenizer.encode(text, add_special_tokens=False))
 
-    return haystacks(articles, count, n, seed=seed + (1000 if dev else 0))
+    return haystacks(articles, count, n, lengths, seed + (1000 if dev else 0))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality.needle_grid")
     p.add_argument("--haystacks", type=int, default=32)
     p.add_argument("--dev", action="store_true", help="the dev haystacks, not the grid's")
+    p.add_argument("--lengths", default="500,1500", help="haystack tokens: min,max")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/needle-grid.json")
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         header = {"command": command, "model": engine.identity.name,
                   "threads": args.threads, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
         ratios = [float(r) for r in args.ratios.split(",")]
-        tasks = grid_tasks(engine, args.haystacks, args.dev)
+        low, high = (int(x) for x in args.lengths.split(","))
+        tasks = grid_tasks(engine, args.haystacks, args.dev, (low, high))
         run(engine, tasks, {m: m for m in methods}, ratios, args.results, header)
     if args.out:
         data = json.loads(args.results.read_text())
