@@ -63,7 +63,8 @@ class CompressionSpec(RequestModel):
             '"kvzap" predicts KVzip+ scores from hidden states during the prefill itself '
             "(needs `kvzip calibrate-scorer` once per model); "
             '"streaming", "snapkv" and "h2o" are the baselines (recency, attention of the '
-            'last 32 context tokens, accumulated attention); "none" keeps the full cache.'
+            "last 32 context tokens, heavy hitters + recent tokens), all keeping the same "
+            'protected prefix as kvzip; "none" keeps the full cache.'
         ),
         examples=["kvzip"],
     )

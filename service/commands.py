@@ -9,9 +9,10 @@
 model's fingerprint, where the service (KVZIP_DATA_DIR) looks for them.
 
 `calibrate-scorer` fits the KVzap predictors (linear and MLP) that method `kvzap` uses
-(service.compression.learned) on the model's own KVzip+ scores of calibration texts
-(default: ~4,000-token texts from bench/data/squad_train_sample.jsonl) and stores them,
-with their training loss and held-out R², under <data-dir>/kvzap/; `--released DIR` stores
+(service.compression.learned) on the ranks of the model's own KVzip scores of calibration
+texts (default: ~1,000-token texts from bench/data/squad_train_sample.jsonl) and stores
+them, with their held-out R², rank correlation and top-30% recall, under <data-dir>/kvzap/
+(`kvzip calibrate-scorer --help` says exactly what is fitted); `--released DIR` stores
 NVIDIA's released checkpoint (nvidia/KVzap-*, downloaded beforehand) for the model instead.
 """
 
@@ -24,6 +25,25 @@ from pathlib import Path
 
 from service.config import EngineConfig
 from service.errors import ServiceError
+
+CORPUS_TEXTS = 64
+"""Default calibration texts of ~1,000 tokens: held-out rank correlation stopped improving
+before this size on the default model (docs/quality.md, "kvzap")."""
+CALIBRATE_SCORER_HELP = """\
+Fit the per-layer predictors (ridge map and 2-layer MLP) that method kvzap applies inside
+the prefill, and store them with their metrics under <data-dir>/kvzap/.
+
+Target: the model's own KVzip pair scores (--target kvzip; kvzip_plus = with the KVzip+
+weights), computed exactly as an ingest does, of texts of ~--tokens tokens. Each text's
+log-scores are replaced by the normal scores of their ranks among the text's L*H*n pairs
+(--transform rank; `log` keeps the raw log-scores, the KVzap recipe), and the text's last
+--window tokens are left out (kept at ingest anyway). With rank targets, a threshold t
+keeps about the top 1 - Phi(t) of the pairs.
+
+Metrics (on whole held-out texts, the last --heldout fraction): R² of the targets,
+Spearman's rank correlation of predicted and true scores per text, and the share of the
+true top-30% pairs the predicted top-30% keeps (what selection at ratio 0.3 uses); all in
+the predictor's metadata and printed."""
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -88,17 +108,20 @@ def _calibrate_scorer(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size or None,
             tokens_per_text=args.tokens_per_text,
             heldout=args.heldout,
+            transform=args.transform,
+            window=args.window,
             kinds=KINDS if args.kind == "both" else (args.kind,),
             mlp=MLPSettings(hidden=args.hidden, epochs=args.epochs),
         )
         fitted = calibrate_scorer(engine, texts, settings)
     for kind, predictor in fitted.items():
         path = save_predictor(predictor_path(predictor_dir(engine), identity, kind), predictor)
-        r2 = predictor.meta.get("heldout_r2", "-")
-        loss = predictor.meta.get("train_loss", "-")
+        meta = predictor.meta
         sys.stdout.write(
-            f"kvzap {kind} predictor of {identity.name}: train loss {loss}, held-out R² {r2} "
-            f"-> {path}\n"
+            f"kvzap {kind} predictor of {identity.name} ({meta.get('target', 'released')}): "
+            f"train loss {meta.get('train_loss', '-')}, held-out R² "
+            f"{meta.get('heldout_r2', '-')}, Spearman {meta.get('heldout_spearman', '-')}, "
+            f"top-30% recall {meta.get('heldout_top30_recall', '-')} -> {path}\n"
         )
     return 0
 
@@ -118,15 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(run=_calibrate)
 
     from service.compression.learned.calibration import DEFAULT_JSONL
+    from service.compression.learned.targets import TRANSFORMS
+    from service.compression.selection import WINDOW
 
-    fit = sub.add_parser("calibrate-scorer", help="fit the KVzap predictors of method kvzap")
+    fit = sub.add_parser(
+        "calibrate-scorer",
+        help="fit the KVzap predictors of method kvzap",
+        description=CALIBRATE_SCORER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     fit.add_argument("--text", action="append", help="calibration text file (repeatable)")
     fit.add_argument("--jsonl", default=str(DEFAULT_JSONL), help="SQuAD-style articles")
-    fit.add_argument("--texts", type=int, default=24, help="texts taken from --jsonl")
-    fit.add_argument("--tokens", type=int, default=4000, help="tokens per --jsonl text")
-    fit.add_argument("--tokens-per-text", type=int, default=2000, help="positions sampled")
+    fit.add_argument("--texts", type=int, default=CORPUS_TEXTS, help="texts taken from --jsonl")
+    fit.add_argument("--tokens", type=int, default=1000, help="tokens per --jsonl text")
+    fit.add_argument("--tokens-per-text", type=int, default=400, help="positions sampled")
     fit.add_argument("--kind", choices=("linear", "mlp", "both"), default="both")
-    fit.add_argument("--target", choices=("kvzip_plus", "kvzip"), default="kvzip_plus")
+    fit.add_argument(
+        "--target", choices=("kvzip", "kvzip_plus"), default="kvzip", help="scores to imitate"
+    )
+    fit.add_argument(
+        "--transform", choices=TRANSFORMS, default="rank", help="of each text's log-scores"
+    )
+    fit.add_argument(
+        "--window", type=int, default=WINDOW, help="last tokens of a text left out of the fit"
+    )
     fit.add_argument(
         "--chunk-size", type=int, default=2000, help="scoring chunk (0: one softmax per text)"
     )

@@ -25,6 +25,7 @@ from service.compression.learned.predictor import (
     save_predictor,
 )
 from service.compression.learned.released import load_released
+from service.compression.learned.targets import rank_normal, spearman, top_recall
 from service.compression.scorers.kvzap import KVzapScorer, predictor_dir
 from service.compression.scorers.kvzip_plus import KVzipPlusScorer
 from service.compression.selection import WINDOW, budget, select
@@ -360,13 +361,45 @@ def test_calibration_samples_are_attention_inputs_and_log_kvzip_plus(tiny_engine
 
 def test_collect_samples_per_text_and_splits_by_text(tiny_engine):
     texts = [TEXT, TEXT[:300], TEXT[100:400]]
-    settings = CalibrationSettings(tokens_per_text=20, heldout=0.34)
+    settings = CalibrationSettings(tokens_per_text=20, heldout=0.34, window=8)
     samples = collect(tiny_engine, texts, settings, bar=False)
     assert samples.x.shape[0] == 60 and samples.text.tolist() == [0] * 20 + [1] * 20 + [2] * 20
     again = collect(tiny_engine, texts, settings, bar=False)
     assert torch.equal(samples.x, again.x)  # seeded
     train, test = split(samples, settings.heldout)
     assert set(train.text.tolist()) == {0, 1} and set(test.text.tolist()) == {2}
+
+
+@pytest.mark.parametrize("kind", ["rank", "log"])
+def test_collect_leaves_the_window_out_and_transforms_each_text(tiny_engine, kind):
+    window = 16
+    x, y = score_text(tiny_engine, TEXT, "kvzip", 2000)
+    n = x.shape[0]
+    settings = CalibrationSettings(tokens_per_text=10**6, window=window, transform=kind)
+    got = collect(tiny_engine, [TEXT], settings, bar=False)
+    assert got.x.shape[0] == n - window  # every position but the window, permuted
+    def by_row(t: torch.Tensor) -> torch.Tensor:  # the last layer's input tells rows apart
+        return t[torch.argsort(t[:, -1].sum(dim=-1))]
+
+    torch.testing.assert_close(by_row(got.x), by_row(x[:-window]))
+    assert got.log_y is not None
+    torch.testing.assert_close(
+        torch.sort(got.log_y.flatten()).values, torch.sort(y[:-window].flatten()).values
+    )
+    want = rank_normal(y[:-window]) if kind == "rank" else y[:-window]
+    torch.testing.assert_close(
+        torch.sort(got.y.flatten()).values, torch.sort(want.flatten()).values
+    )
+
+
+def test_rank_targets_and_ranking_metrics():
+    y = torch.randn(50, 3, 2, generator=torch.Generator().manual_seed(0))
+    z = rank_normal(y)
+    assert torch.equal(torch.argsort(z.flatten()), torch.argsort(y.flatten()))  # same order
+    assert abs(float(z.mean())) < 1e-6 and 0.9 < float(z.std()) < 1.05  # standard normal
+    assert spearman(y, y.exp()) == pytest.approx(1.0)
+    assert spearman(y, -y) == pytest.approx(-1.0)
+    assert top_recall(y, y * 3 + 1) == 1.0 and top_recall(y, -y) == 0.0
 
 
 def test_calibrate_scorer_command_writes_both_predictors(tiny_model_dir, tiny_engine, tmp_path):
@@ -378,15 +411,20 @@ def test_calibrate_scorer_command_writes_both_predictors(tiny_model_dir, tiny_en
         (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8")
     argv = ["calibrate-scorer", *paths, "--model", str(tiny_model_dir), "--device", "cpu"]
     argv += ["--dtype", "float32", "--data-dir", str(tmp_path), "--tokens-per-text", "50"]
-    argv += ["--hidden", "16", "--epochs", "3", "--heldout", "0.34"]
+    argv += ["--hidden", "16", "--epochs", "3", "--heldout", "0.34", "--window", "16"]
     assert main(argv) == 0
     for kind in ("linear", "mlp"):
         predictor = load_predictor(tmp_path / "kvzap", tiny_engine.identity, kind)
         meta = predictor.meta
         assert meta["model_fingerprint"] == tiny_engine.identity.model_fingerprint
         assert meta["kind"] == kind and meta["source"] == "calibrated"
-        assert meta["target"] == "kvzip_plus, chunks of 2000"  # the service's own scores
+        assert (
+            meta["target"] == "kvzip, chunks of 2000, rank-normal scores, last 16 tokens left out"
+        )
+        assert meta["target_method"] == "kvzip" and meta["target_transform"] == "rank"
         assert math.isfinite(float(meta["train_loss"])) and "heldout_r2" in meta
+        assert -1 <= float(meta["heldout_spearman"]) <= 1
+        assert 0 <= float(meta["heldout_top30_recall"]) <= 1
         assert len(json.loads(meta["heldout_r2_per_layer"])) == tiny_engine.n_layers
 
 

@@ -190,8 +190,11 @@ def test_kvzip_plus_matches_dense_reference(tiny_engine, doc, recorder):
             torch.testing.assert_close(got[:, a:b], oracle, atol=1e-6, rtol=2e-3)
 
 
-def test_h2o_matches_dense_reference(tiny_engine, doc, recorder):
-    ours = _ours(tiny_engine, doc, "h2o")
+def test_h2o_accumulated_attention_matches_dense_reference(tiny_engine, doc, recorder):
+    from service.compression.scorers.h2o import accumulated_attention
+
+    full = _full(tiny_engine, doc)
+    ours = accumulated_attention(tiny_engine, full)
     s, n = len(doc.prefix_ids), len(doc.context_ids)
     rec = recorder.run(doc.all_ids)
     rows = list(range(s, s + n))
@@ -200,7 +203,45 @@ def test_h2o_matches_dense_reference(tiny_engine, doc, recorder):
         h, hq = k.shape[0], q.shape[0]
         p = _probs(q, k, rows, list(range(s + n)), q.shape[-1] ** -0.5)[:, :, s:]
         oracle = p.sum(dim=1).view(h, hq // h, n).sum(dim=1)
-        torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.double(), oracle, atol=1e-5, rtol=1e-4)
+
+
+def test_h2o_scores_rank_heavy_hitters_and_recent_tokens_alike():
+    """Brute force: score = 1 - min(recency rank, heaviness rank) / n, ties by position."""
+    from service.compression.scorers.h2o import heavy_recent_scores
+
+    gen = torch.Generator().manual_seed(3)
+    mass = torch.randint(0, 6, (3, 40), generator=gen).float()  # many ties
+    got = heavy_recent_scores(mass)
+    h, n = mass.shape
+    for head in range(h):
+        for i in range(n):
+            heavier = sum(
+                1 for j in range(n) if mass[head, j] > mass[head, i] or (
+                    mass[head, j] == mass[head, i] and j < i
+                )
+            )  # fmt: skip
+            assert abs(float(got[head, i]) - (1.0 - min(heavier, n - 1 - i) / n)) < 1e-6
+
+
+def test_h2o_keeps_the_recent_window_and_the_heavy_hitters(tiny_engine, doc):
+    """Every head: its j most recent and j heaviest pairs, j the same in every head (+-1)."""
+    from service.compression.scorers.h2o import accumulated_attention, heavy_recent_scores
+
+    full = _full(tiny_engine, doc)
+    masses = accumulated_attention(tiny_engine, full)
+    ctx = select(tiny_engine.score(full, method="h2o"), 0.3)
+    s, n = ctx.prefix_len, ctx.context_len
+    levels = []
+    for layer, mass in zip(ctx.layers, masses, strict=True):
+        rank = ((1.0 - heavy_recent_scores(mass)) * n).round().long()  # min of the two ranks
+        for h in range(layer.n_heads):
+            kept = torch.zeros(n, dtype=torch.bool)
+            kept[layer.positions[layer.head(h)][s:].long() - s] = True
+            assert kept[n - 1] and kept[int(mass[h].argmax())]  # newest and heaviest
+            levels.append((int(rank[h][~kept].min()), int(rank[h][kept].max())))
+    assert max(lo for lo, _ in levels) - min(lo for lo, _ in levels) <= 1
+    assert all(hi <= lo for lo, hi in levels)  # kept = every pair below a level
 
 
 def test_snapkv_matches_dense_reference(tiny_engine, doc, recorder):
@@ -238,6 +279,18 @@ def test_streaming_keeps_the_same_recent_window_in_every_head(tiny_engine, doc):
             assert pos[:s] == list(range(s))
             assert pos[s:][-window:] == list(range(s + n - window, s + n))
             assert len(pos) - s in (window, window + 1)
+
+
+@pytest.mark.parametrize("method", ["streaming", "snapkv", "h2o"])
+def test_baselines_keep_kvzips_protected_prefix(tiny_engine, doc, method):
+    """The sinks of every baseline are kvzip's protected prefix, whole, in every head."""
+    kvzip = select(tiny_engine.score(_full(tiny_engine, doc)), 0.1)
+    ctx = select(tiny_engine.score(_full(tiny_engine, doc), method=method), 0.1)
+    s = kvzip.prefix_len
+    assert ctx.prefix_len == s == len(doc.prefix_ids)
+    for layer in ctx.layers:
+        for h in range(layer.n_heads):
+            assert layer.positions[layer.head(h)][:s].tolist() == list(range(s))
 
 
 # --- head level: calibration store and ingest without a scoring pass -----------------------

@@ -41,9 +41,11 @@ from service.compression.learned.fit import (
     r2_score,
 )
 from service.compression.learned.predictor import KINDS, KVzapPredictor
+from service.compression.learned.targets import spearman, top_recall, transform
 from service.compression.runner import ModelRunner
 from service.compression.scorers.kvzip import KVzipScorer
 from service.compression.scorers.kvzip_plus import KVzipPlusScorer
+from service.compression.selection import WINDOW
 from service.config import CompressionConfig
 from service.engine.attention_hook import attention_inputs
 from service.errors import InvalidInputError
@@ -55,31 +57,37 @@ TARGETS = {"kvzip_plus": KVzipPlusScorer, "kvzip": KVzipScorer}
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """What `calibrate_scorer` does; the defaults follow the KVzap recipe."""
+    """What `calibrate_scorer` does (see the module docstring for why these defaults)."""
 
-    target: str = "kvzip_plus"
+    target: str = "kvzip"
     chunk_size: int | None = 2000  # the service's own chunks; None: one softmax per text
-    tokens_per_text: int = 2000
-    heldout: float = 0.1  # fraction of the texts held out for R²
+    tokens_per_text: int = 400
+    heldout: float = 0.1  # fraction of the texts held out for R² and rank metrics
     kinds: tuple[str, ...] = KINDS
     mlp: MLPSettings = field(default_factory=MLPSettings)
+    transform: str = "rank"  # targets.TRANSFORMS: rank-normal scores, or raw log-scores
+    window: int = WINDOW  # the last context tokens of a text: kept anyway, not fitted
     seed: int = 0
 
     def describe_target(self) -> str:
         chunks = "full softmax" if self.chunk_size is None else f"chunks of {self.chunk_size}"
-        return f"{self.target}, {chunks}"
+        what = "rank-normal scores" if self.transform == "rank" else "log-scores"
+        return f"{self.target}, {chunks}, {what}, last {self.window} tokens left out"
 
 
 @dataclass
 class Samples:
-    """x (N, L, D) attention inputs, y (N, L, H) log-scores, text (N,) index of the text."""
+    """x (N, L, D) attention inputs, y (N, L, H) targets (log-scores transformed per text),
+    text (N,) index of the text; log_y (N, L, H) the untransformed log-scores, if kept."""
 
     x: torch.Tensor
     y: torch.Tensor
     text: torch.Tensor
+    log_y: torch.Tensor | None = None
 
     def where(self, mask: torch.Tensor) -> Samples:
-        return Samples(self.x[mask], self.y[mask], self.text[mask])
+        log_y = None if self.log_y is None else self.log_y[mask]
+        return Samples(self.x[mask], self.y[mask], self.text[mask], log_y)
 
 
 def texts_from_jsonl(
@@ -146,22 +154,28 @@ def collect(
     texts: Sequence[str],
     settings: CalibrationSettings | None = None,
     bar: bool = True,
+    keep_dtype: torch.dtype = torch.float32,
 ) -> Samples:
-    """Score every text and sample `tokens_per_text` positions of each (seeded)."""
+    """Score every text and sample `tokens_per_text` positions of each (seeded); the
+    attention inputs are kept in `keep_dtype` (float16 halves a large corpus)."""
     s = settings or CalibrationSettings()
     if s.target not in TARGETS:
         raise InvalidInputError(f"target must be one of {sorted(TARGETS)}, not {s.target!r}")
     gen = torch.Generator().manual_seed(s.seed)
-    xs, ys, ts = [], [], []
-    for i, text in enumerate(tqdm(texts, desc="KVzip+ scores", unit="text", disable=not bar)):
+    xs, ys, ts, logs = [], [], [], []
+    for i, text in enumerate(tqdm(texts, desc=f"{s.target} scores", unit="text", disable=not bar)):
         x, y = score_text(runner, text, s.target, s.chunk_size)
-        pick = torch.randperm(x.shape[0], generator=gen)[: s.tokens_per_text]
-        xs.append(x[pick])
-        ys.append(y[pick])
+        kept = x.shape[0] - s.window  # the recent window is kept at ingest, never predicted
+        if kept <= 0:
+            raise InvalidInputError(f"calibration text {i} is not longer than the window")
+        pick = torch.randperm(kept, generator=gen)[: s.tokens_per_text]
+        xs.append(x[pick].to(keep_dtype))
+        ys.append(transform(y[:kept], s.transform)[pick])
+        logs.append(y[pick])
         ts.append(torch.full((len(pick),), i, dtype=torch.int32))
     if not xs:
         raise InvalidInputError("calibration needs at least one text")
-    return Samples(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+    return Samples(torch.cat(xs), torch.cat(ys), torch.cat(ts), torch.cat(logs))
 
 
 def split(samples: Samples, heldout: float) -> tuple[Samples, Samples]:
@@ -209,7 +223,22 @@ def evaluate(predictor: KVzapPredictor, train: Samples, test: Samples) -> dict[s
         meta["heldout_r2"] = round(r2_score(test.y, test_pred), 6)
         meta["heldout_loss"] = round(float((test_pred - test.y).pow(2).mean()), 6)
         meta["heldout_r2_per_layer"] = [round(v, 4) for v in r2_per_layer(test.y, test_pred)]
+        meta.update(ranking(test, test_pred))
     return meta
+
+
+def ranking(test: Samples, pred: torch.Tensor) -> dict[str, float]:
+    """Per held-out text (its sampled pairs, all layers and heads), averaged over texts:
+    Spearman's rank correlation and the recall of the true top 30% by the predicted."""
+    rho, recall = [], []
+    for t in sorted(set(test.text.tolist())):
+        rows = test.text == t
+        rho.append(spearman(test.y[rows], pred[rows]))
+        recall.append(top_recall(test.y[rows], pred[rows], 0.3))
+    return {
+        "heldout_spearman": round(sum(rho) / len(rho), 6),
+        "heldout_top30_recall": round(sum(recall) / len(recall), 6),
+    }
 
 
 def calibrate_scorer(
@@ -229,6 +258,9 @@ def calibrate_scorer(
             model=runner.identity.name,
             model_fingerprint=runner.identity.model_fingerprint,
             target=s.describe_target(),
+            target_method=s.target,
+            target_transform=s.transform,
+            window=s.window,
             source="calibrated",
             texts=len(texts),
             tokens_per_text=s.tokens_per_text,

@@ -1,4 +1,4 @@
-"""The KVzap predictor: per layer, attention-input hidden state -> log KVzip+ score per KV head.
+"""The KVzap predictor: per layer, attention-input hidden state -> a KVzip score per KV head.
 
 Two kinds (KVZIP.md, "Fast learned scorer"):
 
@@ -6,7 +6,8 @@ Two kinds (KVZIP.md, "Fast learned scorer"):
     mlp     y = W2 gelu(W1 x + b1) + b2               W1 (F, D), W2 (H, F), F = 512 by default
 
 x (T, D) is what layer l's attention module receives (after the input layernorm), y (T, H)
-the predicted log-score of each of the T tokens' KV pairs in each of the H KV heads.
+the predicted score of each of the T tokens' KV pairs in each of the H KV heads, on the
+scale of the fit's target (metadata `target`: rank-normal or log scores).
 
 The weights are stored exactly as NVIDIA's released KVzap checkpoints name them (one
 `torch.nn.Linear`, or `Sequential(Linear, GELU, Linear)`, per layer):
@@ -46,8 +47,13 @@ META_KEYS = (
     "output_dim",
     "hidden_dim",
     "target",
+    "target_method",
+    "target_transform",
+    "window",
     "train_loss",
     "heldout_r2",
+    "heldout_spearman",
+    "heldout_top30_recall",
     "source",
 )
 

@@ -3,10 +3,10 @@
 kvzip       pair-level context reconstruction (the paper's main setting)
 kvzip_plus  the same with the KVzip+ normalisation
 kvzip_head  calibrated per-head scores, no scoring pass at ingest
-kvzap       learned KVzip+ predictor applied inside the prefill (no reconstruction)
+kvzap       learned KVzip(+) predictor applied inside the prefill (no reconstruction)
 streaming   attention sinks (the protected prefix) + the most recent tokens
 snapkv      attention of the last 32 context tokens, pooled
-h2o         attention accumulated over every context token
+h2o         heavy hitters (accumulated attention) + the most recent tokens, half each
 """
 
 from __future__ import annotations

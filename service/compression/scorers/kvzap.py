@@ -1,15 +1,18 @@
-"""`kvzap`: KVzip+ scores predicted from the hidden states, inside the prefill.
+"""`kvzap`: KVzip scores predicted from the hidden states, inside the prefill.
 
 A per-layer predictor (service.compression.learned: linear, or a 2-layer GELU MLP; fitted by
 `kvzip calibrate-scorer` or NVIDIA's released weights) maps the attention input x_t (after
-the input layernorm) of every token to its predicted log KVzip+ score in each KV head.
+the input layernorm) of every token to a predicted score in each KV head: what the
+predictor's metadata names (`target`): by default the normal score of the pair's rank among
+a document's KVzip scores; NVIDIA's released weights predict log KVzip+ scores.
 During ingest, forward pre-hooks on the attention modules apply it while the prefill runs,
 so there is no reconstruction pass: the extra cost is one small matmul (or two) per layer.
 
-score[l, h, i] = exp(clamp(predicted log-score)), so selection is the same global top-k
-as every method's. With `compression.threshold` t instead, ingest keeps every pair whose
-predicted log-score is >= t, plus the last WINDOW context tokens in every head (KVzap's
-protected recent window; service.compression.selection.threshold_select), and the
+score[l, h, i] = exp(clamp(prediction)), so selection is the same global top-k as every
+method's. With `compression.threshold` t instead, ingest keeps every pair whose prediction
+is >= t (rank targets: about the top 1 - Phi(t) of the pairs; log targets: log-score >= t),
+plus the last WINDOW context tokens in every head (KVzap's protected recent window, which
+calibration leaves out of the fit; service.compression.selection.threshold_select), and the
 context's ratio is the fraction it achieved.
 
 Outside an ingest (`engine.score(full, "kvzap")`: re-scoring a stored context, the quality
@@ -71,7 +74,7 @@ def stored_predictor(runner: ModelRunner) -> KVzapPredictor:
 
 
 class KVzapScorer(Scorer):
-    """Predicted KVzip+ scores: (H, n) per layer, computed while the prefill runs."""
+    """Predicted KVzip scores: (H, n) per layer, computed while the prefill runs."""
 
     name = "kvzap"
 

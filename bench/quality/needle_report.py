@@ -1,0 +1,167 @@
+"""Tables of the needle grid (bench/quality/needle_grid.py) for docs/quality.md.
+
+Intervals are paired and resampled by DOCUMENT: the two questions of a haystack share one
+compressed cache, so they are not independent; a bootstrap round draws haystacks with
+replacement and takes the pooled difference of their questions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+BEGIN = "<!-- bench:needle-grid:begin -->"
+END = "<!-- bench:needle-grid:end -->"
+ROUNDS = 4000
+
+
+def _hits(rows: list[dict]) -> dict[tuple[str, float], dict[tuple[str, str], float]]:
+    """(method, ratio) -> {(task, qid): hit}."""
+    out: dict[tuple[str, float], dict[tuple[str, str], float]] = defaultdict(dict)
+    for r in rows:
+        out[(r["method"], r["ratio"])][(r["task"], r["qid"])] = r["hit"]
+    return out
+
+
+def methods_and_ratios(rows: list[dict]) -> tuple[list[str], list[float]]:
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "full"}, reverse=True)
+    return methods, ratios
+
+
+def accuracy(rows: list[dict], method: str, ratio: float) -> float:
+    cell = _hits(rows)[("full", 1.0) if method == "full" else (method, ratio)]
+    return 100.0 * sum(cell.values()) / len(cell) if cell else float("nan")
+
+
+def paired(
+    rows: list[dict], a: tuple[str, float], b: tuple[str, float], seed: int = 0
+) -> tuple[float, float, float, int]:
+    """Mean difference a - b in points, 95% interval resampling haystacks, #haystacks."""
+    hits = _hits(rows)
+    xa, xb = hits[a], hits[b]
+    per_doc: dict[str, list[float]] = defaultdict(list)
+    for key, value in xa.items():
+        if key in xb:
+            per_doc[key[0]].append(value - xb[key])
+    docs = list(per_doc.values())
+    if not docs:
+        return float("nan"), float("nan"), float("nan"), 0
+
+    def pooled(sample: list[list[float]]) -> float:
+        return 100.0 * sum(map(sum, sample)) / sum(map(len, sample))
+
+    rng = random.Random(seed)
+    means = sorted(pooled(rng.choices(docs, k=len(docs))) for _ in range(ROUNDS))
+    return pooled(docs), means[int(0.025 * ROUNDS)], means[int(0.975 * ROUNDS) - 1], len(docs)
+
+
+def _fmt(d: tuple[float, float, float, int]) -> str:
+    return f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]"
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    methods, ratios = methods_and_ratios(rows)
+    full = accuracy(rows, "full", 1.0)
+    lines = [
+        "| hits (%) \\ ratio | 1 (full) | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "|---|" + "---|" * (len(ratios) + 1),
+    ]
+    for m in methods:
+        cells = [f"{accuracy(rows, m, r):.1f}" for r in ratios]
+        lines.append(f"| {m} | {full:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], base: str = "kvzip") -> str:
+    """Every method minus `base` at the same ratio, and `base` minus the full cache."""
+    methods, ratios = methods_and_ratios(rows)
+    lines = [
+        "| points [95% CI] \\ ratio | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+        f"| {base} − full cache | "
+        + " | ".join(_fmt(paired(rows, (base, r), ("full", 1.0))) for r in ratios)
+        + " |",
+    ]
+    for m in methods:
+        if m != base:
+            cells = [_fmt(paired(rows, (m, r), (base, r))) for r in ratios]
+            lines.append(f"| {m} − {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The issue's targets: (target, measured, met)."""
+    out = []
+    methods, ratios = methods_and_ratios(rows)
+    full = accuracy(rows, "full", 1.0)
+    if "kvzap" in methods and 0.3 in ratios:
+        d = paired(rows, ("kvzap", 0.3), ("kvzip", 0.3))
+        out.append(("kvzap at 0.3 within 10 points of kvzip", _fmt(d), _met(d[0] >= -10)))
+    if "kvzip_plus" in methods:
+        for r in ratios:
+            d = paired(rows, ("kvzip_plus", r), ("kvzip", r))
+            out.append((f"KVzip+ ≥ KVzip at {r:g}", _fmt(d), _met(d[0] >= 0)))
+    if "kvzip" in methods and 0.2 in ratios:
+        got = accuracy(rows, "kvzip", 0.2)
+        out.append((
+            "kvzip at 0.2 ≥ 0.7 of the full cache's hits",
+            f"{got:.1f} / {full:.1f} = {got / full:.2f}",
+            _met(got >= 0.7 * full),
+        ))  # fmt: skip
+    return out
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def seconds_table(data: dict) -> str:
+    """Median scoring seconds per 1K context tokens, per method (shared CPU: indicative)."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for name, secs in data["seconds"].items():
+        tokens = data["tasks"][name]["tokens"] / 1000
+        for label, s in secs.items():
+            per[label].append(s / tokens)
+    lines = ["| method | scoring s / 1K tokens (median) |", "|---|---|"]
+    for label, values in per.items():
+        values.sort()
+        lines.append(f"| {label} | {values[len(values) // 2]:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown(data: dict) -> str:
+    rows, h, tasks = data["rows"], data["header"], data["tasks"]
+    tokens = [t["tokens"] for t in tasks.values()]
+    n_q = len(_hits(rows)[("full", 1.0)])
+    lines = [
+        BEGIN,
+        f"Generated by `{h['command']}` ({h['date']}; {h['model']}, CPU, fp32, "
+        f"{h['threads']} thread): {len(tasks)} haystacks of {min(tokens)}-{max(tokens)} "
+        f"tokens, {n_q} questions; the full cache answers {accuracy(rows, 'full', 1.0):.1f}%.",
+        "",
+        accuracy_table(rows),
+        "",
+        "Paired differences, resampled by haystack (4,000 rounds):",
+        "",
+        paired_table(rows),
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *[f"| {t} | {m} | {ok} |" for t, m, ok in targets(rows)],
+        "",
+        seconds_table(data),
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write(path: Path, section: str) -> None:
+    """Replace the needle-grid section of `path` (appended when it has none)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
