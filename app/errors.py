@@ -34,6 +34,7 @@ from service.errors import (
     StorageFullError,
     StorageQuotaExceededError,
     TooManyContextsError,
+    UnsupportedRatioError,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ERROR_STATUS: Mapping[type[ServiceError], int] = {
     InvalidInputError: 400,
+    UnsupportedRatioError: 422,
     DocumentTooLongError: 413,
     QuestionTooLongError: 413,
     ContextNotFoundError: 404,
@@ -135,7 +137,8 @@ ERROR_DOCS = {
     413: "The request body is over the size limit, the document has too many tokens, or the "
     "question (with a chat's instructions and earlier turns) does not fit what the model "
     "window leaves (the message gives both counts).",
-    422: "Malformed body or a value out of range (the message names the field).",
+    422: "Malformed body or a value out of range (the message names the field), such as a "
+    "ratio below what method kvzip_head was measured to need (KVZIP_HEAD_MIN_RATIO).",
     429: "Over this key's request rate (retry after Retry-After seconds), or, registering a "
     "new document, the tenant holds its quota of contexts (KVZIP_TENANT_MAX_CONTEXTS).",
     503: "The work queue is full (retry after Retry-After seconds) or no engine is running.",

@@ -59,8 +59,9 @@ class CompressionSpec(RequestModel):
         description=(
             '"kvzip" scores KV pairs by context reconstruction and evicts the rest; '
             '"kvzip_plus" the same with the KVzip+ normalisation; "kvzip_head" keeps whole '
-            "heads by calibrated head scores (needs `kvzip calibrate` once per model); "
-            '"kvzap" predicts KVzip+ scores from hidden states during the prefill itself '
+            "heads by calibrated head scores (needs `kvzip calibrate` once per model; a "
+            "ratio below KVZIP_HEAD_MIN_RATIO, 0.3 by default, is a 422); "
+            '"kvzap" predicts KVzip ranks from hidden states during the prefill itself '
             "(needs `kvzip calibrate-scorer` once per model); "
             '"streaming", "snapkv" and "h2o" are the baselines (recency, attention of the '
             "last 32 context tokens, heavy hitters + recent tokens), all keeping the same "

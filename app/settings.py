@@ -28,6 +28,7 @@ current and that README.md names every variable.
 | `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method (see docs/quality.md) |
 | `default_ratio` | `KVZIP_DEFAULT_RATIO` | `0.3` | Kept fraction of KV pairs |
 | `chunk_size` | `KVZIP_CHUNK_SIZE` | `2000` | KVzip scoring chunk, in tokens |
+| `head_min_ratio` | `KVZIP_HEAD_MIN_RATIO` | `0.3` | kvzip_head refused below it (0: never) |
 | `host` | `KVZIP_HOST` | `127.0.0.1` | HTTP bind address |
 | `port` | `KVZIP_PORT` | `8000` | HTTP port |
 | `log_level` | `KVZIP_LOG_LEVEL` | `info` | Uvicorn log level |
@@ -172,6 +173,12 @@ class Settings(BaseSettings):
     chunk_size: int = Field(
         default=_COMPRESSION.chunk_size, ge=16, description="KVzip scoring chunk, in tokens"
     )
+    head_min_ratio: float = Field(
+        default=_SERVICE.kvzip_head_min_ratio,
+        ge=0.0,
+        le=1.0,
+        description="kvzip_head refused below it (0: never)",
+    )
     # HTTP server
     host: str = Field(default="127.0.0.1", min_length=1, description="HTTP bind address")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
@@ -272,6 +279,11 @@ class Settings(BaseSettings):
     def _consistent_limits_and_keys(self) -> Settings:
         if self.default_ttl_seconds > self.max_ttl_seconds:
             raise ValueError("KVZIP_DEFAULT_TTL_SECONDS must be <= KVZIP_MAX_TTL_SECONDS")
+        if self.default_method == "kvzip_head" and self.default_ratio < self.head_min_ratio:
+            raise ValueError(
+                "KVZIP_DEFAULT_RATIO must be >= KVZIP_HEAD_MIN_RATIO with "
+                "KVZIP_DEFAULT_METHOD=kvzip_head"
+            )
         if self.admin_api_key is not None and self.admin_api_key in (self.api_keys or {}):
             raise ValueError("KVZIP_ADMIN_API_KEY must differ from every key in KVZIP_API_KEYS")
         return self
@@ -330,6 +342,7 @@ class Settings(BaseSettings):
             disk_capacity_bytes=int(self.disk_capacity_bytes) or None,
             tenant_max_contexts=self.tenant_max_contexts or None,
             tenant_max_bytes=int(self.tenant_max_bytes) or None,
+            kvzip_head_min_ratio=self.head_min_ratio,
             batching=BatchingConfig(
                 max_rows=self.max_batch_rows,
                 kv_budget_bytes=int(self.kv_budget_bytes),

@@ -124,6 +124,12 @@ class BatchingConfig:
     prefill_chunk: int = 512
 
 
+KVZIP_HEAD_MIN_RATIO = 0.3
+"""Method `kvzip_head` keeps whole heads; on the default model it keeps the needles the full
+cache finds from this kept ratio up and about half of them at 0.2 (docs/quality.md,
+"kvzip_head"), so a lower ratio is refused rather than served with a silent quality loss."""
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything the embedded context service needs.
@@ -147,5 +153,6 @@ class ServiceConfig:
     disk_capacity_bytes: int | None = 50 * 1024**3  # the disk tier's cap (None: none)
     tenant_max_contexts: int | None = 10_000  # contexts a tenant may hold (None: no cap)
     tenant_max_bytes: int | None = None  # stored bytes a tenant may hold (None: no cap)
+    kvzip_head_min_ratio: float = KVZIP_HEAD_MIN_RATIO  # kvzip_head refused below (0: never)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -30,6 +30,11 @@ class InvalidInputError(ServiceError):
     """The request can never succeed as given (empty document, ratio out of range...)."""
 
 
+class UnsupportedRatioError(InvalidInputError):
+    """A kept ratio below the floor a compression method was measured to need
+    (`kvzip_head` below ServiceConfig.kvzip_head_min_ratio: docs/quality.md)."""
+
+
 class DocumentTooLongError(ServiceError):
     """The document does not fit the model window with room left for a question."""
 

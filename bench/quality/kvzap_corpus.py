@@ -10,9 +10,10 @@ needs, which target transform ranks better, and what the fitted predictors do to
    R² (on each target's own scale), Spearman's rank correlation and the top-30% recall.
 4. With --needles N: the predictors fitted on the whole corpus (ridge, rank and log;
    --mlp adds an MLP on rank targets) answer N dev haystacks next to `kvzip`
-   (needle_grid.run_task), and the rank ridge is stored where the needle grid finds it.
+   (needle_grid.run_task); --store puts the rank ridge where the needle grid finds it.
 
-    python -m bench.quality.kvzap_corpus --texts 72 --sizes 4,8,16,32,64 --needles 12
+    python -m bench.quality.kvzap_corpus --texts 72 --sizes 4,8,16,32,48,72 --needles 12 \
+        --mlp --store
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="kvzip", choices=("kvzip", "kvzip_plus"))
     p.add_argument("--needles", type=int, default=0, help="dev haystacks for the needle check")
     p.add_argument("--mlp", action="store_true", help="also an MLP (rank targets) in the check")
+    p.add_argument("--store", action="store_true", help="store the rank ridge for the grid")
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/kvzap-corpus.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             "source": "calibrated",
             "texts": n_train,
         }
-        best = predictors["kvzap rank"].with_meta(**stamp)
-        save_predictor(predictor_path(CACHE / "kvzap", engine.identity, "linear"), best)
+        if args.store:
+            best = predictors["kvzap rank"].with_meta(**stamp)
+            save_predictor(predictor_path(CACHE / "kvzap", engine.identity, "linear"), best)
         methods: dict[str, needle_grid.Method] = {"kvzip": "kvzip"}
         methods |= {name: KVzapScorer(pr) for name, pr in predictors.items()}
         rows: list[dict] = []

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality.kvzip_plus_check")
     p.add_argument("--haystacks", type=int, default=10)
     p.add_argument("--ratios", default="0.5,0.3,0.2,0.1")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="reference variants run")
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/kvzip-plus-check.json")
     args = p.parse_args(argv)
     from bench.quality.__main__ import _engine_config
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         numerics, ref = compare(engine, model64, task)
         methods: dict[str, needle_grid.Method] = {"kvzip": "kvzip", "kvzip_plus": "kvzip_plus"}
-        methods |= {f"ref {v}": Fixed(ref[v]) for v in VARIANTS}
+        methods |= {f"ref {v}": Fixed(ref[v]) for v in args.variants.split(",")}
         rows, seconds = needle_grid.run_task(engine, task, methods, ratios)
         data["rows"] += rows
         data["numerics"][task.name] = numerics

@@ -189,6 +189,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/needle-grid.json")
     p.add_argument("--out", type=Path, help="markdown file whose needle-grid section is rewritten")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--shard", default="0/1", help="i/n: run haystacks i, i+n, ... only")
+    p.add_argument("--merge", default="", help="more results files rendered with --results")
     p.add_argument("--kvzap-dir", type=Path, default=ROOT / "bench/.cache/kvzap")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -215,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                   "threads": args.threads, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
         ratios = [float(r) for r in args.ratios.split(",")]
         low, high = (int(x) for x in args.lengths.split(","))
-        tasks = grid_tasks(engine, args.haystacks, args.dev, (low, high))
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        tasks = grid_tasks(engine, args.haystacks, args.dev, (low, high))[shard::shards]
         run(engine, tasks, {m: m for m in methods}, ratios, args.results, header)
     if args.out:
-        data = json.loads(args.results.read_text())
+        files = [args.results] + [Path(f) for f in args.merge.split(",") if f]
+        data = needle_report.merged([json.loads(f.read_text()) for f in files])
         needle_report.write(args.out, needle_report.markdown(data))
     return 0
 

@@ -131,6 +131,16 @@ def seconds_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def merged(parts: list[dict]) -> dict:
+    """Results of several shards of one grid as one (the first part's header)."""
+    out: dict = {"header": parts[0]["header"], "rows": [], "seconds": {}, "tasks": {}}
+    for part in parts:
+        out["rows"] += part["rows"]
+        out["seconds"] |= part["seconds"]
+        out["tasks"] |= part["tasks"]
+    return out
+
+
 def markdown(data: dict) -> str:
     rows, h, tasks = data["rows"], data["header"], data["tasks"]
     tokens = [t["tokens"] for t in tasks.values()]

@@ -34,7 +34,6 @@ from service.engine.tensor_blob import ByteSource
 from service.errors import (
     CorruptContextError,
     DocumentTooLongError,
-    InvalidInputError,
     QuestionTooLongError,
 )
 from service.serving.engine_thread import EngineWorker
@@ -45,7 +44,7 @@ from service.serving.registry import ContextRegistry
 from service.serving.resident import ResidentContexts
 from service.serving.scheduler import Scheduler
 from service.serving.textstream import TextStream
-from service.serving.validation import CheckedCreate
+from service.serving.validation import CheckedCreate, checked_query_ratio
 from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings, Turn
 
 log = logging.getLogger(__name__)
@@ -241,11 +240,9 @@ class Pipeline:
         self, record: ContextRecord, request: QueryRequest
     ) -> tuple[CompressedContext, list[int], float]:
         """The context to attend to, the prompt ids and the load seconds."""
-        if request.ratio is not None and request.ratio > record.ratio + 1e-9:
-            raise InvalidInputError(
-                f"ratio must be <= the context's stored ratio ({record.ratio}). "
-                f"Given: {request.ratio}"
-            )
+        checked_query_ratio(
+            request.ratio, record.method, record.ratio, self.config.kvzip_head_min_ratio
+        )
         t0 = time.perf_counter()
         ctx = await self.load(record.id)
         if request.ratio is not None:  # query-time ratio: re-select the stored scores

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from service.config import GROUP_SIZES, METHODS, QUANTIZATIONS, CompressionConfig, ServiceConfig
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, UnsupportedRatioError
 from service.types import (
     ANY_TENANT,
     TURN_ROLES,
@@ -58,9 +58,34 @@ def checked_ttl(ttl_seconds: float | None, config: ServiceConfig) -> float:
     return ttl
 
 
+def checked_method_ratio(method: str, ratio: float, floor: float, field: str) -> None:
+    """UnsupportedRatioError when `method` is asked for a kept ratio below its measured floor
+    (`kvzip_head` below `floor`, ServiceConfig.kvzip_head_min_ratio)."""
+    if method == "kvzip_head" and ratio < floor - 1e-9:
+        raise UnsupportedRatioError(
+            f"{field} must be >= {floor:g} for method kvzip_head. Given: {ratio:g}. It keeps "
+            "whole heads, and below this ratio it loses about half of the facts the full "
+            "cache retrieves (docs/quality.md); use method kvzip for smaller ratios"
+        )
+
+
+def checked_query_ratio(ratio: float | None, method: str, stored: float, floor: float) -> None:
+    """A query-time ratio: at most the context's stored ratio, and within its method's floor."""
+    if ratio is None:
+        return
+    if ratio > stored + 1e-9:
+        raise InvalidInputError(
+            f"ratio must be <= the context's stored ratio ({stored}). Given: {ratio}"
+        )
+    checked_method_ratio(method, ratio, floor, "ratio")
+
+
 def validated_create(request: CreateContextRequest, config: ServiceConfig) -> CheckedCreate:
     """Every check of `POST /contexts` that needs no model."""
     compression = validated_compression(request.compression)
+    checked_method_ratio(
+        compression.method, compression.ratio, config.kvzip_head_min_ratio, "compression.ratio"
+    )
     ttl = checked_ttl(request.ttl_seconds, config)
     if request.tenant == ANY_TENANT:
         raise InvalidInputError(f"tenant {ANY_TENANT!r} cannot own a context")

@@ -51,6 +51,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_DEFAULT_METHOD": "none",
         "KVZIP_DEFAULT_RATIO": "0.5",
         "KVZIP_CHUNK_SIZE": "1024",
+        "KVZIP_HEAD_MIN_RATIO": "0.25",
         "KVZIP_HOST": "0.0.0.0",
         "KVZIP_PORT": "9000",
         "KVZIP_LOG_LEVEL": "debug",
@@ -100,6 +101,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_new_tokens_limit == 4096
     assert (settings.default_method, settings.default_ratio) == ("none", 0.5)
     assert settings.chunk_size == 1024
+    assert settings.head_min_ratio == 0.25
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
     assert settings.to_service_config().distributed == DistributedConfig(
         redis_url="redis://redis:6379/0",
@@ -188,6 +190,7 @@ def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) ->
         ("KVZIP_DISK_CAPACITY_BYTES", "-1"),
         ("KVZIP_TENANT_MAX_CONTEXTS", "-3"),
         ("KVZIP_TENANT_MAX_BYTES", "lots"),
+        ("KVZIP_HEAD_MIN_RATIO", "1.5"),
     ],
 )
 def test_nonsense_refuses_to_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -249,6 +252,7 @@ def test_to_service_config_carries_every_setting() -> None:
         default_method="none",
         default_ratio=0.25,
         chunk_size=100,
+        head_min_ratio=0.2,
     )
 
     assert settings.to_service_config() == ServiceConfig(
@@ -268,7 +272,14 @@ def test_to_service_config_carries_every_setting() -> None:
         max_new_tokens_limit=64,
         default_compression=CompressionConfig("none", 0.25, 100),
         batching=BatchingConfig(5, 7000, 3, 64),
+        kvzip_head_min_ratio=0.2,
     )
+
+
+def test_a_kvzip_head_default_below_its_floor_refuses_to_start() -> None:
+    with pytest.raises(ValueError, match="KVZIP_HEAD_MIN_RATIO"):
+        Settings(default_method="kvzip_head", default_ratio=0.2)
+    assert Settings(default_method="kvzip_head", default_ratio=0.2, head_min_ratio=0.0)
 
 
 def test_the_docstring_table_is_current() -> None:

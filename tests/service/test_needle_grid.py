@@ -1,0 +1,57 @@
+"""The needle grid's own machinery (bench/quality/needle_grid.py, needles.py, needle_report.py):
+the fast greedy answer is the plain greedy answer, haystacks hold their facts, and intervals
+resample haystacks."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.quality import needle_report
+from bench.quality.data import load_articles
+from bench.quality.needle_grid import MAX_NEW, full_answer, greedy_answer
+from bench.quality.needles import first_answer, haystacks
+from service.compression.selection import select
+from service.config import CompressionConfig
+from service.types import SamplingParams
+
+TEXT = "The keeper of the north gate wrote 48213 in his log. The tide came in at noon. " * 5
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.3, 0.1])
+def test_fast_greedy_answer_is_the_greedy_answer(tiny_engine, ratio):
+    engine = tiny_engine
+    full = engine.prefill_context(engine.encode_document(TEXT), CompressionConfig("kvzip"))
+    ctx = select(engine.score(full, method="streaming"), ratio)
+    for question in ("What did the keeper write?", "When did the tide come in?"):
+        prompt = engine.encode_question(question)
+        plain = first_answer(
+            engine.generate(ctx, prompt, SamplingParams(max_new_tokens=MAX_NEW)), engine.decode
+        )
+        for forced in (full_answer(engine, full, prompt), [], [5, 6, 7]):
+            assert greedy_answer(engine, ctx, prompt, forced) == plain
+
+
+def test_haystacks_are_seeded_and_hold_both_facts(tiny_engine):
+    def count(text: str) -> int:
+        return len(tiny_engine.tokenizer.encode(text, add_special_tokens=False))
+
+    articles = load_articles()[:2]
+    tasks = haystacks(articles, count, 3, (300, 500), seed=5)
+    assert [t.text for t in tasks] == [t.text for t in haystacks(articles, count, 3, (300, 500), 5)]
+    for task in tasks:
+        assert len(task.questions) == 2 and 250 <= task.meta["tokens"] <= 520
+        for q in task.questions:
+            assert task.text.count(q.answers[0]) == 1
+
+
+def test_intervals_resample_haystacks_not_questions():
+    rows = []
+    for doc in range(10):  # half the haystacks lose both questions, half keep both
+        for q in range(2):
+            rows.append({"task": f"d{doc}", "qid": f"q{q}", "method": "full", "ratio": 1.0,
+                         "hit": 1.0})  # fmt: skip
+            rows.append({"task": f"d{doc}", "qid": f"q{q}", "method": "m", "ratio": 0.3,
+                         "hit": float(doc % 2)})  # fmt: skip
+    mean, low, high, n = needle_report.paired(rows, ("m", 0.3), ("full", 1.0))
+    assert n == 10 and mean == pytest.approx(-50.0)
+    assert low < -60 and high > -40  # 10 clusters, not 20 independent questions
