@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from bench.quality.data import Task, _sentences, load_articles
-from service.compression.learned.calibration import CalibrationSettings, collect, fit, split
+from service.compression.learned.calibration import (
+    CalibrationSettings,
+    collect,
+    fit,
+    split,
+    stamped,
+)
 from service.compression.learned.fit import predict_all, r2_score
 from service.compression.learned.predictor import (
     KVzapPredictor,
@@ -148,21 +154,10 @@ def _calibrate(
     engine: KVzipEngine, texts: list[str], settings: CalibrationSettings
 ) -> dict[str, KVzapPredictor]:
     """`calibrate_scorer`, with the samples kept compact and the fit on the model's device."""
-    from service.compression.learned.calibration import Samples, score_text
+    from service.compression.learned.calibration import Samples
 
-    gen = torch.Generator().manual_seed(settings.seed)
     keep_dtype = engine.model.dtype if engine.model.dtype != torch.float16 else torch.float32
-    xs, ys, ts = [], [], []
-    for i, text in enumerate(texts):
-        x, y = score_text(engine, text, settings.target, settings.chunk_size)
-        pick = torch.randperm(x.shape[0], generator=gen)[: settings.tokens_per_text]
-        xs.append(x[pick].to(keep_dtype))
-        ys.append(y[pick])
-        ts.append(torch.full((len(pick),), i, dtype=torch.int32))
-        if (i + 1) % 10 == 0:
-            _log(f"kvzap calibration: {i + 1}/{len(texts)} texts scored")
-    samples = Samples(torch.cat(xs), torch.cat(ys), torch.cat(ts))
-    del xs, ys, ts
+    samples = collect(engine, texts, settings, bar=False, keep_dtype=keep_dtype)
     train, held = split(samples, settings.heldout)
     del samples
     device = engine.model.device
@@ -173,18 +168,7 @@ def _calibrate(
     del train, held
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
-        kind: p.to("cpu").with_meta(
-            model=engine.identity.name,
-            model_fingerprint=engine.identity.model_fingerprint,
-            target=settings.describe_target(),
-            source="calibrated",
-            texts=len(texts),
-            tokens_per_text=settings.tokens_per_text,
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
-        for kind, p in fitted.items()
-    }
+    return stamped(fitted, engine, len(texts), settings)
 
 
 def ingest_scored(

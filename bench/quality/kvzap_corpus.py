@@ -35,6 +35,7 @@ from service.compression.learned.calibration import (
     _pack,
     collect,
     evaluate,
+    stamped,
 )
 from service.compression.learned.fit import MLPSettings, fit_mlp, fit_ridge
 from service.compression.learned.predictor import KVzapPredictor, predictor_path, save_predictor
@@ -137,18 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                       for t in ("rank", "log")}  # fmt: skip
         if args.mlp:
             predictors["kvzap mlp rank"] = fitted(data, n_train, n_train, "mlp", "rank", mlp)[0]
-        stamp = {
-            "model": engine.identity.name,
-            "model_fingerprint": engine.identity.model_fingerprint,
-            "target": replace(settings, transform="rank").describe_target(),
-            "target_method": args.target,
-            "target_transform": "rank",
-            "window": settings.window,
-            "source": "calibrated",
-            "texts": n_train,
-        }
         if args.store:
-            best = predictors["kvzap rank"].with_meta(**stamp)
+            rank = replace(settings, transform="rank")
+            best = stamped({"linear": predictors["kvzap rank"]}, engine, n_train, rank)["linear"]
             save_predictor(predictor_path(CACHE / "kvzap", engine.identity, "linear"), best)
         methods: dict[str, needle_grid.Method] = {"kvzip": "kvzip"}
         methods |= {name: KVzapScorer(pr) for name, pr in predictors.items()}

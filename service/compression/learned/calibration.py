@@ -1,24 +1,27 @@
-"""`calibrate-scorer`: fit KVzap predictors of one model on its own KVzip+ scores.
+"""`calibrate-scorer`: fit KVzap predictors of one model on the ranks of its own KVzip scores.
 
 For every calibration text:
 
 1. prefill it exactly as an ingest does (the service's prompt layout) while forward
    pre-hooks record every layer's attention input x (n, D) of the context tokens;
-2. score it with the service's own KVzip+ scorer (`kvzip_plus`, or `kvzip`) in chunks of
-   `chunk_size` tokens, exactly the scores an ingest computes; `chunk_size=None` scores each
-   text as ONE chunk, so every probability is a softmax over the whole sequence (the KVzap
-   recipe, on texts of ~1,000 tokens);
-3. sample `tokens_per_text` context positions: x (L, D) and y = log(score) (L, H) each.
+2. score it with the service's own scorer (`kvzip`, or `kvzip_plus`) in chunks of
+   `chunk_size` tokens, exactly the scores an ingest computes (`chunk_size=None`: one
+   softmax over the whole text, the KVzap recipe);
+3. leave out the last `window` context tokens (threshold selection keeps them anyway, and
+   their reconstruction scores carry a recency bias no hidden state knows), turn the
+   text's log-scores into targets (`transform`: the normal scores of their ranks among the
+   text's L*H*n pairs, or the raw log-scores; service.compression.learned.targets), and
+   sample `tokens_per_text` positions: x (L, D) and y (L, H) each.
 
-Which target predicts better was measured (docs/quality.md, "kvzap"): on held-out ~4K-token
-documents, predictors fitted on the service's own chunked scores of ~4K-token texts keep
-81% of the true KVzip+ top-30% pairs, those fitted the recipe's way on ~1K-token texts 75-76%
-(and their log-scores sit at the wrong level for longer documents). Hence the defaults:
-~4,000-token texts, chunks of 2,000.
+Why these defaults (measured on the default model, docs/quality.md "kvzap retrained on
+KVzip ranks"): plain KVzip keeps more needle facts than KVzip+ on that model, selection is a
+global top-k per document (only the order of the pairs counts, and rank targets do not
+move with a document's length), and held-out rank correlation stops improving at about 48
+texts of ~1,000 tokens.
 
 Texts are then split (the last `heldout` fraction held out, whole texts), a ridge map and
-an MLP are fitted per layer on the rest, and each gets its training loss (MSE) and
-held-out R² in its metadata.
+an MLP are fitted per layer on the rest, and each gets its training loss (MSE), held-out R²,
+held-out Spearman correlation and top-30% recall in its metadata.
 """
 
 from __future__ import annotations
@@ -252,9 +255,15 @@ def calibrate_scorer(
     texts = list(texts)
     samples = collect(runner, texts, s, bar)
     train, test = split(samples, s.heldout)
-    fitted = fit(train, test, s, bar)
+    return stamped(fit(train, test, s, bar), runner, len(texts), s)
+
+
+def stamped(
+    fitted: dict[str, KVzapPredictor], runner: ModelRunner, texts: int, s: CalibrationSettings
+) -> dict[str, KVzapPredictor]:
+    """The fitted predictors with the model's identity and what they were fitted to."""
     return {
-        kind: p.with_meta(
+        kind: p.to("cpu").with_meta(
             model=runner.identity.name,
             model_fingerprint=runner.identity.model_fingerprint,
             target=s.describe_target(),
@@ -262,7 +271,7 @@ def calibrate_scorer(
             target_transform=s.transform,
             window=s.window,
             source="calibrated",
-            texts=len(texts),
+            texts=texts,
             tokens_per_text=s.tokens_per_text,
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
