@@ -74,9 +74,11 @@ class CompressionSpec(RequestModel):
         ge=-100.0,
         le=100.0,
         description=(
-            'Method "kvzap" only (else 400): keep the KV pairs whose predicted log-score is '
+            'Method "kvzap" only (else 400): keep the KV pairs whose predicted score is '
             ">= threshold, plus the most recent 128 tokens, instead of a fixed ratio; the "
-            "context reports the ratio it achieved."
+            "context reports the ratio it achieved. With `kvzip calibrate-scorer`'s rank "
+            "targets the score is a normal score (0 keeps about half the pairs); with NVIDIA's "
+            "released weights a log KVzip+ score (-4 in the KVzap paper)."
         ),
         examples=[-4.0],
     )

@@ -37,8 +37,9 @@ Target: the model's own KVzip pair scores (--target kvzip; kvzip_plus = with the
 weights), computed exactly as an ingest does, of texts of ~--tokens tokens. Each text's
 log-scores are replaced by the normal scores of their ranks among the text's L*H*n pairs
 (--transform rank; `log` keeps the raw log-scores, the KVzap recipe), and the text's last
---window tokens are left out (kept at ingest anyway). With rank targets, a threshold t
-keeps about the top 1 - Phi(t) of the pairs.
+--window tokens are left out (kept at ingest anyway). With rank targets, a threshold is on
+the normal-score scale: 0 keeps about half the pairs, 1 about a quarter (predictions are
+shrunk toward 0, so fewer than the top 1 - Phi(t)).
 
 Metrics (on whole held-out texts, the last --heldout fraction): R² of the targets,
 Spearman's rank correlation of predicted and true scores per text, and the share of the

@@ -378,6 +378,7 @@ def test_collect_leaves_the_window_out_and_transforms_each_text(tiny_engine, kin
     settings = CalibrationSettings(tokens_per_text=10**6, window=window, transform=kind)
     got = collect(tiny_engine, [TEXT], settings, bar=False)
     assert got.x.shape[0] == n - window  # every position but the window, permuted
+
     def by_row(t: torch.Tensor) -> torch.Tensor:  # the last layer's input tells rows apart
         return t[torch.argsort(t[:, -1].sum(dim=-1))]
 

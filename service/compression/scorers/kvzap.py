@@ -10,7 +10,8 @@ so there is no reconstruction pass: the extra cost is one small matmul (or two) 
 
 score[l, h, i] = exp(clamp(prediction)), so selection is the same global top-k as every
 method's. With `compression.threshold` t instead, ingest keeps every pair whose prediction
-is >= t (rank targets: about the top 1 - Phi(t) of the pairs; log targets: log-score >= t),
+is >= t (rank targets: a normal score, 0 keeping about half the pairs; log targets: the
+log-score),
 plus the last WINDOW context tokens in every head (KVzap's protected recent window, which
 calibration leaves out of the fit; service.compression.selection.threshold_select), and the
 context's ratio is the fraction it achieved.
