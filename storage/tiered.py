@@ -13,6 +13,11 @@ the copy it came from, so it gets `promote_ttl_s` (None: the tier's own default,
 RedisTier built with `default_ttl_s` is still a TTL, so every Redis key expires; the context
 record owns expiry and deletes through this store).
 
+Reads pay for no promotion into a shared tier: `get_view` (the context load path) hands the
+disk tier's memory map back at once and copies it into Redis in the background (one copy
+per key at a time; `settle()` waits for them), so a read from disk never waits for a GB
+written to Redis first.
+
 Integrity: a tier that finds its copy damaged (CorruptObjectError; it removed the copy) is
 a miss, so the read goes on to the next tier; `get_view` writes the good copy it then finds
 back into the damaged disk tier. Promotion never rewrites an object a tier did not keep:
@@ -22,6 +27,7 @@ memory tier's capacity) is not offered to that tier again for `REFUSAL_S` second
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -73,6 +79,7 @@ class TieredStore:
         self._write_order = [self._by_name[n] for n in order]
         self.promote_ttl_s = check_ttl(promote_ttl_s)
         self._refused: dict[str, tuple[int, float]] = {}  # tier -> (size, until monotonic)
+        self._promotions: dict[str, asyncio.Task[None]] = {}  # key -> its background copy
 
     @property
     def tiers(self) -> list[Tier]:
@@ -126,9 +133,31 @@ class TieredStore:
                 return await self._restore(key, tier, exc.ttl_s)
             if view is not None:
                 shared = [t for t in self._tiers[:index] if not isinstance(t, MemoryTier)]
-                await self._promote(key, view, shared, only_missing=True)
+                self._promote_in_background(key, view, shared)
                 return view
         return await self.get(key)
+
+    def _promote_in_background(
+        self, key: str, data: bytes | memoryview, shared: Sequence[Tier]
+    ) -> None:
+        """Copy `data` into the `shared` tiers that lack it, off the read's path."""
+        if not shared or key in self._promotions:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._promote(key, data, shared, only_missing=True)
+        )
+        self._promotions[key] = task
+        task.add_done_callback(lambda done: self._promoted(key, done))
+
+    def _promoted(self, key: str, task: asyncio.Task[None]) -> None:
+        self._promotions.pop(key, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("background copy of %r into a shared tier failed: %r", key, exc)
+
+    async def settle(self) -> None:
+        """Wait until every background copy into a shared tier has ended."""
+        while self._promotions:
+            await asyncio.gather(*self._promotions.values(), return_exceptions=True)
 
     async def retain(self, key: str, ttl_s: float) -> None:
         """Keep `key` at least `ttl_s` more seconds in the tiers whose copies expire on their

@@ -119,11 +119,16 @@ def build_app(args: argparse.Namespace, engine: Any, data_dir: Path) -> Any:
     return build_app_and_service(args, engine, data_dir)[0]
 
 
-def build_app_and_service(args: argparse.Namespace, engine: Any, data_dir: Path) -> Any:
-    """(app, the embedded service under it): see `build_app`."""
+def build_app_and_service(
+    args: argparse.Namespace, engine: Any, data_dir: Path, redis_url: str | None = None
+) -> Any:
+    """(app, the embedded service under it): see `build_app`. With `redis_url`, the store
+    is a distributed worker's (memory -> Redis -> disk) instead of memory -> disk."""
     from app.main import create_app
     from app.settings import Settings
-    from service.serving.embedded import build_embedded_service
+    from service.serving.embedded import EmbeddedContextService
+    from service.serving.registry import local_store
+    from storage import RedisTier, TieredStore, redis_client
 
     settings = Settings(
         model=engine.identity.name,
@@ -139,7 +144,13 @@ def build_app_and_service(args: argparse.Namespace, engine: Any, data_dir: Path)
         host="127.0.0.1",
         log_level="warning",
     )
-    service = build_embedded_service(settings.to_service_config(), engine=engine)
+    config = settings.to_service_config()
+    store = local_store(config)
+    if redis_url is not None:
+        memory, disk = store.tiers
+        redis = RedisTier(redis_client(redis_url, timeout_s=60.0), prefix="kvzip-bench:")
+        store = TieredStore([memory, redis, disk])
+    service = EmbeddedContextService(config, store, engine)
     return create_app(settings, service=service), service
 
 

@@ -50,6 +50,8 @@ from service.types import QueryEvent, QueryRequest, QueryResult, QueryTimings, T
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
+CLOSE_SETTLE_S = 10.0
+"""At close, how long copies into shared tiers started by reads may still run."""
 LAYOUTS = 256
 """Prompt layouts kept (one per system instruction, least recently used dropped)."""
 
@@ -88,8 +90,11 @@ class Pipeline:
         self._loading: dict[str, asyncio.Future[CompressedContext]] = {}
 
     async def close(self) -> None:
-        """Stop the scheduler (requests still waiting get no more tokens)."""
+        """Stop the scheduler (requests still waiting get no more tokens); let the copies
+        into shared tiers that reads started finish (at most a few seconds)."""
         await self.scheduler.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.registry.store.settle(), CLOSE_SETTLE_S)
 
     # -- ingest ------------------------------------------------------------------------------
 

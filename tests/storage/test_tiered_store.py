@@ -3,6 +3,7 @@ damaged copies replaced from a good one, no promotion a tier refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -331,6 +332,33 @@ async def test_a_blob_the_cache_cannot_hold_is_not_rewritten_on_every_read(
     await store.tier("disk").put("small", b"s" * 500)
     for _ in range(3):
         assert await getattr(store, read)("big") == b"b" * 5000
+        await store.settle()  # get_view copies into the cache in the background
     assert cache.puts == 1  # tried once, then remembered
     assert await getattr(store, read)("small") == b"s" * 500  # smaller objects still go
+    await store.settle()
     assert cache.puts == 2 and await cache.get("small") == b"s" * 500
+
+
+class BlockedTier(RecordingTier):
+    """A shared cache whose writes wait until `release` is set."""
+
+    def __init__(self, log: list[tuple[str, str]]) -> None:
+        super().__init__(MemoryTier(1 << 20, name="redis"), log)
+        self.release = asyncio.Event()
+
+    async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
+        await self.release.wait()
+        await super().put(key, data, ttl_s)
+
+
+async def test_a_read_from_disk_does_not_wait_for_the_copy_into_redis(tmp_path: Path) -> None:
+    cache = BlockedTier([])
+    store = TieredStore([MemoryTier(0), cache, DiskTier(tmp_path)])
+    await store.tier("disk").put("ctx", b"c" * 5000)
+    view = await asyncio.wait_for(store.get_view("ctx"), 5)  # returns while the copy waits
+    assert view == b"c" * 5000 and not await cache.exists("ctx")
+    assert await asyncio.wait_for(store.get_view("ctx"), 5) == b"c" * 5000  # one copy at a time
+    cache.release.set()
+    await asyncio.wait_for(store.settle(), 5)
+    assert await cache.get("ctx") == b"c" * 5000
+    assert cache._log.count(("redis", "put")) == 1
