@@ -244,28 +244,66 @@ def test_h2o_keeps_the_recent_window_and_the_heavy_hitters(tiny_engine, doc):
     assert all(hi <= lo for lo, hi in levels)  # kept = every pair below a level
 
 
-def test_snapkv_matches_dense_reference(tiny_engine, doc, recorder):
+def _snapkv_reference_votes(recorder, doc) -> list[torch.Tensor]:
+    """SnapKV's votes from the paper's definition, float64: per KV head, the summed
+    attention of the last WINDOW context queries (and the G query heads of its group) on
+    each earlier context key, the softmax over every key; average-pooled over POOL keys
+    with zero padding counted (an explicit loop). Per layer (H, n - WINDOW)."""
     from service.compression.scorers.snapkv import POOL, WINDOW
 
-    ours = _ours(tiny_engine, doc, "snapkv")
     s, n = len(doc.prefix_ids), len(doc.context_ids)
     rec = recorder.run(doc.all_ids)
     rows = list(range(s + n - WINDOW, s + n))
-    for layer_idx, got in enumerate(ours):
+    out = []
+    for layer_idx in sorted(rec):
         q, k = rec[layer_idx]["q"], rec[layer_idx]["k"]
         h, hq = k.shape[0], q.shape[0]
-        p = _probs(q, k, rows, list(range(s + n)), q.shape[-1] ** -0.5)[:, :, s:]
-        mean = p.mean(dim=1).view(h, hq // h, n).mean(dim=1)[:, : n - WINDOW]
-        pooled = torch.stack(
-            [
-                torch.stack(
-                    [row[max(0, i - POOL // 2) : i + POOL // 2 + 1].max() for i in range(len(row))]
-                )
-                for row in mean
-            ]
+        p = _probs(q, k, rows, list(range(s + n)), q.shape[-1] ** -0.5)[:, :, s : s + n - WINDOW]
+        votes = p.sum(dim=1).view(h, hq // h, n - WINDOW).sum(dim=1) / (WINDOW * hq // h)
+        half = POOL // 2
+        out.append(
+            torch.stack(
+                [
+                    torch.stack(
+                        [row[max(0, i - half) : i + half + 1].sum() / POOL for i in range(len(row))]
+                    )
+                    for row in votes
+                ]
+            )
         )
-        torch.testing.assert_close(got[:, : n - WINDOW], pooled, atol=1e-7, rtol=1e-4)
-        assert torch.equal(got[:, n - WINDOW :], torch.ones(h, WINDOW, dtype=torch.float64))
+    return out
+
+
+def test_snapkv_votes_match_dense_reference(tiny_engine, doc, recorder):
+    from service.compression.scorers.snapkv import WINDOW, SnapKVScorer
+
+    n = len(doc.context_ids)
+    ours = _ours(tiny_engine, doc, SnapKVScorer(per_head=False))
+    for got, want in zip(ours, _snapkv_reference_votes(recorder, doc), strict=True):
+        torch.testing.assert_close(got[:, : n - WINDOW], want, atol=1e-7, rtol=1e-4)
+        assert torch.equal(got[:, n - WINDOW :], torch.ones(got.shape[0], WINDOW).double())
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.45])
+def test_snapkv_keeps_window_and_top_votes_per_head(tiny_engine, doc, recorder, ratio):
+    """As published: EVERY head keeps the same number of pairs (one level, +-1), the whole
+    observation window, then its largest reference votes (near-ties allowed)."""
+    from service.compression.scorers.snapkv import WINDOW
+
+    ctx = select(tiny_engine.score(_full(tiny_engine, doc), method="snapkv"), ratio)
+    s, n = ctx.prefix_len, ctx.context_len
+    counts = []
+    for layer, votes in zip(ctx.layers, _snapkv_reference_votes(recorder, doc), strict=True):
+        for h in range(layer.n_heads):
+            kept = torch.zeros(n, dtype=torch.bool)
+            kept[layer.positions[layer.head(h)][s:].long() - s] = True
+            counts.append(int(kept.sum()))
+            assert kept[n - WINDOW :].all()
+            older = kept[: n - WINDOW]
+            assert older.any() and not older.all()
+            assert votes[h][older].min() >= votes[h][~older].max() - 1e-6
+    assert max(counts) - min(counts) <= 1
+    assert min(counts) == math.floor(ratio * n) or max(counts) == math.ceil(ratio * n)
 
 
 def test_streaming_keeps_the_same_recent_window_in_every_head(tiny_engine, doc):
