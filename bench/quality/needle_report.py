@@ -132,12 +132,19 @@ def seconds_table(data: dict) -> str:
 
 
 def merged(parts: list[dict]) -> dict:
-    """Results of several shards of one grid as one (the first part's header)."""
+    """Results of several shards of one grid as one (the first part's header).
+
+    A later part may re-run methods of an earlier one on the same haystacks: its rows then
+    replace theirs, and its scoring seconds join each haystack's."""
     out: dict = {"header": parts[0]["header"], "rows": [], "seconds": {}, "tasks": {}}
+    rows: dict[tuple, dict] = {}
     for part in parts:
-        out["rows"] += part["rows"]
-        out["seconds"] |= part["seconds"]
+        for r in part["rows"]:
+            rows[(r["task"], r["method"], r["ratio"], r["qid"])] = r
+        for name, secs in part["seconds"].items():
+            out["seconds"].setdefault(name, {}).update(secs)
         out["tasks"] |= part["tasks"]
+    out["rows"] = list(rows.values())
     return out
 
 

@@ -55,3 +55,20 @@ def test_intervals_resample_haystacks_not_questions():
     mean, low, high, n = needle_report.paired(rows, ("m", 0.3), ("full", 1.0))
     assert n == 10 and mean == pytest.approx(-50.0)
     assert low < -60 and high > -40  # 10 clusters, not 20 independent questions
+
+
+def test_a_later_results_part_replaces_rerun_methods():
+    def row(method: str, hit: float) -> dict:
+        return {"task": "t", "method": method, "ratio": 0.5, "qid": "q", "answer": "", "hit": hit}
+
+    seconds = {"t": {"prefill": 1.0, "kvzip": 2.0, "snapkv": 3.0}}
+    old = {"header": {}, "rows": [row("kvzip", 1.0), row("snapkv", 0.0)], "seconds": seconds}
+    new = {"header": {}, "rows": [row("snapkv", 1.0)], "seconds": {"t": {"snapkv": 0.5}}}
+    for part in (old, new):
+        part["tasks"] = {"t": {}}
+    data = needle_report.merged([old, new])
+    assert sorted((r["method"], r["hit"]) for r in data["rows"]) == [
+        ("kvzip", 1.0),
+        ("snapkv", 1.0),
+    ]
+    assert data["seconds"]["t"] == {"prefill": 1.0, "kvzip": 2.0, "snapkv": 0.5}
