@@ -135,14 +135,16 @@ def merged(parts: list[dict]) -> dict:
     """Results of several shards of one grid as one (the first part's header).
 
     A later part may re-run methods of an earlier one on the same haystacks: its rows then
-    replace theirs, and its scoring seconds join each haystack's."""
+    replace theirs, and its scoring seconds join each haystack's (the prefill time stays the
+    first part's: the reported grid's)."""
     out: dict = {"header": parts[0]["header"], "rows": [], "seconds": {}, "tasks": {}}
     rows: dict[tuple, dict] = {}
     for part in parts:
         for r in part["rows"]:
             rows[(r["task"], r["method"], r["ratio"], r["qid"])] = r
         for name, secs in part["seconds"].items():
-            out["seconds"].setdefault(name, {}).update(secs)
+            mine = out["seconds"].setdefault(name, {})
+            mine.update({k: v for k, v in secs.items() if k != "prefill" or k not in mine})
         out["tasks"] |= part["tasks"]
     out["rows"] = list(rows.values())
     return out

@@ -63,7 +63,8 @@ def test_a_later_results_part_replaces_rerun_methods():
 
     seconds = {"t": {"prefill": 1.0, "kvzip": 2.0, "snapkv": 3.0}}
     old = {"header": {}, "rows": [row("kvzip", 1.0), row("snapkv", 0.0)], "seconds": seconds}
-    new = {"header": {}, "rows": [row("snapkv", 1.0)], "seconds": {"t": {"snapkv": 0.5}}}
+    rerun = {"t": {"prefill": 9.0, "snapkv": 0.5}}
+    new = {"header": {}, "rows": [row("snapkv", 1.0)], "seconds": rerun}
     for part in (old, new):
         part["tasks"] = {"t": {}}
     data = needle_report.merged([old, new])
