@@ -5,7 +5,7 @@ kvzip_plus  the same with the KVzip+ normalisation
 kvzip_head  calibrated per-head scores, no scoring pass at ingest
 kvzap       learned KVzip(+) predictor applied inside the prefill (no reconstruction)
 streaming   attention sinks (the protected prefix) + the most recent tokens
-snapkv      attention of the last 32 context tokens, pooled
+snapkv      attention of the last 32 context tokens, pooled; the same budget in every head
 h2o         heavy hitters (accumulated attention) + the most recent tokens, half each
 """
 
