@@ -104,7 +104,9 @@ def _load_phases(service: Any, cid: str) -> dict[str, float]:
     import torch
 
     from service import codec
+    from service.engine.tensor_blob import unpack
     from service.serving.records import blob_key
+    from storage._checksum import tree_digest
 
     engine = service.pipeline.engine
     disk = service.store.tier("disk")
@@ -119,8 +121,15 @@ def _load_phases(service: Any, cid: str) -> dict[str, float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t3 = time.perf_counter()
+    tree_digest(view)  # the verification alone (part of map_verify_s)
+    t4 = time.perf_counter()
+    unpack(view, engine.model.device)  # the copy to the device alone (part of decode_s)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t5 = time.perf_counter()
     return {"map_verify_s": t1 - t0, "prefix_s": t2 - t1, "decode_s": t3 - t2,
-            "load_gbps": len(view) / (t1 - t0 + t3 - t2) / 1e9}  # fmt: skip
+            "load_gbps": len(view) / (t1 - t0 + t3 - t2) / 1e9,
+            "hash_s": t4 - t3, "unpack_s": t5 - t4}  # fmt: skip
 
 
 def _query_s(client: httpx.Client, cid: str, question: str, new_tokens: int = 1) -> float:
