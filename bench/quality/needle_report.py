@@ -14,6 +14,11 @@ from pathlib import Path
 BEGIN = "<!-- bench:needle-grid:begin -->"
 END = "<!-- bench:needle-grid:end -->"
 ROUNDS = 4000
+QUANTIZED_WITHIN = {  # issue 18: points a stored quantization may differ by, given #haystacks
+    "fp8": lambda haystacks: 100.0 / max(haystacks, 1) + 1e-9,  # one haystack's questions
+    "int4": lambda haystacks: 5.0,
+}
+QUANTIZED_TEXT = {"fp8": "within 1 haystack", "int4": "within 5 points"}
 
 
 def _hits(rows: list[dict]) -> dict[tuple[str, float], dict[tuple[str, str], float]]:
@@ -103,6 +108,12 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
         for r in ratios:
             d = paired(rows, ("kvzip_plus", r), ("kvzip", r))
             out.append((f"KVzip+ ≥ KVzip at {r:g}", _fmt(d), _met(d[0] >= 0)))
+    for m in methods:  # stored quantized (needle_grid --quantizations): "<method>+<q>"
+        base, _, q = m.partition("+")
+        for r in ratios if q in QUANTIZED_WITHIN else ():
+            d = paired(rows, (m, r), (base, r))
+            within, what = QUANTIZED_WITHIN[q](d[3]), QUANTIZED_TEXT[q]
+            out.append((f"{m} at {r:g} {what} of {base}", _fmt(d), _met(abs(d[0]) <= within)))
     if "kvzip" in methods and 0.2 in ratios:
         got = accuracy(rows, "kvzip", 0.2)
         out.append((
