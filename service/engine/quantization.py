@@ -212,7 +212,8 @@ def _fp8_values(tensors: dict[str, torch.Tensor], field: str, head: torch.Tensor
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(R, c/2) uint8 -> (R, c) float32 codes 0..15."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1).float()
+    rows, half = packed.shape  # explicit: a layer may keep no rows (reshape(0, -1) fails)
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(rows, 2 * half).float()
 
 
 def check_shapes(
