@@ -216,6 +216,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/needle-grid.json")
     p.add_argument("--out", type=Path, help="markdown file whose needle-grid section is rewritten")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument(
+        "--section", default="needle-grid", help="the <!-- bench:SECTION:begin/end --> of --out"
+    )
     p.add_argument("--shard", default="0/1", help="i/n: run haystacks i, i+n, ... only")
     p.add_argument("--merge", default="", help="more results files rendered with --results")
     p.add_argument("--kvzap-dir", type=Path, default=ROOT / "bench/.cache/kvzap")
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         files = [args.results] + [Path(f) for f in args.merge.split(",") if f]
         data = needle_report.merged([json.loads(f.read_text()) for f in files])
-        needle_report.write(args.out, needle_report.markdown(data))
+        section = args.section
+        needle_report.write(args.out, needle_report.markdown(data, section), section)
     return 0
 
 

@@ -90,3 +90,15 @@ def test_quantized_rows_are_paired_with_their_unquantized_selection(tiny_engine)
     assert "kvzip+fp8 at 0.3 within 1 haystack of kvzip" in {
         t for t, _, ok in needle_report.targets(report) if ok != "yes"
     }
+
+
+def test_a_named_section_leaves_the_others_alone(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "a\n<!-- bench:needle-grid:begin -->\nold grid\n<!-- bench:needle-grid:end -->\nb\n"
+    )
+    part = "<!-- bench:q:begin -->\nnew\n<!-- bench:q:end -->"
+    needle_report.write(page, part, "q")
+    needle_report.write(page, part.replace("new", "newer"), "q")
+    text = page.read_text()
+    assert "old grid" in text and "newer" in text and text.count("bench:q:begin") == 1
