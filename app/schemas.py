@@ -93,8 +93,9 @@ class CompressionSpec(RequestModel):
         default="none",
         description=(
             "How the kept keys/values are stored (dequantized on the device when loaded): "
-            '"none" in the model dtype; "fp8" float8 e4m3 with a scale per KV head and '
-            'channel (about half the bytes of bf16); "int4" asymmetric 4-bit, keys grouped '
+            '"none" in the model dtype; "fp8" float8 e4m3 of each value minus its KV head '
+            "and channel's mean, with a scale per KV head and channel (about half the bytes "
+            'of bf16); "int4" asymmetric 4-bit, keys grouped '
             "per channel over `group_size` tokens, values per token over `group_size` "
             "channels (about a quarter). See docs/quality.md for the fidelity of each."
         ),

@@ -17,6 +17,11 @@ tokens each head kept as bits, and `layers.{l}.scores` fp16 of those rows; no cu
 positions. Decoding puts the engine's prefix rows back (`decode(..., prefix=)`; which
 prefix: `prefix_ids`).
 
+fp8 objects are format version 4: the version 3 layout, and each layer also stores
+`layers.{l}.{keys,values}_mean` (H, d) bf16, the per-(head, channel) mean taken out before
+coding (service.engine.quantization, "centred"). int4 objects stay version 3; version 3
+fp8 objects (written before centring, no means) keep loading.
+
 Version 2 objects (written before version 3) keep loading: every row quantized, prefix
 included, cu_lens, fp16 scores and int16 (or int32) positions. Version 1 objects (`none`)
 are byte for byte what earlier code wrote. Code that predates a version refuses its objects
@@ -42,7 +47,10 @@ from service.metadata import header_length, read_metadata
 __all__ = ["check_compatible", "decode", "encode", "read_metadata", "stored_quantization"]
 
 QUANTIZED_FORMAT_VERSION = "3"
-"""The format version of the objects written with quantized keys/values (fp8, int4)."""
+"""The format version of int4 objects (and of fp8 objects written before centring)."""
+CENTRED_FP8_VERSION = "4"
+"""The format version of fp8 objects: version 3 plus the per-(head, channel) means."""
+_CONTEXT_ROWS_ONLY = (QUANTIZED_FORMAT_VERSION, CENTRED_FP8_VERSION)
 V2 = "2"
 """Quantized objects written before the prefix was left out: still read."""
 DEFAULT_GROUP_SIZE = 64
@@ -93,19 +101,24 @@ def _metadata(
     }
     if scheme != "none":
         meta |= {
-            "format_version": QUANTIZED_FORMAT_VERSION,
+            "format_version": _version(scheme),
             "quantization": scheme,
             "group_size": str(group_size),
         }
     return meta
 
 
+def _version(scheme: str) -> str:
+    """The format version an object quantized with `scheme` is written in."""
+    return CENTRED_FP8_VERSION if scheme == "fp8" else QUANTIZED_FORMAT_VERSION
+
+
 def prefix_ids(data: ByteSource) -> list[int] | None:
-    """The prefix tokens whose rows a version 3 object leaves out (when not empty: fetch
-    `KVzipEngine.prefix_context` of them for `decode`); None for other versions."""
+    """The prefix tokens whose rows a version 3 or 4 object leaves out (when not empty:
+    fetch `KVzipEngine.prefix_context` of them for `decode`); None for other versions."""
     header = _header(data)
     meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format_version") != QUANTIZED_FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") not in _CONTEXT_ROWS_ONLY:
         return None
     try:
         s = int(meta["prefix_len"])
@@ -137,7 +150,7 @@ def check_compatible(meta: dict[str, str], identity: ModelIdentity) -> None:
         "model_fingerprint": identity.model_fingerprint,
         "tokenizer_fingerprint": identity.tokenizer_fingerprint,
     }
-    if meta.get("format_version") not in (QUANTIZED_FORMAT_VERSION, V2):
+    if meta.get("format_version") not in (*_CONTEXT_ROWS_ONLY, V2):
         expected = {"format_version": FORMAT_VERSION, **expected}
     for key, want in expected.items():
         if meta.get(key) != want:
@@ -151,14 +164,15 @@ def stored_quantization(meta: dict[str, str]) -> tuple[str, int]:
     """(scheme, group size) the metadata names; version 1 objects are `none`.
 
     IncompatibleContextError for a scheme this code does not know, CorruptContextError for
-    metadata that contradicts itself.
+    metadata that contradicts itself (a version that does not hold that scheme).
     """
     version, scheme = meta.get("format_version"), meta.get("quantization", "none")
+    only = {FORMAT_VERSION: "none", CENTRED_FP8_VERSION: "fp8"}.get(version or "")
+    if only is not None and scheme != only:
+        raise CorruptContextError(
+            f"stored context of format version {version} names quantization {scheme!r}"
+        )
     if version == FORMAT_VERSION:
-        if scheme != "none":
-            raise CorruptContextError(
-                f"stored context of format version {version} names quantization {scheme!r}"
-            )
         return "none", DEFAULT_GROUP_SIZE
     if scheme not in quantization.SCHEMES[1:]:
         raise IncompatibleContextError(
@@ -184,7 +198,7 @@ def decode(
     `device` (keys/values cast to `dtype`; quantized ones are moved to `device` as codes and
     dequantized there, to `dtype` or else the dtype they were quantized from).
 
-    prefix: for a version 3 object, the all-kept context of its `prefix_ids` (the engine's
+    prefix: for a version 3 or 4 object, the all-kept context of its `prefix_ids` (the engine's
     `prefix_context`), whose rows are put back in front of every head's; ignored otherwise.
     """
     meta = read_metadata(data)
@@ -241,12 +255,18 @@ def _context_layer(
     prefix: RaggedLayer | None,
     meta: dict[str, str],
 ) -> RaggedLayer:
-    """A version 3 layer: the context rows dequantized, behind the prefix's rows."""
+    """A version 3 or 4 layer: the context rows dequantized, behind the prefix's rows."""
     scheme, group_size = quantized
     n = int(meta["context_len"])
     kept = shared_prefix.unpack_bits(tensors[f"layers.{i}.kept"].to(device), n)
     cu_lens = shared_prefix.context_cu_lens(kept)
-    stored = {n: tensors[f"layers.{i}.{n}"].to(device) for n in quantization.stored_names(scheme)}
+    centred = meta["format_version"] == CENTRED_FP8_VERSION
+    if not centred and any(f"layers.{i}.{f}_mean" in tensors for f in ("keys", "values")):
+        raise CorruptContextError(
+            f"stored context layer {i} holds means that format version 3 does not have"
+        )
+    names = quantization.stored_names(scheme, centred)
+    stored = {n: tensors[f"layers.{i}.{n}"].to(device) for n in names}
     quantization.check_shapes(stored, cu_lens, scheme, group_size, layer=i)
     assert dtype is not None  # quantized: the dtype quantized from at the latest
     keys, values = quantization.dequantize(stored, cu_lens, scheme, group_size, dtype)

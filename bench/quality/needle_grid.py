@@ -12,6 +12,11 @@ agrees the greedy answer is that answer, otherwise greedy decoding resumes from 
 token whose argmax differs. An answer ends at its first 5-digit number or sentence end
 (`needles.first_answer`); a hit is the key in it.
 
+`--quantizations none,fp8,int4` also asks each selection stored with that
+`compression.quantization` (service.codec, encoded and decoded back as a load does, in fp32)
+under the method's label + "+fp8" / "+int4", so it is paired with the unquantized cache of
+the same selection.
+
     python -m bench.quality.needle_grid --haystacks 32 --results bench/results/needles.json
 """
 
@@ -29,9 +34,10 @@ import torch
 from bench.quality.data import Task, load_articles
 from bench.quality.needles import answered, first_answer, haystacks
 from bench.quality.runner import teacher_forced
+from service import codec
 from service.compression.scorers import Scorer
 from service.compression.selection import select
-from service.config import CompressionConfig
+from service.config import QUANTIZATIONS, CompressionConfig
 from service.engine.kvcache import CompressedContext
 from service.engine.kvzip_engine import KVzipEngine
 from service.types import SamplingParams
@@ -93,10 +99,25 @@ def full_answer(engine: KVzipEngine, ctx: CompressedContext, prompt: list[int]) 
     return ids
 
 
+def stored(engine: KVzipEngine, ctx: CompressedContext, quantization: str) -> CompressedContext:
+    """`ctx` as a load gives it back after storing it with `quantization` (fp32, CPU)."""
+    if quantization == "none":
+        return ctx
+    blob = codec.encode(ctx, engine.identity, quantization, codec.DEFAULT_GROUP_SIZE)
+    ids = codec.prefix_ids(blob)
+    prefix = engine.prefix_context(ids) if ids else None
+    return codec.decode(blob, engine.identity, "cpu", torch.float32, prefix)
+
+
 def run_task(
-    engine: KVzipEngine, task: Task, methods: dict[str, Method], ratios: Sequence[float]
+    engine: KVzipEngine,
+    task: Task,
+    methods: dict[str, Method],
+    ratios: Sequence[float],
+    quantizations: Sequence[str] = ("none",),
 ) -> tuple[list[dict], dict[str, float]]:
-    """Rows of one haystack (full cache + every method x ratio) and the scoring seconds."""
+    """Rows of one haystack (full cache + every method x ratio x quantization) and the
+    scoring seconds."""
     doc = engine.encode_document(task.text)
     t0 = time.perf_counter()
     full = engine.prefill_context(doc, CompressionConfig("kvzip", 1.0, 2000))
@@ -125,9 +146,11 @@ def run_task(
         scored = engine.score(full, method=method)
         seconds[label] = time.perf_counter() - t0
         for ratio in ratios:
-            ctx = select(scored, ratio)
-            for i, (p, f) in enumerate(zip(prompts, forced, strict=True)):
-                add(label, ratio, i, greedy_answer(engine, ctx, p, f))
+            selected = select(scored, ratio)
+            for q in quantizations:
+                ctx, name = stored(engine, selected, q), label if q == "none" else f"{label}+{q}"
+                for i, (p, f) in enumerate(zip(prompts, forced, strict=True)):
+                    add(name, ratio, i, greedy_answer(engine, ctx, p, f))
     return rows, seconds
 
 
@@ -138,6 +161,7 @@ def run(
     ratios: Sequence[float],
     results: Path,
     header: dict,
+    quantizations: Sequence[str] = ("none",),
 ) -> dict:
     """Every task not yet in `results` (resumed), saving after each one."""
     data = json.loads(results.read_text()) if results.exists() else {}
@@ -149,7 +173,7 @@ def run(
         if task.name in data["seconds"]:
             continue
         t0 = time.perf_counter()
-        rows, seconds = run_task(engine, task, methods, ratios)
+        rows, seconds = run_task(engine, task, methods, ratios, quantizations)
         data["rows"] += rows
         data["seconds"][task.name] = seconds
         data["tasks"][task.name] = task.meta
@@ -186,9 +210,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lengths", default="500,1500", help="haystack tokens: min,max")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    p.add_argument(
+        "--quantizations", default="none", help="stored quantizations asked too: none,fp8,int4"
+    )
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/needle-grid.json")
     p.add_argument("--out", type=Path, help="markdown file whose needle-grid section is rewritten")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument(
+        "--section", default="needle-grid", help="the <!-- bench:SECTION:begin/end --> of --out"
+    )
     p.add_argument("--shard", default="0/1", help="i/n: run haystacks i, i+n, ... only")
     p.add_argument("--merge", default="", help="more results files rendered with --results")
     p.add_argument("--kvzap-dir", type=Path, default=ROOT / "bench/.cache/kvzap")
@@ -219,11 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         low, high = (int(x) for x in args.lengths.split(","))
         shard, shards = (int(x) for x in args.shard.split("/"))
         tasks = grid_tasks(engine, args.haystacks, args.dev, (low, high))[shard::shards]
-        run(engine, tasks, {m: m for m in methods}, ratios, args.results, header)
+        quantizations = [q for q in args.quantizations.split(",") if q]
+        unknown = set(quantizations) - set(QUANTIZATIONS)
+        if unknown:
+            raise SystemExit(f"unknown quantizations {sorted(unknown)}; use {QUANTIZATIONS}")
+        run(engine, tasks, {m: m for m in methods}, ratios, args.results, header, quantizations)
     if args.out:
         files = [args.results] + [Path(f) for f in args.merge.split(",") if f]
         data = needle_report.merged([json.loads(f.read_text()) for f in files])
-        needle_report.write(args.out, needle_report.markdown(data))
+        section = args.section
+        needle_report.write(args.out, needle_report.markdown(data, section), section)
     return 0
 
 

@@ -8,7 +8,14 @@
   `{keys,values}_scale` (H, d) = amax / 448 rounded up to bf16 (objects of format version
   2 carry float32 scales; both read the same). Keys have outlier channels (KIVI), so the scale
   is per channel; e4m3's own exponent absorbs the spread between tokens, so a per-token
-  scale would cost 2 bytes per row for nothing. Error: |x - x̂| <= max(2^-4 |x|, 2^-10 s).
+  scale would cost 2 bytes per row for nothing. Centred (`centred=True`, format version 4):
+  the mean over the head's stored rows, rounded to bf16, `{keys,values}_mean` (H, d), is
+  taken out before coding and added back after (for keys SageAttention's "smoothing",
+  Zhang et al. 2024, arXiv 2410.02367). e4m3's error is relative to what it codes (3
+  mantissa bits), and a key channel's values sit mostly on one side of a large offset,
+  so coding x - mean instead of x shrinks the error with the magnitude; the mean is still
+  added back, since the stored keys share one softmax with the prefix and tail keys.
+  Error: |x - x̂| <= max(2^-4 |x - m|, 2^-10 s), m the mean (0 uncentred), s the scale.
 - `int4`: asymmetric 4-bit codes, two per byte (N, d/2) uint8 (low nibble first). Keys:
   one scale/zero per channel over `group_size` consecutive tokens of one head (KIVI),
   `keys_scale`/`keys_zero` (G_k, d) with G_k = sum over heads of ceil(len_h / group_size).
@@ -16,9 +23,10 @@
   (N, d / that). Scales/zeros are fp16 (float32 where fp16 would overflow), the zero
   rounded down and the scale up, so every element is within scale/2 of its code.
 
-`quantize(layer, scheme, group_size)` -> name suffix -> tensor (on the layer's device);
-`dequantize(tensors, cu_lens, scheme, dtype)` -> (keys, values) on the tensors' device:
-a few vectorised ops per tensor, no host round trip.
+`quantize(layer, scheme, group_size, centred)` -> name suffix -> tensor (on the layer's
+device); `dequantize(tensors, cu_lens, scheme, group_size, dtype)` -> (keys, values) on the
+tensors' device: a few vectorised torch ops per tensor (no Triton kernel reads the codes),
+no host round trip; fp8 means are added where the tensors hold them (`stored_names`).
 """
 
 from __future__ import annotations
@@ -61,30 +69,44 @@ def value_group(group_size: int, d: int) -> int:
 # -- quantize ------------------------------------------------------------------------------
 
 
-def quantize(layer: RaggedLayer, scheme: str, group_size: int) -> dict[str, torch.Tensor]:
-    """The stored tensors of one layer's keys/values: suffix ("keys", "keys_scale", ...)."""
+def quantize(
+    layer: RaggedLayer, scheme: str, group_size: int, centred: bool = True
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of one layer's keys/values: suffix ("keys", "keys_scale", ...).
+    `centred`: fp8 only, the per-(head, channel) mean taken out (format version 4)."""
     if scheme == "none":
         return {"keys": layer.keys, "values": layer.values}
     n = layer.keys.shape[0]
     if scheme == "fp8":
         head = head_of_row(layer.cu_lens, n)
         return {
-            **_fp8(layer.keys, head, layer.n_heads, "keys"),
-            **_fp8(layer.values, head, layer.n_heads, "values"),
+            **_fp8(layer.keys, head, layer.n_heads, "keys", centred),
+            **_fp8(layer.values, head, layer.n_heads, "values", centred),
         }
     if scheme == "int4":
         return {**_int4_keys(layer, group_size), **_int4_values(layer.values, group_size)}
     raise ValueError(f"unknown quantization {scheme!r}; use {SCHEMES}")
 
 
-def _fp8(x: torch.Tensor, head: torch.Tensor, n_heads: int, field: str) -> dict[str, torch.Tensor]:
-    """x (N, d) -> e4m3 codes (N, d) and a bf16 scale per (head, channel) (H, d)."""
-    xf = x.float()
-    amax = torch.zeros(n_heads, x.shape[1], dtype=torch.float32, device=x.device)
-    amax.scatter_reduce_(0, head[:, None].expand(-1, x.shape[1]), xf.abs(), "amax")
+def _fp8(
+    x: torch.Tensor, head: torch.Tensor, n_heads: int, field: str, centred: bool
+) -> dict[str, torch.Tensor]:
+    """x (N, d) -> e4m3 codes (N, d) and a bf16 scale per (head, channel) (H, d); centred:
+    also the bf16 mean per (head, channel) (H, d) the codes are taken from."""
+    xf, d = x.float(), x.shape[1]
+    out = {}
+    if centred:
+        total = torch.zeros(n_heads, d, dtype=torch.float32, device=x.device)
+        total.index_add_(0, head, xf)
+        rows = torch.bincount(head, minlength=n_heads).clamp_min(1).to(torch.float32)
+        mean = (total / rows[:, None]).to(torch.bfloat16)
+        xf = xf - mean.float()[head]
+        out[f"{field}_mean"] = mean
+    amax = torch.zeros(n_heads, d, dtype=torch.float32, device=x.device)
+    amax.scatter_reduce_(0, head[:, None].expand(-1, d), xf.abs(), "amax")
     scale = _round_up((amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.bfloat16)
     codes = (xf / scale.float()[head]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
-    return {field: codes, f"{field}_scale": scale}
+    return {field: codes, f"{field}_scale": scale, **out}
 
 
 def _int4_keys(layer: RaggedLayer, group_size: int) -> dict[str, torch.Tensor]:
@@ -156,14 +178,15 @@ def dequantize(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored tensors of one layer (suffix -> tensor, on the target device) -> keys,
-    values (N, d) in `dtype`, computed where the tensors are."""
+    values (N, d) in `dtype`, computed where the tensors are (fp8: `{keys,values}_mean`
+    added where present, i.e. centred)."""
     if scheme == "none":
         return tensors["keys"].to(dtype), tensors["values"].to(dtype)
     if scheme == "fp8":
         n = tensors["keys"].shape[0]
         head = head_of_row(cu_lens, n)
         return tuple(  # type: ignore[return-value]
-            (tensors[f].float() * tensors[f"{f}_scale"][head]).to(dtype) for f in ("keys", "values")
+            _fp8_values(tensors, f, head).to(dtype) for f in ("keys", "values")
         )
     if scheme == "int4":
         codes = tensors["keys"]
@@ -180,16 +203,25 @@ def dequantize(
     raise ValueError(f"unknown quantization {scheme!r}; use {SCHEMES}")
 
 
+def _fp8_values(tensors: dict[str, torch.Tensor], field: str, head: torch.Tensor) -> torch.Tensor:
+    """codes * scale (+ mean) in float32, per row's head."""
+    x = tensors[field].float() * tensors[f"{field}_scale"].float()[head]
+    mean = tensors.get(f"{field}_mean")
+    return x if mean is None else x.add_(mean.float()[head])
+
+
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(R, c/2) uint8 -> (R, c) float32 codes 0..15."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1).float()
+    rows, half = packed.shape  # explicit: a layer may keep no rows (reshape(0, -1) fails)
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(rows, 2 * half).float()
 
 
 def check_shapes(
     stored: dict[str, torch.Tensor], cu_lens: torch.Tensor, scheme: str, group_size: int, layer: int
 ) -> None:
-    """CorruptContextError unless one layer's stored tensors fit `cu_lens` and each other
-    (checked before any gather: an index out of range on a GPU is fatal to the process)."""
+    """CorruptContextError unless one layer's stored tensors (`stored_names`) fit `cu_lens`
+    and each other (checked before any gather: an index out of range on a GPU is fatal to
+    the process)."""
     bounds = cu_lens.tolist()
     lens = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     values = stored["values"]
@@ -198,6 +230,7 @@ def check_shapes(
     want = {"keys": (n, width), "values": (n, width)}
     if scheme == "fp8":
         want |= {"keys_scale": (len(lens), d), "values_scale": (len(lens), d)}
+        want |= {f"{f}_mean": (len(lens), d) for f in ("keys", "values") if f"{f}_mean" in stored}
     if scheme == "int4":
         g, n_groups = value_group(group_size, d), sum(-(-x // group_size) for x in lens)
         want |= {"keys_scale": (n_groups, d), "keys_zero": (n_groups, d)}
@@ -214,10 +247,12 @@ def check_shapes(
         )
 
 
-def stored_names(scheme: str) -> tuple[str, ...]:
-    """The name suffixes one layer's keys/values are stored under."""
+def stored_names(scheme: str, centred: bool = False) -> tuple[str, ...]:
+    """The name suffixes one layer's keys/values are stored under (centred: fp8 of format
+    version 4)."""
     if scheme == "none":
         return ("keys", "values")
     if scheme == "fp8":
-        return ("keys", "keys_scale", "values", "values_scale")
+        means = ("keys_mean", "values_mean") if centred else ()
+        return ("keys", "keys_scale", "values", "values_scale", *means)
     return ("keys", "keys_scale", "keys_zero", "values", "values_scale", "values_zero")

@@ -1,14 +1,15 @@
 """The needle grid's own machinery (bench/quality/needle_grid.py, needles.py, needle_report.py):
-the fast greedy answer is the plain greedy answer, haystacks hold their facts, and intervals
-resample haystacks."""
+the fast greedy answer is the plain greedy answer, haystacks hold their facts, intervals
+resample haystacks, and stored quantizations are paired with their unquantized selection."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench.quality import needle_report
-from bench.quality.data import load_articles
-from bench.quality.needle_grid import MAX_NEW, full_answer, greedy_answer
+from bench.quality.data import Question, Task, load_articles
+from bench.quality.needle_grid import MAX_NEW, full_answer, greedy_answer, run_task, stored
 from bench.quality.needles import first_answer, haystacks
 from service.compression.selection import select
 from service.config import CompressionConfig
@@ -73,3 +74,49 @@ def test_a_later_results_part_replaces_rerun_methods():
         ("snapkv", 1.0),
     ]
     assert data["seconds"]["t"] == {"prefill": 1.0, "kvzip": 2.0, "snapkv": 0.5}
+
+
+def test_quantized_rows_are_paired_with_their_unquantized_selection(tiny_engine):
+    """--quantizations: every selection asked again as stored and loaded (`+fp8`, `+int4`),
+    and the report's targets compare each with the same method unquantized."""
+    engine = tiny_engine
+    question = Question("q0", "What did the keeper write?", ("48213",))
+    task = Task("needle", "t", TEXT, (question,), {"tokens": 100})
+    rows, _ = run_task(engine, task, {"streaming": "streaming"}, [0.3], ["none", "fp8", "int4"])
+    assert {(r["method"], r["ratio"]) for r in rows} == {
+        ("full", 1.0),
+        ("streaming", 0.3),
+        ("streaming+fp8", 0.3),
+        ("streaming+int4", 0.3),
+    }
+    full = engine.prefill_context(engine.encode_document(TEXT), CompressionConfig("kvzip"))
+    ctx = select(engine.score(full, method="streaming"), 0.3)
+    back = stored(engine, ctx, "fp8")
+    assert stored(engine, ctx, "none") is ctx
+    for a, b in zip(ctx.layers, back.layers, strict=True):
+        assert torch.equal(a.positions, b.positions)
+        assert (b.keys - a.keys).abs().max() <= a.keys.abs().max() / 8
+    report = [
+        {"task": f"d{d}", "qid": "q", "method": m, "ratio": 0.3, "hit": hit}
+        for d in range(10)
+        for m, hit in (("kvzip", 1.0), ("kvzip+fp8", float(d > 0)), ("kvzip+int4", 1.0))
+    ]
+    got = {t: ok for t, _, ok in needle_report.targets(report)}
+    assert got == {"kvzip+fp8 at 0.3 within 1 haystack of kvzip": "yes",
+                   "kvzip+int4 at 0.3 within 5 points of kvzip": "yes"}  # fmt: skip
+    report[-2]["hit"] = 0.0  # a second haystack lost: 20 points of 10 haystacks
+    assert "kvzip+fp8 at 0.3 within 1 haystack of kvzip" in {
+        t for t, _, ok in needle_report.targets(report) if ok != "yes"
+    }
+
+
+def test_a_named_section_leaves_the_others_alone(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "a\n<!-- bench:needle-grid:begin -->\nold grid\n<!-- bench:needle-grid:end -->\nb\n"
+    )
+    part = "<!-- bench:q:begin -->\nnew\n<!-- bench:q:end -->"
+    needle_report.write(page, part, "q")
+    needle_report.write(page, part.replace("new", "newer"), "q")
+    text = page.read_text()
+    assert "old grid" in text and "newer" in text and text.count("bench:q:begin") == 1

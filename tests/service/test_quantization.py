@@ -16,7 +16,7 @@ import torch
 
 from service import codec
 from service.config import CompressionConfig, EngineConfig, ServiceConfig
-from service.engine import quantization
+from service.engine import quantization, shared_prefix
 from service.engine.fingerprints import ModelIdentity
 from service.engine.kvcache import CompressedContext, KVzipCache, RaggedLayer
 from service.errors import CorruptContextError, IncompatibleContextError, InvalidInputError
@@ -70,22 +70,48 @@ def test_int4_key_groups_never_straddle_heads():
     assert groups.tolist() == [0, 0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3]
 
 
-def test_fp8_error_is_within_the_e4m3_bound():
+@pytest.mark.parametrize("centred", [True, False])
+def test_fp8_error_is_within_the_e4m3_bound(centred):
     layer = _layer(LENS)
-    stored = quantization.quantize(layer, "fp8", 64)
+    stored = quantization.quantize(layer, "fp8", 64, centred=centred)
+    assert {f"{f}_mean" for f in ("keys", "values")} <= set(stored) or not centred
+    assert not centred or set(stored) == set(quantization.stored_names("fp8", centred=True))
     keys, values = quantization.dequantize(stored, layer.cu_lens, "fp8", 64, torch.float64)
     head = quantization.head_of_row(layer.cu_lens, layer.keys.shape[0])
     for field, got in (("keys", keys), ("values", values)):
         exact = getattr(layer, field).double()
+        mean = stored[f"{field}_mean"].double()[head] if centred else torch.zeros_like(exact)
         scale = stored[f"{field}_scale"].double()[head]
-        bound = torch.maximum(FP8_RELATIVE * exact.abs(), FP8_SUBNORMAL * scale)
-        assert ((got - exact).abs() <= bound * (1 + 1e-6)).all(), field
+        bound = torch.maximum(FP8_RELATIVE * (exact - mean).abs(), FP8_SUBNORMAL * scale)
+        slack = FLOAT32 * (exact.abs() + mean.abs())  # x - m and codes * s + m in float32
+        assert ((got - exact).abs() <= bound * (1 + 1e-6) + slack).all(), field
         assert stored[field].dtype == torch.float8_e4m3fn
-        amax = torch.stack([exact[a:b].abs().amax(0) for a, b in _heads(layer) if b > a])
+        amax = torch.stack([(exact - mean)[a:b].abs().amax(0) for a, b in _heads(layer) if b > a])
         present = [b > a for a, b in _heads(layer)]
         scale = stored[f"{field}_scale"]
         assert scale.dtype == torch.bfloat16 and (scale.float()[present] >= amax / 448).all()
     assert stored["keys_scale"].shape == (len(LENS), 64)
+
+
+def test_fp8_centring_takes_out_each_heads_mean():
+    """The stored mean is the float64 mean of the head's rows, to bf16; an empty head's is
+    0; coding x - mean shrinks the error of keys with an offset (those of `_layer`: +3)."""
+    layer = _layer(LENS)
+    stored = quantization.quantize(layer, "fp8", 64, centred=True)
+    for field in ("keys", "values"):
+        mean = stored[f"{field}_mean"]
+        assert mean.dtype == torch.bfloat16 and mean.shape == (len(LENS), 64)
+        for h, (a, b) in enumerate(_heads(layer)):
+            want = getattr(layer, field)[a:b].double().mean(0) if b > a else torch.zeros(64)
+            got = mean[h].double()
+            assert ((got - want.double()).abs() <= 2**-8 * want.abs() + 1e-6).all(), (field, h)
+    plain = quantization.quantize(layer, "fp8", 64, centred=False)
+    offset = layer.keys.std(0) < 1  # channels whose +3 offset outweighs their spread
+    errors = []
+    for tensors in (stored, plain):
+        keys, _ = quantization.dequantize(tensors, layer.cu_lens, "fp8", 64, torch.float64)
+        errors.append(float((keys - layer.keys.double())[:, offset].abs().mean()))
+    assert int(offset.sum()) > 10 and errors[0] < errors[1] / 4
 
 
 def _heads(layer: RaggedLayer) -> list[tuple[int, int]]:
@@ -100,6 +126,16 @@ def test_dequantized_in_the_model_dtype():
         keys, values = quantization.dequantize(stored, layer.cu_lens, scheme, 32, torch.bfloat16)
         assert keys.dtype == values.dtype == torch.bfloat16
         assert keys.shape == values.shape == layer.keys.shape
+
+
+@pytest.mark.parametrize("scheme", quantization.SCHEMES)
+def test_a_layer_that_keeps_no_rows_round_trips(scheme):
+    """At a low ratio a layer may keep no context row at all (selection is global)."""
+    layer = _layer([0, 0, 0])
+    stored = quantization.quantize(layer, scheme, 64)
+    quantization.check_shapes(stored, layer.cu_lens, scheme, 64, layer=0)
+    keys, values = quantization.dequantize(stored, layer.cu_lens, scheme, 64, torch.float32)
+    assert keys.shape == values.shape == (0, 64)
 
 
 # -- the stored object ---------------------------------------------------------------------
@@ -126,11 +162,13 @@ def _decode(engine, blob: bytes, **kwargs) -> CompressedContext:
     return codec.decode(blob, engine.identity, prefix=prefix, **kwargs)
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int4"])
-def test_quantized_object_is_version_3_and_round_trips(tiny_engine, compressed, scheme):
+@pytest.mark.parametrize(("scheme", "version"), [("fp8", "4"), ("int4", "3")])
+def test_quantized_object_is_version_3_or_4_and_round_trips(
+    tiny_engine, compressed, scheme, version
+):
     blob = codec.encode(compressed, tiny_engine.identity, scheme, 32)
     meta = codec.read_metadata(blob)
-    assert meta["format_version"] == "3" and meta["quantization"] == scheme
+    assert meta["format_version"] == version and meta["quantization"] == scheme
     assert meta["dtype"] == "float32" and meta["group_size"] == "32"
     stored = safetensors.torch.load(blob)
     s, n = compressed.prefix_len, compressed.context_len
@@ -158,8 +196,9 @@ def test_quantized_object_is_version_3_and_round_trips(tiny_engine, compressed, 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int4"])
 def test_a_v3_object_holds_the_context_rows_and_nothing_else(tiny_engine, compressed, scheme):
-    """Every byte accounted for: codes and scales of the context rows, fp16 scores, one bit
-    per (head, context token), the token ids; the prefix rows are not stored."""
+    """Every byte accounted for: codes and scales (fp8: and means) of the context rows, fp16
+    scores, one bit per (head, context token), the token ids; the prefix rows are not
+    stored."""
     group = 32
     blob = codec.encode(compressed, tiny_engine.identity, scheme, group)
     (header,) = struct.unpack("<Q", blob[:8])
@@ -171,7 +210,7 @@ def test_a_v3_object_holds_the_context_rows_and_nothing_else(tiny_engine, compre
         rows = sum(lens)
         want += 2 * rows + h * -(-n // 8)  # scores fp16, kept bits
         if scheme == "fp8":
-            want += 2 * rows * d + 2 * h * d * 2  # codes, bf16 scale per head and channel
+            want += 2 * rows * d + 2 * h * d * 2 * 2  # codes, bf16 scale and mean per (h, d)
         else:
             key_groups = sum(-(-x // group) for x in lens)
             value_groups = d // quantization.value_group(group, d)
@@ -187,15 +226,54 @@ def test_a_v2_object_written_by_earlier_code_still_loads(tiny_engine, compressed
         tensors[f"layers.{i}.cu_lens"] = layer.cu_lens
         tensors[f"layers.{i}.scores"] = layer.scores.half()
         tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int16)
-        for name, t in quantization.quantize(layer, "fp8", 64).items():
+        for name, t in quantization.quantize(layer, "fp8", 64, centred=False).items():
             tensors[f"layers.{i}.{name}"] = t.float() if name.endswith("scale") else t
     meta = codec.read_metadata(codec.encode(compressed, tiny_engine.identity, "fp8", 64))
     blob = safetensors.torch.save(tensors, meta | {"format_version": "2"})
+    assert meta["format_version"] == "4"
     assert codec.prefix_ids(blob) is None
     back = codec.decode(blob, tiny_engine.identity)  # no prefix needed: it is stored
     for a, b in zip(compressed.layers, back.layers, strict=True):
         assert torch.equal(a.positions, b.positions) and torch.equal(a.cu_lens, b.cu_lens)
         assert (b.keys - a.keys).abs().max() <= a.keys.abs().max() / 8
+
+
+def test_a_v3_fp8_object_written_before_centring_still_loads(tiny_engine, compressed):
+    """fp8 in the version 3 layout, no means (what code before centring wrote), through the
+    safetensors library; it decodes as it did then."""
+    s, n = compressed.prefix_len, compressed.context_len
+    tensors = {"context_ids": compressed.context_ids.to(torch.int32)}
+    for i, layer in enumerate(compressed.layers):
+        rest, kept = shared_prefix.split(layer, s, n)
+        tensors |= {f"layers.{i}.kept": kept, f"layers.{i}.scores": rest.scores.half()}
+        for name, t in quantization.quantize(rest, "fp8", 64, centred=False).items():
+            tensors[f"layers.{i}.{name}"] = t
+    meta = codec.read_metadata(codec.encode(compressed, tiny_engine.identity, "fp8", 64))
+    blob = safetensors.torch.save(tensors, meta | {"format_version": "3"})
+    back = _decode(tiny_engine, blob)
+    for a, b in zip(compressed.layers, back.layers, strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.cu_lens, b.cu_lens)
+        for field in ("keys", "values"):
+            exact, got = getattr(a, field), getattr(b, field)
+            assert (
+                (got - exact).abs() <= FP8_RELATIVE * exact.abs() + 1e-6 * exact.abs().max()
+            ).all()
+    as_v4 = _rewrite(blob, {"format_version": "4"})  # no means: not a version 4 object
+    with pytest.raises(CorruptContextError, match="incomplete or broken"):
+        _decode(tiny_engine, as_v4)
+
+
+def test_fp8_version_metadata_that_does_not_fit_the_tensors_is_refused(tiny_engine, compressed):
+    blob = codec.encode(compressed, tiny_engine.identity, "fp8", 64)
+    with pytest.raises(CorruptContextError, match="means that format version 3"):
+        _decode(tiny_engine, _rewrite(blob, {"format_version": "3"}))  # the means ignored
+    with pytest.raises(CorruptContextError, match="format version 4 names quantization 'int4'"):
+        _decode(tiny_engine, _rewrite(blob, {"quantization": "int4"}))
+    mean = safetensors.torch.load(blob)["layers.2.values_mean"]
+    for broken in (mean[:-1], mean[:, :-1]):
+        bad = _rewrite(blob, {}, {"layers.2.values_mean": broken.contiguous()})
+        with pytest.raises(CorruptContextError, match="layer 2: values_mean"):
+            _decode(tiny_engine, bad)
 
 
 def test_a_v3_object_needs_its_own_prefix(tiny_engine, compressed):
@@ -257,7 +335,8 @@ def test_a_v1_object_written_by_earlier_code_still_loads(tiny_engine, compressed
         ({"quantization": "int2"}, IncompatibleContextError, "quantization 'int2'"),
         ({"quantization": None}, IncompatibleContextError, "quantization 'none'"),
         ({"format_version": "1"}, CorruptContextError, "format version 1 names"),
-        ({"format_version": "4"}, IncompatibleContextError, "format version"),
+        ({"format_version": "4"}, CorruptContextError, "version 4 names quantization 'int4'"),
+        ({"format_version": "5"}, IncompatibleContextError, "format version"),
         ({"group_size": "abc"}, CorruptContextError, "group_size"),
         ({"group_size": "64"}, CorruptContextError, "keys_scale"),
         ({"quantization": "fp8"}, CorruptContextError, "do not fit the stored fp8"),
