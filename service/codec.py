@@ -240,7 +240,7 @@ def _prefix_layers(
     if not ids:
         return [None] * n_layers
     if prefix is None:
-        raise ValueError("a version 3 object needs prefix= (KVzipEngine.prefix_context)")
+        raise ValueError("a version 3 or 4 object needs prefix= (KVzipEngine.prefix_context)")
     if prefix.context_ids.tolist() != ids or len(prefix.layers) != n_layers:
         raise ValueError("prefix= is not the prefix this object was made with")
     return list(prefix.layers)
