@@ -22,9 +22,5 @@ PYEOF
 # the pins of bench/quality/kvpress_env.py
 $PY -c 'from bench.quality.kvpress_env import PINS; print("\n".join(PINS))' > "$CACHE/kvpress/pins.txt"
 .venv/bin/pip download -q --no-deps -d "$CACHE/kvpress" -r "$CACHE/kvpress/pins.txt"
-cp "$(command -v redis-server)" "$CACHE/redis/redis-server"
-# every linked library except the C runtime itself (the device has its own glibc)
-ldd "$CACHE/redis/redis-server" | awk '/=> \//{print $3}' \
-  | grep -v -E '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*|libstdc\+\+|libgcc_s)\.so' \
-  | xargs -r -I{} cp -L {} "$CACHE/redis/lib/"
+bash bench/gpu/carry_redis.sh
 du -sh "$CACHE/tokenizer" "$CACHE/whl" "$CACHE/redis" "$CACHE/kvpress"

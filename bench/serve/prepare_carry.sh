@@ -2,6 +2,7 @@
 # The git-ignored folders a GPU serving run carries (bench/serve/gpu.sh):
 #   bench/.cache/tokenizer   the default model's tokenizer (the 8B-shaped model's prompts)
 #   bench/.cache/serve-whl   the app's wheels the GPU machine lacks, for its Python 3.12
+#   bench/.cache/redis       a redis-server for bench/serve/ttft.py's Redis tier
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p bench/.cache/serve-whl
@@ -16,3 +17,4 @@ PYEOF
   idna certifi pydantic pydantic-core pydantic-settings python-dotenv typing-extensions \
   typing-inspection annotated-types annotated-doc opentelemetry-api prometheus-client redis hiredis
 du -sh bench/.cache/tokenizer bench/.cache/serve-whl
+bash bench/gpu/carry_redis.sh
