@@ -81,6 +81,8 @@ def _ingest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         compression["method"] = args.method
     if args.ratio:
         compression["ratio"] = args.ratio
+    if args.quantization:
+        compression["quantization"] = args.quantization
     if compression:
         options["compression"] = compression
     with _client(args) as client:
@@ -270,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--display-name", help="label (default: the file name)")
     ingest.add_argument("--method", help="compression method (server default: kvzip)")
     ingest.add_argument("--ratio", type=float, help="kept fraction of KV pairs, in (0, 1]")
+    ingest.add_argument(
+        "--quantization",
+        choices=("none", "fp8", "int4"),
+        help="how the kept keys/values are stored (server default: fp8)",
+    )
     ingest.add_argument("--system", help="system instruction, kept in the protected prefix")
     ingest.add_argument("--ttl", type=float, help="lifetime in seconds (server default 1 h)")
     ingest.add_argument("--poll", type=float, default=0.5, help="seconds between polls")

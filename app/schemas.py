@@ -89,10 +89,12 @@ class CompressionSpec(RequestModel):
         description="Fraction of the document's KV pairs to keep, in (0, 1].",
         examples=[0.3],
     )
-    quantization: Literal["none", "fp8", "int4"] = Field(
-        default="none",
+    quantization: Literal["none", "fp8", "int4"] | None = Field(
+        default=None,
         description=(
-            "How the kept keys/values are stored (dequantized on the device when loaded): "
+            "How the kept keys/values are stored (dequantized on the device when loaded); "
+            "left out or null: the server's default, KVZIP_DEFAULT_QUANTIZATION (fp8 unless "
+            "the operator set it otherwise). "
             '"none" in the model dtype; "fp8" float8 e4m3 of each value minus its KV head '
             "and channel's mean, with a scale per KV head and channel (about half the bytes "
             'of bf16); "int4" asymmetric 4-bit, keys grouped '
@@ -263,8 +265,8 @@ class ContextPublic(BaseModel):
                         "kept_kv_pairs": 43902,
                         "total_kv_pairs": 146340,
                         "kept_fraction": 0.3,
-                        "bytes": 5621760,
-                        "quantization": "none",
+                        "bytes": 2652188,
+                        "quantization": "fp8",
                         "bytes_full_bf16": 17564160,
                     },
                 }

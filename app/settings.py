@@ -27,6 +27,7 @@ current and that README.md names every variable.
 | `question_chunk_tokens` | `KVZIP_QUESTION_CHUNK_TOKENS` | `512` | Question tokens per step |
 | `default_method` | `KVZIP_DEFAULT_METHOD` | `kvzip` | Compression method (see docs/quality.md) |
 | `default_ratio` | `KVZIP_DEFAULT_RATIO` | `0.3` | Kept fraction of KV pairs |
+| `default_quantization` | `KVZIP_DEFAULT_QUANTIZATION` | `fp8` | KV storage: none, fp8 or int4 |
 | `chunk_size` | `KVZIP_CHUNK_SIZE` | `2000` | KVzip scoring chunk, in tokens |
 | `head_min_ratio` | `KVZIP_HEAD_MIN_RATIO` | `0.3` | kvzip_head refused below it (0: never) |
 | `host` | `KVZIP_HOST` | `127.0.0.1` | HTTP bind address |
@@ -62,7 +63,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import ByteSize, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -86,6 +87,8 @@ _DISTRIBUTED = DistributedConfig()
 
 ApiKey = Annotated[str, Field(min_length=8, pattern=r"^[\x21-\x7e]+$")]
 """A Bearer key: at least 8 printable ASCII characters, no spaces."""
+Quantization = Literal["none", "fp8", "int4"]
+"""service.config.QUANTIZATIONS, spelled out for the type checker and the validation."""
 TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
@@ -169,6 +172,10 @@ class Settings(BaseSettings):
     ] = Field(default="kvzip", description="Compression method (see docs/quality.md)")
     default_ratio: float = Field(
         default=_COMPRESSION.ratio, gt=0.0, le=1.0, description="Kept fraction of KV pairs"
+    )
+    default_quantization: Quantization = Field(
+        default=cast(Quantization, _SERVICE.default_compression.quantization),
+        description="KV storage: none, fp8 or int4",
     )
     chunk_size: int = Field(
         default=_COMPRESSION.chunk_size, ge=16, description="KVzip scoring chunk, in tokens"
@@ -364,7 +371,12 @@ class Settings(BaseSettings):
 
     def default_compression(self) -> CompressionConfig:
         """Compression used when a request does not say."""
-        return CompressionConfig(self.default_method, self.default_ratio, self.chunk_size)
+        return CompressionConfig(
+            self.default_method,
+            self.default_ratio,
+            self.chunk_size,
+            quantization=self.default_quantization,
+        )
 
 
 def settings_table_markdown() -> str:

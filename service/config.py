@@ -15,6 +15,11 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 QUANTIZATIONS = ("none", "fp8", "int4")
 """Every `compression.quantization` of the stored keys/values (service.engine.quantization)."""
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_QUANTIZATION = "fp8"
+"""The server's `compression.quantization` when a request leaves it out
+(`KVZIP_DEFAULT_QUANTIZATION`): centred fp8 holds the fidelity targets on the default model
+at half the bytes of `none` (docs/quality.md, "Quantized storage"). A bare
+`CompressionConfig()` stays unquantized."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class CompressionConfig:
     quantization: how the kept keys/values are stored, `none` (the model dtype), `fp8` or
     `int4`; group_size: tokens per int4 key group and channels per int4 value group. Both
     are part of the context id only when quantized (ids of `none` contexts never changed).
+    The field's default is `none` (what a compression is without quantization); what the
+    server stores when a request does not say is `ServiceConfig.default_compression`.
     """
 
     method: str = "kvzip"
@@ -145,7 +152,9 @@ class ServiceConfig:
     memory_cache_bytes: int = 2 * 1024**3
     queue_size: int = 64
     max_new_tokens_limit: int = 1024
-    default_compression: CompressionConfig = field(default_factory=CompressionConfig)
+    default_compression: CompressionConfig = field(
+        default_factory=lambda: CompressionConfig(quantization=DEFAULT_QUANTIZATION)
+    )  # what a request leaves out of its compression
     default_ttl_s: float = 3600.0  # a context's lifetime when the request does not say
     max_ttl_s: float = 30 * 24 * 3600.0  # the longest lifetime a request may ask for
     max_document_tokens: int | None = None  # None: the model window minus the reserve

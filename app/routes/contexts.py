@@ -49,7 +49,7 @@ def _compression(spec: CompressionSpec | None, default: CompressionConfig) -> Co
         ratio=spec.ratio if "ratio" in given else default.ratio,
         chunk_size=default.chunk_size,
         threshold=spec.threshold,
-        quantization=spec.quantization if "quantization" in given else default.quantization,
+        quantization=spec.quantization or default.quantization,
         group_size=spec.group_size,
     )
 

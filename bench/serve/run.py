@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", default="squad", choices=["squad", "haystack"])
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--method", default="kvzip")
+    p.add_argument(
+        "--quantization",
+        default="fp8",
+        choices=["none", "fp8", "int4"],
+        help="stored keys/values (the server's default, KVZIP_DEFAULT_QUANTIZATION: fp8)",
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--duration", type=float, default=30.0, help="seconds per scenario")
     p.add_argument("--requests", type=int, default=None, help="cap per scenario")
@@ -141,6 +147,7 @@ def build_app_and_service(
         max_new_tokens_limit=max(1024, args.new_tokens),
         default_method=args.method,
         default_ratio=args.ratio,
+        default_quantization=args.quantization,
         host="127.0.0.1",
         log_level="warning",
     )
@@ -163,7 +170,11 @@ def register(base_url: str, docs: list[BenchDocument], args: argparse.Namespace)
             body = {
                 "text": doc.text,
                 "display_name": doc.name[:64],
-                "compression": {"method": args.method, "ratio": args.ratio},
+                "compression": {
+                    "method": args.method,
+                    "ratio": args.ratio,
+                    "quantization": args.quantization,
+                },
             }
             r = client.post("/contexts", json=body)
             r.raise_for_status()

@@ -80,7 +80,7 @@ def test_create_returns_every_resource_field(client: TestClient) -> None:
         "total_kv_pairs": 28,
         "kept_fraction": 0.5,
         "bytes": 14 * 256,
-        "quantization": "none",
+        "quantization": "fp8",  # the server's default (KVZIP_DEFAULT_QUANTIZATION)
         "bytes_full_bf16": 28 * 256,
     }
 
@@ -106,7 +106,32 @@ def test_create_without_compression_uses_the_server_defaults(fake: FakeContextSe
     defaults, partial = fake.created_requests
     assert (defaults.compression.method, defaults.compression.ratio) == ("kvzip", 0.4)
     assert defaults.compression.chunk_size == 512
+    assert defaults.compression.quantization == "fp8"
     assert (partial.compression.method, partial.compression.ratio) == ("kvzip", 0.4)
+    assert partial.compression.quantization == "fp8"
+
+
+@pytest.mark.parametrize("default", ["none", "fp8", "int4"])
+def test_quantization_left_out_or_null_is_the_servers_default(
+    fake: FakeContextService, default: str
+) -> None:
+    settings = Settings(default_quantization=default)  # type: ignore[arg-type]
+    with TestClient(create_app(settings, fake)) as client:
+        register(client)
+        register(client, text="other words", compression={"ratio": 0.5})
+        register(client, text="third text", compression={"quantization": None})
+
+    assert [r.compression.quantization for r in fake.created_requests] == [default] * 3
+
+
+@pytest.mark.parametrize("given", ["none", "fp8", "int4"])
+def test_an_explicit_quantization_is_kept(fake: FakeContextService, given: str) -> None:
+    with TestClient(create_app(Settings(default_quantization="int4"), fake)) as client:
+        body = register(client, compression={"quantization": given, "group_size": 32})
+
+    assert fake.created_requests[-1].compression.quantization == given
+    assert fake.created_requests[-1].compression.group_size == 32
+    assert body["compression"]["quantization"] == given
 
 
 def test_method_none_reports_the_full_cache(client: TestClient) -> None:

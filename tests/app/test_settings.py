@@ -28,6 +28,8 @@ def test_defaults_are_the_service_defaults() -> None:
     assert (settings.host, settings.port, settings.log_level) == ("127.0.0.1", 8000, "info")
     assert settings.data_dir == Path("data")
     assert (settings.default_method, settings.default_ratio) == ("kvzip", 0.3)
+    assert settings.default_quantization == "fp8"
+    assert settings.default_compression() == CompressionConfig("kvzip", 0.3, quantization="fp8")
 
 
 def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +52,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         "KVZIP_QUESTION_CHUNK_TOKENS": "128",
         "KVZIP_DEFAULT_METHOD": "none",
         "KVZIP_DEFAULT_RATIO": "0.5",
+        "KVZIP_DEFAULT_QUANTIZATION": "int4",
         "KVZIP_CHUNK_SIZE": "1024",
         "KVZIP_HEAD_MIN_RATIO": "0.25",
         "KVZIP_HOST": "0.0.0.0",
@@ -100,6 +103,7 @@ def test_environment_variables_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.queue_size == 8
     assert settings.max_new_tokens_limit == 4096
     assert (settings.default_method, settings.default_ratio) == ("none", 0.5)
+    assert settings.to_service_config().default_compression.quantization == "int4"
     assert settings.chunk_size == 1024
     assert settings.head_min_ratio == 0.25
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9000, "debug")
@@ -162,6 +166,7 @@ def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) ->
         ("KVZIP_DEFAULT_RATIO", "0"),
         ("KVZIP_DEFAULT_RATIO", "nan"),
         ("KVZIP_DEFAULT_METHOD", "zip"),
+        ("KVZIP_DEFAULT_QUANTIZATION", "int8"),
         ("KVZIP_DEVICE", "gpu"),
         ("KVZIP_DTYPE", "int3"),
         ("KVZIP_ATTENTION_BACKEND", "Flash Attn"),
@@ -251,6 +256,7 @@ def test_to_service_config_carries_every_setting() -> None:
         question_chunk_tokens=64,
         default_method="none",
         default_ratio=0.25,
+        default_quantization="none",
         chunk_size=100,
         head_min_ratio=0.2,
     )
