@@ -154,6 +154,11 @@ class TieredStore:
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("background copy of %r into a shared tier failed: %r", key, exc)
 
+    @property
+    def promoting(self) -> int:
+        """How many background copies into shared tiers are running now."""
+        return len(self._promotions)
+
     async def settle(self) -> None:
         """Wait until every background copy into a shared tier has ended."""
         while self._promotions:

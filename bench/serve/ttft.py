@@ -80,9 +80,18 @@ def disk_read_gbps(path: Path, threads: int = 4) -> float:
     return size / seconds / 1e9
 
 
+def _wait_for_promotions(service: Any, timeout_s: float = 120.0) -> None:
+    """Until the store's background copies into Redis end: one still running keeps the
+    object's pages mapped (posix_fadvise cannot drop them) and a core busy."""
+    deadline = time.monotonic() + timeout_s
+    while service.store.promoting and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _forget(service: Any, cid: str, *, keep: str = "disk") -> None:
     """Drop the context from the device and from every tier before the one named `keep`
     (the store reads memory -> [Redis ->] disk, so the next read comes from `keep`)."""
+    _wait_for_promotions(service)
     service.resident.drop(cid)
     names = [tier.name for tier in service.store.tiers]
     faster = service.store.tiers[: names.index(keep)]
@@ -178,6 +187,7 @@ def _measure_one(
     phases = [_load_phases(service, cid) for _ in range(args.repeats)]
     path = next(data_dir.rglob(f"*{cid}*.safetensors"))  # the stored object
     object_bytes = path.stat().st_size
+    _wait_for_promotions(service)
     gbps = disk_read_gbps(path)
     ttft = {k: statistics.median(v) for k, v in runs.items()}
     client.delete(f"/contexts/{cid}")

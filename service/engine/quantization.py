@@ -79,31 +79,41 @@ def quantize(
     n = layer.keys.shape[0]
     if scheme == "fp8":
         head = head_of_row(layer.cu_lens, n)
+        lens = (layer.cu_lens[1:] - layer.cu_lens[:-1]).tolist()  # heads' rows are contiguous
         return {
-            **_fp8(layer.keys, head, layer.n_heads, "keys", centred),
-            **_fp8(layer.values, head, layer.n_heads, "values", centred),
+            **_fp8(layer.keys, head, lens, "keys", centred),
+            **_fp8(layer.values, head, lens, "values", centred),
         }
     if scheme == "int4":
         return {**_int4_keys(layer, group_size), **_int4_values(layer.values, group_size)}
     raise ValueError(f"unknown quantization {scheme!r}; use {SCHEMES}")
 
 
+def _per_head(x: torch.Tensor, lens: list[int], reduce: str) -> torch.Tensor:
+    """x (N, d) float32, rows grouped by head (`lens` rows each) -> (H, d): the `reduce`
+    ("mean" or "amax" of |x|) of each head's rows, 0 for a head without rows. Plain
+    reductions over contiguous slices: no atomics into H x d cells (index_add_ and
+    scatter_reduce_ serialise there on a GPU)."""
+    out = x.new_zeros(len(lens), x.shape[1])
+    for h, part in enumerate(x.split_with_sizes(lens)):
+        if part.shape[0]:
+            out[h] = part.mean(0) if reduce == "mean" else part.abs().amax(0)
+    return out
+
+
 def _fp8(
-    x: torch.Tensor, head: torch.Tensor, n_heads: int, field: str, centred: bool
+    x: torch.Tensor, head: torch.Tensor, lens: list[int], field: str, centred: bool
 ) -> dict[str, torch.Tensor]:
     """x (N, d) -> e4m3 codes (N, d) and a bf16 scale per (head, channel) (H, d); centred:
-    also the bf16 mean per (head, channel) (H, d) the codes are taken from."""
-    xf, d = x.float(), x.shape[1]
+    also the bf16 mean per (head, channel) (H, d) the codes are taken from. `head` (N,)
+    the head of every row, `lens` the rows of each head (contiguous, in head order)."""
+    xf = x.float()
     out = {}
     if centred:
-        total = torch.zeros(n_heads, d, dtype=torch.float32, device=x.device)
-        total.index_add_(0, head, xf)
-        rows = torch.bincount(head, minlength=n_heads).clamp_min(1).to(torch.float32)
-        mean = (total / rows[:, None]).to(torch.bfloat16)
+        mean = _per_head(xf, lens, "mean").to(torch.bfloat16)
         xf = xf - mean.float()[head]
         out[f"{field}_mean"] = mean
-    amax = torch.zeros(n_heads, d, dtype=torch.float32, device=x.device)
-    amax.scatter_reduce_(0, head[:, None].expand(-1, d), xf.abs(), "amax")
+    amax = _per_head(xf, lens, "amax")
     scale = _round_up((amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.bfloat16)
     codes = (xf / scale.float()[head]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
     return {field: codes, f"{field}_scale": scale, **out}

@@ -496,3 +496,20 @@ def _cuda(layer: RaggedLayer) -> RaggedLayer:
     return RaggedLayer(
         *(getattr(layer, f).cuda() for f in ("keys", "values", "cu_lens", "scores", "positions"))
     )
+
+
+def test_per_head_reductions_match_masked_dense_ones():
+    """fp8's per-(head, channel) mean and amax over contiguous rows, a head without rows
+    included, against a dense masked reference."""
+    from service.engine.quantization import _per_head
+
+    gen = torch.Generator().manual_seed(7)
+    lens = [5, 0, 3, 9]
+    x = torch.randn(sum(lens), 6, generator=gen)
+    head = torch.repeat_interleave(torch.arange(4), torch.tensor(lens))
+    for h in range(4):
+        rows = x[head == h].double()
+        want_mean = rows.mean(0) if len(rows) else torch.zeros(6, dtype=torch.float64)
+        want_amax = rows.abs().amax(0) if len(rows) else torch.zeros(6, dtype=torch.float64)
+        assert torch.allclose(_per_head(x, lens, "mean")[h].double(), want_mean, atol=1e-6)
+        assert torch.equal(_per_head(x, lens, "amax")[h].double(), want_amax)

@@ -356,9 +356,9 @@ async def test_a_read_from_disk_does_not_wait_for_the_copy_into_redis(tmp_path: 
     store = TieredStore([MemoryTier(0), cache, DiskTier(tmp_path)])
     await store.tier("disk").put("ctx", b"c" * 5000)
     view = await asyncio.wait_for(store.get_view("ctx"), 5)  # returns while the copy waits
-    assert view == b"c" * 5000 and not await cache.exists("ctx")
+    assert view == b"c" * 5000 and not await cache.exists("ctx") and store.promoting == 1
     assert await asyncio.wait_for(store.get_view("ctx"), 5) == b"c" * 5000  # one copy at a time
     cache.release.set()
     await asyncio.wait_for(store.settle(), 5)
-    assert await cache.get("ctx") == b"c" * 5000
+    assert await cache.get("ctx") == b"c" * 5000 and store.promoting == 0
     assert cache._log.count(("redis", "put")) == 1
