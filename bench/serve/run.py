@@ -147,7 +147,6 @@ def build_app_and_service(
         max_new_tokens_limit=max(1024, args.new_tokens),
         default_method=args.method,
         default_ratio=args.ratio,
-        default_quantization=args.quantization if isinstance(args.quantization, str) else "fp8",
         host="127.0.0.1",
         log_level="warning",
     )
