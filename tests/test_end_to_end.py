@@ -90,3 +90,29 @@ def test_readme_session_answers_the_short_question(tmp_path):
             f"/contexts/{ctx['id']}/query", json={"question": "What is the pass key?"}
         )
         assert "48213" in answer.json()["answer"]
+
+
+def test_quantized_and_unquantized_caches_answer_the_pass_key_alike(tmp_path):
+    """Issue 18's acceptance: one kvzip selection at 0.3 of the pass-key haystack, stored
+    as none / fp8 / int4 and loaded back the way the service does, answers the same greedy
+    tokens on the real default model."""
+    from service import codec
+    from service.config import CompressionConfig
+    from service.engine.kvzip_engine import KVzipEngine
+    from service.types import SamplingParams
+
+    settings = Settings(data_dir=tmp_path)
+    engine = _ENGINE.get("default") or KVzipEngine.load(settings.to_service_config().engine)
+    assert isinstance(engine, KVzipEngine)
+    ctx, _ = engine.ingest(engine.encode_document(_haystack()), CompressionConfig("kvzip", 0.3))
+    prompt = engine.encode_question(QUESTION)
+    params = SamplingParams(max_new_tokens=16)
+    answers = {}
+    for scheme in ("none", "fp8", "int4"):
+        blob = codec.encode(ctx, engine.identity, scheme)
+        ids = codec.prefix_ids(blob)
+        prefix = engine.prefix_context(ids) if ids else None
+        loaded = codec.decode(blob, engine.identity, prefix=prefix)
+        answers[scheme] = engine.decode(list(engine.generate(loaded, prompt, params)))
+    assert "48213" in answers["none"]
+    assert answers["fp8"] == answers["none"] and answers["int4"] == answers["none"], answers
