@@ -150,7 +150,8 @@ class TieredStore:
         task.add_done_callback(lambda done: self._promoted(key, done))
 
     def _promoted(self, key: str, task: asyncio.Task[None]) -> None:
-        self._promotions.pop(key, None)
+        if self._promotions.get(key) is task:  # not a later copy of the same key
+            del self._promotions[key]
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("background copy of %r into a shared tier failed: %r", key, exc)
 
@@ -180,8 +181,13 @@ class TieredStore:
             await self._call(tier, "put", key, lambda t: t.put(key, data, ttl_s), None)
 
     async def delete(self, key: str) -> bool:
-        """Remove `key` from every tier; True when any tier had it."""
+        """Remove `key` from every tier (first stopping a background copy of it, which
+        would write it back); True when any tier had it."""
         validate_key(key)
+        copying = self._promotions.pop(key, None)
+        if copying is not None:
+            copying.cancel()
+            await asyncio.gather(copying, return_exceptions=True)
         removed = False
         for tier in self._write_order:
             removed |= await self._call(tier, "delete", key, lambda t: t.delete(key), False)

@@ -362,3 +362,16 @@ async def test_a_read_from_disk_does_not_wait_for_the_copy_into_redis(tmp_path: 
     await asyncio.wait_for(store.settle(), 5)
     assert await cache.get("ctx") == b"c" * 5000 and store.promoting == 0
     assert cache._log.count(("redis", "put")) == 1
+
+
+async def test_a_delete_stops_the_background_copy_of_its_object(tmp_path: Path) -> None:
+    cache = BlockedTier([])
+    store = TieredStore([MemoryTier(0), cache, DiskTier(tmp_path)])
+    await store.tier("disk").put("ctx", b"c" * 5000)
+    assert await asyncio.wait_for(store.get_view("ctx"), 5) == b"c" * 5000
+    assert store.promoting == 1
+    assert await asyncio.wait_for(store.delete("ctx"), 5)
+    cache.release.set()
+    await asyncio.wait_for(store.settle(), 5)
+    assert store.promoting == 0 and not await cache.exists("ctx")  # not written back
+    assert await store.get("ctx") is None
