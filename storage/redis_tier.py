@@ -93,7 +93,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def of_parts(cls, parts: list[memoryview], data: bytes) -> Manifest:
+    def of_parts(cls, parts: list[memoryview], data: bytes | memoryview) -> Manifest:
         """The manifest describing `data` split as `parts`."""
         return cls(
             part_count=len(parts),
@@ -230,12 +230,14 @@ class RedisTier:
             self.hits += 1
         return data
 
-    async def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
-        """Write the parts (pipelined), then the manifest, then drop surplus old parts."""
+    async def put(self, key: str, data: bytes | memoryview, ttl_s: float | None = None) -> None:
+        """Write the parts (pipelined), then the manifest, then drop surplus old parts.
+        `data` may be a read-only view (e.g. of a disk tier's memory map): nothing is copied
+        on the host before the parts go out."""
         validate_key(key)
         ttl = _shorter(check_ttl(ttl_s), self.default_ttl_s)
         px = None if ttl is None else max(1, round(ttl * 1000))
-        data = bytes(data)
+        data = memoryview(data).cast("B")
         parts = split(data, self.part_bytes)
         manifest = await asyncio.to_thread(Manifest.of_parts, parts, data)
         with self._translate_errors():

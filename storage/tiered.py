@@ -224,7 +224,10 @@ class TieredStore:
             try:
                 if only_missing and await tier.exists(key):
                     continue
-                await tier.put(key, bytes(data), self.promote_ttl_s)
+                if isinstance(tier, RedisTier):  # sends a view's parts without a copy
+                    await tier.put(key, data, self.promote_ttl_s)
+                else:
+                    await tier.put(key, bytes(data), self.promote_ttl_s)
                 if not await tier.exists(key):  # evicted at once: it does not fit there
                     self._refuse(tier, len(data))
             except TierUnavailableError as exc:

@@ -375,3 +375,14 @@ async def test_a_delete_stops_the_background_copy_of_its_object(tmp_path: Path) 
     await asyncio.wait_for(store.settle(), 5)
     assert store.promoting == 0 and not await cache.exists("ctx")  # not written back
     assert await store.get("ctx") is None
+
+
+@pytest.mark.redis
+async def test_a_disk_view_is_copied_into_redis_intact(tmp_path: Path, redis_env: RedisEnv) -> None:
+    data = os.urandom(5000)
+    store = TieredStore([MemoryTier(0), redis_env.tier(part_bytes=1024), DiskTier(tmp_path)])
+    await store.tier("disk").put("ctx", data)
+    view = await store.get_view("ctx")
+    assert isinstance(view, memoryview) and view == data  # the disk tier's memory map
+    await asyncio.wait_for(store.settle(), 10)
+    assert await store.tier("redis").get("ctx") == data  # 5 parts, checksums verified
