@@ -513,3 +513,17 @@ def test_per_head_reductions_match_masked_dense_ones():
         want_amax = rows.abs().amax(0) if len(rows) else torch.zeros(6, dtype=torch.float64)
         assert torch.allclose(_per_head(x, lens, "mean")[h].double(), want_mean, atol=1e-6)
         assert torch.equal(_per_head(x, lens, "amax")[h].double(), want_amax)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_a_loaded_quantized_context_has_the_unquantized_layout(tiny_engine, compressed, scheme):
+    """Decode runs on what loading makes: the same rows, positions, head lengths, dtypes and
+    contiguous storage as the unquantized context, so nothing in a step differs but values."""
+    loaded = _decode(tiny_engine, codec.encode(compressed, tiny_engine.identity, scheme))
+    assert torch.equal(loaded.context_ids, compressed.context_ids)
+    for a, b in zip(compressed.layers, loaded.layers, strict=True):
+        for field in ("keys", "values", "positions", "cu_lens", "scores"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x.shape, x.dtype, x.stride()) == (y.shape, y.dtype, y.stride()), field
+            assert y.is_contiguous(), field
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.cu_lens, b.cu_lens)
