@@ -14,7 +14,9 @@ for each stored `--quantization` (none, fp8, int4):
   disk) on a local redis-server (bench/gpu/redis_local.py), dropped from the device and the
   memory tier, read from Redis (parts in parallel, storage.redis_fetch);
 and the decode speed from the resident (dequantized) copy: a 65-token answer less the TTFT
-(median of `--repeats`, after a 65-token warm-up).
+(median of `--repeats`, after a 65-token warm-up), and the same with every stored form
+registered side by side and asked in turn (`--decode-rounds`), so drift cannot pass for a
+difference between them.
 Against: a re-prefill = transformers' own prefill of the document (warm, timed on the same
 model) + the resident TTFT; and the disk bound = stored bytes ÷ the disk's read bandwidth
 with 4 threads, page cache dropped, measured in the same run.
@@ -207,6 +209,30 @@ def _measure_one(
     }
 
 
+def decode_interleaved(
+    client: httpx.Client, text: str, question: str, args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """ms per token of a 65-token answer from each stored form's resident copy, the forms
+    registered side by side and asked in turn for `--decode-rounds` rounds, so drift over
+    the run falls on every form alike (the per-form rows above measure one after another)."""
+    ids = {}
+    for quantization in args.quantization:
+        compression = {"method": args.method, "ratio": args.ratio, "quantization": quantization}
+        r = client.post("/contexts", json={"text": text, "compression": compression})
+        r.raise_for_status()
+        ids[quantization] = r.json()["id"]
+        _query(client, ids[quantization], question, DECODE_TOKENS)  # warm-up, and resident
+    ms: dict[str, list[float]] = {q: [] for q in ids}
+    for _ in range(args.decode_rounds):
+        for quantization, cid in ids.items():
+            ttft = _query_s(client, cid, question)
+            seconds, tokens = _query(client, cid, question, DECODE_TOKENS)
+            ms[quantization].append((seconds - ttft) / max(tokens - 1, 1) * 1000)
+    for cid in ids.values():
+        client.delete(f"/contexts/{cid}")
+    return ms
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from bench.gpu.run import plain_prefill
 
@@ -239,6 +265,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 out["by_quantization"][quantization] = row
                 print(quantization, json.dumps(row, default=str), flush=True)
+            if args.decode_rounds:
+                rounds = decode_interleaved(client, doc.text, doc.questions[0], args)
+                out["decode_interleaved_ms"] = rounds
+                print("decode interleaved ms/token", json.dumps(rounds), flush=True)
     return out
 
 
@@ -255,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--method", default="kvzip")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quantization", nargs="+", default=["none", "fp8", "int4"])
+    p.add_argument(
+        "--decode-rounds", type=int, default=5, help="interleaved decode rounds (0: none)"
+    )
     p.add_argument(
         "--redis",
         action=argparse.BooleanOptionalAction,
