@@ -25,11 +25,15 @@
 
 `quantize(layer, scheme, group_size, centred)` -> name suffix -> tensor (on the layer's
 device); `dequantize(tensors, cu_lens, scheme, group_size, dtype)` -> (keys, values) on the
-tensors' device: a few vectorised torch ops per tensor (no Triton kernel reads the codes),
-no host round trip; fp8 means are added where the tensors hold them (`stored_names`).
+tensors' device, no host round trip: on a GPU one Triton launch per layer
+(service.engine.backends.triton_dequant) reads the codes once and writes the model dtype;
+elsewhere a few vectorised torch ops per tensor (`dequantize_torch`, the reference). fp8
+means are added where the tensors hold them (`stored_names`).
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 
@@ -189,7 +193,38 @@ def dequantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored tensors of one layer (suffix -> tensor, on the target device) -> keys,
     values (N, d) in `dtype`, computed where the tensors are (fp8: `{keys,values}_mean`
-    added where present, i.e. centred)."""
+    added where present, i.e. centred). On a CUDA device one Triton launch per layer
+    (`backends.triton_dequant`) where it takes the width; else `dequantize_torch`."""
+    if scheme == "none":
+        return tensors["keys"].to(dtype), tensors["values"].to(dtype)
+    d = tensors["values"].shape[1] * (2 if scheme == "int4" else 1)
+    kernels = _kernels(tensors["keys"].device, d)
+    if kernels is not None:
+        g = value_group(group_size, d)
+        keys, values = kernels.dequantize(tensors, cu_lens, scheme, group_size, g, dtype)
+        return keys, values
+    return dequantize_torch(tensors, cu_lens, scheme, group_size, dtype)
+
+
+def _kernels(device: torch.device, d: int) -> ModuleType | None:
+    """The Triton dequantization module for rows of `d` channels on `device`, or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from service.engine.backends import triton_dequant
+    except ImportError:  # no triton
+        return None
+    return triton_dequant if triton_dequant.supported(d) else None
+
+
+def dequantize_torch(
+    tensors: dict[str, torch.Tensor],
+    cu_lens: torch.Tensor,
+    scheme: str,
+    group_size: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dequantize` in vectorised torch ops (the CPU path and the kernels' reference)."""
     if scheme == "none":
         return tensors["keys"].to(dtype), tensors["values"].to(dtype)
     if scheme == "fp8":

@@ -527,3 +527,27 @@ def test_a_loaded_quantized_context_has_the_unquantized_layout(tiny_engine, comp
             assert (x.shape, x.dtype, x.stride()) == (y.shape, y.dtype, y.stride()), field
             assert y.is_contiguous(), field
         assert torch.equal(a.positions, b.positions) and torch.equal(a.cu_lens, b.cu_lens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_the_compiled_dequantization_kernel_matches_the_torch_path(scheme):
+    """On a GPU `dequantize` is one Triton launch per layer; it gives the torch path's bits
+    (bf16 rounding of the same float32 arithmetic; a fused multiply-add may move one ulp)."""
+    from service.engine.backends import triton_dequant
+
+    layer = _cuda(_layer([0, 700, 3, 0, 1300, 640], d=128, seed=5))
+    stored = quantization.quantize(layer, scheme, 64)
+    got = quantization.dequantize(stored, layer.cu_lens, scheme, 64, torch.bfloat16)
+    want = quantization.dequantize_torch(stored, layer.cu_lens, scheme, 64, torch.bfloat16)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.bfloat16 and a.is_cuda
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=0.0)
+        assert (a == b).float().mean() > 0.999
+    codes = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8).view(16, 16)
+    fp8 = {f: torch.ones(1, 16, device="cuda") for f in quantization.stored_names("fp8")}
+    fp8 |= {"keys": codes.view(quantization.FP8), "values": codes.view(quantization.FP8)}
+    cu = torch.tensor([0, 16], dtype=torch.int32, device="cuda")
+    keys, _ = triton_dequant.dequantize(fp8, cu, "fp8", 64, 16, torch.float32)
+    torch.testing.assert_close(keys, codes.view(quantization.FP8).float(), equal_nan=True)
