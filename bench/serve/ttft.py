@@ -164,7 +164,7 @@ def _measure_one(
     compression = {"method": args.method, "ratio": args.ratio, "quantization": quantization}
     r = client.post("/contexts", json={"text": text, "compression": compression})
     r.raise_for_status()
-    cid, stored = r.json()["id"], r.json().get("bytes")
+    cid, stored = r.json()["id"], r.json()["compression"]
     _query(client, cid, question, DECODE_TOKENS)  # warm-up (kernels, graphs, allocator)
     runs: dict[str, list[float]] = {"resident": [], "page_cache": [], "dropped": []}
     for _ in range(args.repeats):
@@ -195,7 +195,8 @@ def _measure_one(
     client.delete(f"/contexts/{cid}")
     return {
         "context_id": cid,
-        "stored_bytes": stored,
+        "stored_bytes": stored["bytes"],
+        "bytes_full_bf16": stored["bytes_full_bf16"],
         "object_bytes": object_bytes,
         "runs_s": runs,
         "ttft_s": ttft,
@@ -241,6 +242,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     prefill_s = plain_prefill(engine.model, engine.encode_document(doc.text).all_ids)[0]
     out: dict[str, Any] = {"machine": machine(engine), "settings": vars(args) | {"out": None}}
     out.update(context_tokens=doc.tokens, plain_prefill_s=prefill_s, by_quantization={})
+    if args.data_root is not None:
+        Path(args.data_root).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         data_dir = stack.enter_context(
             tempfile.TemporaryDirectory(prefix="kvzip-ttft-", dir=args.data_root)
