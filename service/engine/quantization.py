@@ -33,6 +33,7 @@ means are added where the tensors hold them (`stored_names`).
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 import torch
@@ -201,14 +202,24 @@ def dequantize(
     kernels = _kernels(tensors["keys"].device, d)
     if kernels is not None:
         g = value_group(group_size, d)
-        keys, values = kernels.dequantize(tensors, cu_lens, scheme, group_size, g, dtype)
-        return keys, values
+        try:
+            keys, values = kernels.dequantize(tensors, cu_lens, scheme, group_size, g, dtype)
+            return keys, values
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a kernel that does not build on this device
+            _KERNEL_FAILURES.append(repr(exc))
+            _log.warning("dequantization kernel unavailable, using torch ops: %r", exc)
     return dequantize_torch(tensors, cu_lens, scheme, group_size, dtype)
+
+
+_KERNEL_FAILURES: list[str] = []  # once one fails to build, the torch ops serve the process
+_log = logging.getLogger(__name__)
 
 
 def _kernels(device: torch.device, d: int) -> ModuleType | None:
     """The Triton dequantization module for rows of `d` channels on `device`, or None."""
-    if device.type != "cuda":
+    if device.type != "cuda" or _KERNEL_FAILURES:
         return None
     try:
         from service.engine.backends import triton_dequant

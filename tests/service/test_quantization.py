@@ -551,3 +551,29 @@ def test_the_compiled_dequantization_kernel_matches_the_torch_path(scheme):
     cu = torch.tensor([0, 16], dtype=torch.int32, device="cuda")
     keys, _ = triton_dequant.dequantize(fp8, cu, "fp8", 64, 16, torch.float32)
     torch.testing.assert_close(keys, codes.view(quantization.FP8).float(), equal_nan=True)
+
+
+def test_a_kernel_that_fails_to_build_leaves_the_torch_path(monkeypatch):
+    """A dequantization kernel that raises (does not compile on this device) is logged once
+    and the torch ops serve this and every later layer."""
+    calls = []
+
+    class Broken:
+        @staticmethod
+        def dequantize(*args):
+            calls.append(args)
+            raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(quantization, "_KERNEL_FAILURES", [])
+    real = quantization._kernels
+    monkeypatch.setattr(
+        quantization, "_kernels", lambda device, d: real(device, d) if calls else Broken
+    )
+    layer = _layer(LENS)
+    stored = quantization.quantize(layer, "fp8", 64)
+    want = quantization.dequantize_torch(stored, layer.cu_lens, "fp8", 64, torch.float32)
+    for _ in range(2):
+        got = quantization.dequantize(stored, layer.cu_lens, "fp8", 64, torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(calls) == 1 and quantization._KERNEL_FAILURES == ["RuntimeError('no kernel here')"]
+    assert real(torch.device("cuda"), 64) is None  # after a failure, never again

@@ -9,8 +9,8 @@ no per-row index tensor is built and nothing waits for the host. The torch code 
 `quantization` stays the reference and the CPU path; its arithmetic is repeated here (code x
 scale, then + mean or zero, in float32, then the cast).
 
-fp8 codes are read as bytes and decoded by their bits (e4m3fn: bias 7, subnormals, S.1111.111
-NaN), which is exact and runs the same under the interpreter. Tested on CPU under
+fp8 codes are read as bytes and decoded by their bits into float32 bits (e4m3fn: bias 7,
+subnormals, S.1111.111 NaN), which is exact and runs the same under the interpreter. Tested on CPU under
 TRITON_INTERPRET=1 against the torch path (tests/service/test_triton_dequant_cpu.py) and
 compiled on the GPU (tests/service/test_quantization.py).
 """
@@ -43,9 +43,10 @@ def _e4m3(bits):
     """float32 of e4m3fn codes given as uint8 bits."""
     b = bits.to(tl.int32)
     exponent = (b >> 3) & 15
-    mantissa = (b & 7).to(tl.float32)
-    normal = (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32))
-    x = tl.where(exponent == 0, mantissa * 0.001953125, normal)  # subnormal: m * 2^-9
+    mantissa = b & 7
+    # normal: (1 + m/8) 2^(e-7), i.e. the float32 with exponent field e + 120, mantissa m << 20
+    normal = ((exponent + 120) << 23 | mantissa << 20).to(tl.float32, bitcast=True)
+    x = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)  # m 2^-9
     x = tl.where((b & 127) == 127, float("nan"), x)
     return tl.where(b >= 128, -x, x)
 
