@@ -10,9 +10,10 @@ no per-row index tensor is built and nothing waits for the host. The torch code 
 scale, then + mean or zero, in float32, then the cast).
 
 fp8 codes are read as bytes and decoded by their bits into float32 bits (e4m3fn: bias 7,
-subnormals, S.1111.111 NaN), which is exact and runs the same under the interpreter. Tested on CPU under
-TRITON_INTERPRET=1 against the torch path (tests/service/test_triton_dequant_cpu.py) and
-compiled on the GPU (tests/service/test_quantization.py).
+subnormals, S.1111.111 NaN), which is exact and runs the same under the interpreter.
+Tested on CPU under TRITON_INTERPRET=1 against the torch path
+(tests/service/test_triton_dequant_cpu.py) and compiled on the GPU
+(tests/service/test_quantization.py).
 """
 
 from __future__ import annotations
