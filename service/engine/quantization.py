@@ -27,7 +27,9 @@
 device); `dequantize(tensors, cu_lens, scheme, group_size, dtype)` -> (keys, values) on the
 tensors' device, no host round trip: on a GPU one Triton launch per layer
 (service.engine.backends.triton_dequant) reads the codes once and writes the model dtype;
-elsewhere a few vectorised torch ops per tensor (`dequantize_torch`, the reference). fp8
+elsewhere a few vectorised torch ops per tensor (`dequantize_torch`, the reference). A
+process checks the kernel's first layer per (scheme, dtype) against the torch ops and keeps
+to the torch ops if it disagrees or does not build. fp8
 means are added where the tensors hold them (`stored_names`).
 """
 
@@ -204,17 +206,39 @@ def dequantize(
         g = value_group(group_size, d)
         try:
             keys, values = kernels.dequantize(tensors, cu_lens, scheme, group_size, g, dtype)
+            if (scheme, dtype) not in _KERNEL_CHECKED:
+                _check_kernel((keys, values), tensors, cu_lens, scheme, group_size, dtype)
             return keys, values
         except torch.OutOfMemoryError:
             raise
-        except Exception as exc:  # a kernel that does not build on this device
+        except Exception as exc:  # a kernel that does not build or compute right here
             _KERNEL_FAILURES.append(repr(exc))
-            _log.warning("dequantization kernel unavailable, using torch ops: %r", exc)
+            _log.warning("dequantization kernel not used, torch ops instead: %r", exc)
     return dequantize_torch(tensors, cu_lens, scheme, group_size, dtype)
 
 
-_KERNEL_FAILURES: list[str] = []  # once one fails to build, the torch ops serve the process
+_KERNEL_FAILURES: list[str] = []  # once the kernel fails, the torch ops serve the process
+_KERNEL_CHECKED: set[tuple[str, torch.dtype]] = set()
 _log = logging.getLogger(__name__)
+
+
+def _check_kernel(
+    got: tuple[torch.Tensor, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    cu_lens: torch.Tensor,
+    scheme: str,
+    group_size: int,
+    dtype: torch.dtype,
+) -> None:
+    """The first layer a process dequantizes with the kernel per (scheme, dtype) is also
+    dequantized by the torch ops: RuntimeError unless they agree to one unit in the last
+    place of `dtype` (a kernel built wrong on this device never serves a context)."""
+    want = dequantize_torch(tensors, cu_lens, scheme, group_size, dtype)
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(got, want, strict=True):
+        if not torch.allclose(a.float(), b.float(), rtol=eps, atol=0.0, equal_nan=True):
+            raise RuntimeError(f"the {scheme} kernel disagrees with the torch ops")
+    _KERNEL_CHECKED.add((scheme, dtype))
 
 
 def _kernels(device: torch.device, d: int) -> ModuleType | None:

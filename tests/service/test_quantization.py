@@ -577,3 +577,38 @@ def test_a_kernel_that_fails_to_build_leaves_the_torch_path(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert len(calls) == 1 and quantization._KERNEL_FAILURES == ["RuntimeError('no kernel here')"]
     assert real(torch.device("cuda"), 64) is None  # after a failure, never again
+
+
+@pytest.mark.parametrize("error", [0.0, 0.05])
+def test_the_kernel_is_checked_against_the_torch_ops_on_its_first_layer(monkeypatch, error):
+    """The first kernel result per (scheme, dtype) is compared with the torch ops; a wrong
+    one is never returned (the torch ops serve from then on), a right one is trusted."""
+    reference = quantization.dequantize_torch
+    torch_calls = []
+
+    def counted(*args):
+        torch_calls.append(args)
+        return reference(*args)
+
+    class Kernel:
+        @staticmethod
+        def dequantize(tensors, cu_lens, scheme, group_size, g, dtype):
+            keys, values = reference(tensors, cu_lens, scheme, group_size, dtype)
+            return keys * (1 + error), values
+
+    monkeypatch.setattr(quantization, "_KERNEL_FAILURES", [])
+    monkeypatch.setattr(quantization, "_KERNEL_CHECKED", set())
+    monkeypatch.setattr(quantization, "dequantize_torch", counted)
+    failures = quantization._KERNEL_FAILURES
+    monkeypatch.setattr(quantization, "_kernels", lambda device, d: None if failures else Kernel)
+    layer = _layer(LENS)
+    stored = quantization.quantize(layer, "int4", 64)
+    want = reference(stored, layer.cu_lens, "int4", 64, torch.bfloat16)
+    for _ in range(3):
+        got = quantization.dequantize(stored, layer.cu_lens, "int4", 64, torch.bfloat16)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    if error:  # checked, refused, then the torch ops every time
+        assert len(failures) == 1 and len(torch_calls) == 4
+    else:  # checked once, then trusted
+        assert ("int4", torch.bfloat16) in quantization._KERNEL_CHECKED
+        assert len(torch_calls) == 1
