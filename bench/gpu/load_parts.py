@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bench import page_cache
 from service.engine import quantization
 from service.engine.kvcache import RaggedLayer
 from storage import _checksum
@@ -110,15 +111,6 @@ def checksum(object_mb: int, repeats: int) -> dict[str, Any]:
     return out
 
 
-def _drop(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _preads(path: Path, threads: int, piece: int = 8 << 20) -> None:
     size = path.stat().st_size
     buffer = memoryview(bytearray(size))
@@ -156,7 +148,7 @@ def cold_read(object_mb: int, repeats: int) -> dict[str, Any]:
         for name, fn in ways.items():
             times = []
             for _ in range(repeats):
-                _drop(path)
+                page_cache.drop(path)
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)

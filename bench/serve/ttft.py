@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 
+from bench import page_cache
 from bench.gpu.redis_local import LocalRedis
 from bench.serve.documents import build_documents
 from bench.serve.run import build_app_and_service, build_engine, machine
@@ -49,22 +50,9 @@ DECODE_TOKENS = 65
 REDIS: dict[str, str] = {}  # the local redis-server's URL while one runs
 
 
-def _drop_page_cache(root: Path) -> list[Path]:
-    """posix_fadvise(DONTNEED) on every file under `root`; returns them."""
-    files = [p for p in root.rglob("*") if p.is_file()]
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return files
-
-
 def disk_read_gbps(path: Path, threads: int = 4) -> float:
     """GB/s reading `path` cold with `threads` parallel preads (page cache dropped first)."""
-    _drop_page_cache(path.parent)
+    page_cache.drop_all(path.parent)
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
 
@@ -184,7 +172,7 @@ def _measure_one(
         runs["page_cache"].append(_query_s(client, cid, question))
     for _ in range(args.repeats):
         _forget(service, cid)
-        _drop_page_cache(data_dir)
+        page_cache.drop_all(data_dir)
         runs["dropped"].append(_query_s(client, cid, question))
     phases = [_load_phases(service, cid) for _ in range(args.repeats)]
     path = next(data_dir.rglob(f"*{cid}*.safetensors"))  # the stored object
