@@ -29,8 +29,8 @@ tensors' device, no host round trip: on a GPU one Triton launch per layer
 (service.engine.backends.triton_dequant) reads the codes once and writes the model dtype;
 elsewhere a few vectorised torch ops per tensor (`dequantize_torch`, the reference). A
 process checks the kernel's first layer per (scheme, dtype) against the torch ops and keeps
-to the torch ops if it disagrees or does not build. fp8
-means are added where the tensors hold them (`stored_names`).
+to the torch ops if it disagrees or does not build. fp8 means are added where the tensors
+hold them (`stored_names`).
 """
 
 from __future__ import annotations
