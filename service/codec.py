@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping
+from itertools import accumulate
 
 import torch
 
@@ -209,12 +210,11 @@ def decode(
     front = _prefix_layers(data, meta, prefix)
     try:
         tensors = unpack(data, device)
-        layers = tuple(
-            _layer(tensors, i, device, dtype, scheme, group_size)
-            if front is None
-            else _context_layer(tensors, i, device, dtype, (scheme, group_size), front[i], meta)
-            for i in range(int(meta["n_layers"]))
-        )
+        n_layers = int(meta["n_layers"])
+        if front is None:
+            layers = tuple(_layer(tensors, i, dtype, scheme, group_size) for i in range(n_layers))
+        else:
+            layers = _context_layers(tensors, n_layers, dtype, (scheme, group_size), front, meta)
         return CompressedContext(
             layers=layers,
             context_ids=tensors["context_ids"].to(device),
@@ -246,48 +246,53 @@ def _prefix_layers(
     return list(prefix.layers)
 
 
-def _context_layer(
+def _context_layers(
     tensors: dict[str, torch.Tensor],
-    i: int,
-    device: torch.device | str,
+    n_layers: int,
     dtype: torch.dtype | None,
     quantized: tuple[str, int],
-    prefix: RaggedLayer | None,
+    front: list[RaggedLayer | None],
     meta: dict[str, str],
-) -> RaggedLayer:
-    """A version 3 or 4 layer: the context rows dequantized, behind the prefix's rows."""
+) -> tuple[RaggedLayer, ...]:
+    """Version 3 or 4 layers (`tensors` on the target device): every kept mask checked with
+    one device synchronisation, then each layer's context rows dequantized behind its
+    prefix rows without waiting for the device."""
     scheme, group_size = quantized
-    n = int(meta["context_len"])
-    kept = shared_prefix.unpack_bits(tensors[f"layers.{i}.kept"].to(device), n)
-    cu_lens = shared_prefix.context_cu_lens(kept)
     centred = meta["format_version"] == CENTRED_FP8_VERSION
-    if not centred and any(f"layers.{i}.{f}_mean" in tensors for f in ("keys", "values")):
-        raise CorruptContextError(
-            f"stored context layer {i} holds means that format version 3 does not have"
-        )
-    names = quantization.stored_names(scheme, centred)
-    stored = {n: tensors[f"layers.{i}.{n}"].to(device) for n in names}
-    quantization.check_shapes(stored, cu_lens, scheme, group_size, layer=i)
+    masks, lens = shared_prefix.unpack_layers(
+        [tensors[f"layers.{i}.kept"] for i in range(n_layers)], int(meta["context_len"])
+    )
     assert dtype is not None  # quantized: the dtype quantized from at the latest
-    keys, values = quantization.dequantize(stored, cu_lens, scheme, group_size, dtype)
-    return shared_prefix.merge(prefix, kept, keys, values, tensors[f"layers.{i}.scores"])
+    layers = []
+    for i, (kept, rows) in enumerate(zip(masks, lens, strict=True)):
+        if not centred and any(f"layers.{i}.{f}_mean" in tensors for f in ("keys", "values")):
+            raise CorruptContextError(
+                f"stored context layer {i} holds means that format version 3 does not have"
+            )
+        stored = {n: tensors[f"layers.{i}.{n}"] for n in quantization.stored_names(scheme, centred)}
+        quantization.check_shapes(stored, [0, *accumulate(rows)], scheme, group_size, layer=i)
+        keys, values = quantization.dequantize(
+            stored, shared_prefix.context_cu_lens(kept), scheme, group_size, dtype
+        )
+        scores = tensors[f"layers.{i}.scores"]
+        layers.append(shared_prefix.merge(front[i], kept, keys, values, scores, rows))
+    return tuple(layers)
 
 
 def _layer(
     tensors: dict[str, torch.Tensor],
     i: int,
-    device: torch.device | str,
     dtype: torch.dtype | None,
     scheme: str,
     group_size: int,
 ) -> RaggedLayer:
     """A version 1 or 2 layer: every row stored."""
-    parts = {f: tensors[f"layers.{i}.{f}"].to(device) for f in _FIELDS}
+    parts = {f: tensors[f"layers.{i}.{f}"] for f in _FIELDS}
     if scheme != "none":  # compact side data of version 2: back to the resident dtypes
         parts["scores"] = parts["scores"].float()
         parts["positions"] = parts["positions"].to(torch.int32)
-    stored = {n: tensors[f"layers.{i}.{n}"].to(device) for n in quantization.stored_names(scheme)}
-    quantization.check_shapes(stored, parts["cu_lens"], scheme, group_size, layer=i)
+    stored = {n: tensors[f"layers.{i}.{n}"] for n in quantization.stored_names(scheme)}
+    quantization.check_shapes(stored, parts["cu_lens"].tolist(), scheme, group_size, layer=i)
     if dtype is None:
         keys, values = stored["keys"], stored["values"]
     else:

@@ -301,12 +301,11 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def check_shapes(
-    stored: dict[str, torch.Tensor], cu_lens: torch.Tensor, scheme: str, group_size: int, layer: int
+    stored: dict[str, torch.Tensor], bounds: list[int], scheme: str, group_size: int, layer: int
 ) -> None:
-    """CorruptContextError unless one layer's stored tensors (`stored_names`) fit `cu_lens`
-    and each other (checked before any gather: an index out of range on a GPU is fatal to
-    the process)."""
-    bounds = cu_lens.tolist()
+    """CorruptContextError unless one layer's stored tensors (`stored_names`) fit its row
+    offsets `bounds` (cu_lens as host ints) and each other (checked before any gather: an
+    index out of range on a GPU is fatal to the process)."""
     lens = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     values = stored["values"]
     width = values.shape[-1]  # int4: two codes per byte

@@ -14,6 +14,8 @@ positions follow from it, since a head's rows are in position order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from service.engine.kvcache import RaggedLayer
@@ -61,15 +63,34 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """`pack_bits`' inverse: (H, n) bool; CorruptContextError for a wrong size or a set
     padding bit."""
-    if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != -(-n // 8):
-        raise CorruptContextError(
-            f"stored kept mask {tuple(packed.shape)} {packed.dtype} does not fit {n} tokens"
-        )
-    bits = (packed[..., None] >> _BITS.to(packed.device)) & 1
-    mask = bits.view(packed.shape[0], -1).bool()
-    if bool(mask[:, n:].any()):
-        raise CorruptContextError("stored kept mask marks tokens past the context")
-    return mask[:, :n]
+    return unpack_layers([packed], n)[0][0]
+
+
+def unpack_layers(
+    packed: Sequence[torch.Tensor], n: int
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Every layer's kept mask (`pack_bits` layout) -> (the masks (H, n) bool, per layer
+    the kept rows of each head as host ints), checked with one device synchronisation for
+    all layers (not one per layer). CorruptContextError for a wrong size or a set padding
+    bit."""
+    masks, counts = [], []
+    for bits in packed:
+        if bits.dtype != torch.uint8 or bits.ndim != 2 or bits.shape[1] != -(-n // 8):
+            raise CorruptContextError(
+                f"stored kept mask {tuple(bits.shape)} {bits.dtype} does not fit {n} tokens"
+            )
+        mask = ((bits[..., None] >> _BITS.to(bits.device)) & 1).view(bits.shape[0], -1).bool()
+        masks.append(mask[:, :n])
+        counts.append(torch.cat([mask[:, :n].sum(1), mask[:, n:].sum().view(1)]))
+    flat = torch.cat(counts).tolist() if counts else []
+    lens, at = [], 0
+    for mask in masks:
+        h = mask.shape[0]
+        if flat[at + h]:
+            raise CorruptContextError("stored kept mask marks tokens past the context")
+        lens.append(flat[at : at + h])
+        at += h + 1
+    return masks, lens
 
 
 def context_cu_lens(kept: torch.Tensor) -> torch.Tensor:
@@ -85,29 +106,49 @@ def merge(
     keys: torch.Tensor,
     values: torch.Tensor,
     scores: torch.Tensor,
+    lens: Sequence[int] | None = None,
 ) -> RaggedLayer:
     """The whole layer: per head, the prefix's rows (all kept; None: no prefix) then the
-    kept context rows (keys/values (N', d) head-major, scores (N',)), on `keys`' device."""
+    kept context rows (keys/values (N', d) head-major, scores (N',)), on `keys`' device.
+
+    kept: (H, n) bool; lens: its row sums as host ints (`unpack_layers`), which spares the
+    device synchronisation that finding them costs; every size then being known, nothing
+    here waits for the device.
+    """
     h, device = kept.shape[0], keys.device
-    if prefix is None:
-        prefix = RaggedLayer.from_dense(
-            *(keys.new_empty(h, 0, keys.shape[1]),) * 2, keys.new_empty(h, 0)
-        )
-    s = prefix.keys.shape[0] // max(h, 1)
-    if prefix.n_heads != h or prefix.keys.shape != (h * s, keys.shape[1]):
+    lens = kept.sum(1).tolist() if lens is None else lens
+    s = 0 if prefix is None else prefix.keys.shape[0] // max(h, 1)
+    if prefix is not None and (prefix.n_heads != h or prefix.keys.shape != (h * s, keys.shape[1])):
         raise ValueError("the prefix does not have the layer's heads and channels")
-    full = torch.cat([torch.ones(h, s, dtype=torch.bool, device=device), kept.to(device)], 1)
-    _, positions = full.nonzero(as_tuple=True)  # head-major, positions ascending
-    context = (positions >= s).nonzero().squeeze(1)
-    first = (positions < s).nonzero().squeeze(1)
+    kept = kept.to(device)
+    rows, total = sum(lens), sum(lens) + h * s
+    cu = torch.zeros(h + 1, dtype=torch.int64, device=device)
+    cu[1:] = kept.sum(1).cumsum(0) + s * torch.arange(1, h + 1, device=device)  # merged rows
+    heads = torch.arange(h, device=device)
+    context = torch.arange(rows, device=device) + s * (
+        torch.repeat_interleave(heads, kept.sum(1), output_size=rows) + 1
+    )  # (N',) where each context row goes
+    first = (cu[:-1, None] + torch.arange(s, device=device)).flatten()  # (H*s,) prefix rows
     out = []
-    for rows, front in ((keys, prefix.keys), (values, prefix.values)):
-        whole = rows.new_empty(positions.numel(), rows.shape[1])
-        whole[first] = front.to(device=device, dtype=rows.dtype)
-        whole[context] = rows
+    for part, field in ((keys, "keys"), (values, "values")):
+        whole = part.new_empty(total, part.shape[1]).index_copy_(0, context, part)
+        if prefix is not None:
+            whole.index_copy_(0, first, getattr(prefix, field).to(device, part.dtype))
         out.append(whole)
-    score = torch.full((positions.numel(),), torch.inf, dtype=torch.float32, device=device)
-    score[context] = scores.to(device=device, dtype=torch.float32)
-    cu = torch.zeros(h + 1, dtype=torch.int32, device=device)
-    cu[1:] = full.sum(1).cumsum(0)
-    return RaggedLayer(out[0], out[1], cu, score, positions.to(torch.int32))
+    score = torch.full((total,), torch.inf, dtype=torch.float32, device=device)
+    score.index_copy_(0, context, scores.to(device=device, dtype=torch.float32))
+    positions = torch.empty(total, dtype=torch.int32, device=device)
+    positions.index_copy_(0, first, torch.arange(s, device=device, dtype=torch.int32).repeat(h))
+    positions.index_copy_(0, context, _kept_positions(kept, rows) + s)
+    return RaggedLayer(out[0], out[1], cu.to(torch.int32), score, positions)
+
+
+def _kept_positions(kept: torch.Tensor, rows: int) -> torch.Tensor:
+    """(H, n) bool with `rows` set -> (rows,) int32 token index of each, head-major and
+    ascending (kept.nonzero()'s columns, without the synchronisation nonzero needs)."""
+    flat = kept.flatten()
+    n = kept.shape[1]
+    at = torch.where(flat, flat.cumsum(0) - 1, rows)  # the unkept all land in slot `rows`
+    out = torch.empty(rows + 1, dtype=torch.int32, device=kept.device)
+    token = torch.arange(flat.numel(), device=kept.device, dtype=torch.int32) % max(n, 1)
+    return out.scatter_(0, at, token)[:rows]

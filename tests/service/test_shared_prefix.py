@@ -82,3 +82,52 @@ def test_a_mask_of_another_width_is_refused() -> None:
         shared_prefix.unpack_bits(packed, 17)
     with pytest.raises(CorruptContextError, match="past the context"):
         shared_prefix.unpack_bits(packed, 10)
+
+
+def _random_kept(seed: int, heads: int = 4) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    rate = [0.0, 0.3, 1.0, 0.6][seed % 4]  # an empty layer, a full one, ragged ones
+    return [[t for t in range(N) if float(torch.rand(1, generator=g)) < rate] for _ in range(heads)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merging_from_the_host_row_counts_gives_the_layer_back(seed: int) -> None:
+    """merge given each head's kept rows (as decode gives them, with no device sync) puts
+    every field back exactly, whatever the heads keep (none, all, some)."""
+    layer = _layer(_random_kept(seed), seed)
+    rest, packed = shared_prefix.split(layer, S, N)
+    (kept,), (lens,) = shared_prefix.unpack_layers([packed], N)
+    assert lens == [len(k) for k in _random_kept(seed)]
+    prefix = layer.keep(layer.positions < S)
+    back = shared_prefix.merge(prefix, kept, rest.keys, rest.values, rest.scores, lens)
+    for field in ("keys", "values", "cu_lens", "scores", "positions"):
+        assert torch.equal(getattr(back, field), getattr(layer, field)), field
+
+
+def test_all_layers_masks_are_checked_together() -> None:
+    """unpack_layers: the masks and row counts of every layer; a padding bit set in any
+    layer is refused."""
+    masks = [torch.rand(3, 12, generator=torch.Generator().manual_seed(i)) < 0.5 for i in range(3)]
+    got, lens = shared_prefix.unpack_layers([shared_prefix.pack_bits(m) for m in masks], 12)
+    assert all(torch.equal(a, b) for a, b in zip(got, masks, strict=True))
+    assert lens == [m.sum(1).tolist() for m in masks]
+    bad = [shared_prefix.pack_bits(m) for m in masks]
+    bad[1] = bad[1].clone()
+    bad[1][2, 1] |= 1 << 5  # token 13 of a 12-token context
+    with pytest.raises(CorruptContextError, match="past the context"):
+        shared_prefix.unpack_layers(bad, 12)
+    assert shared_prefix.unpack_layers([], 12) == ([], [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merging_on_the_gpu_matches_the_cpu() -> None:
+    layer = _layer(_random_kept(1))
+    rest, packed = shared_prefix.split(layer, S, N)
+    (kept,), (lens,) = shared_prefix.unpack_layers([packed.cuda()], N)
+    prefix = layer.keep(layer.positions < S)
+    back = shared_prefix.merge(
+        prefix, kept, rest.keys.cuda(), rest.values.cuda(), rest.scores.cuda(), lens
+    )
+    for field in ("keys", "values", "cu_lens", "scores", "positions"):
+        assert torch.equal(getattr(back, field).cpu(), getattr(layer, field)), field
