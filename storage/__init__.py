@@ -6,6 +6,7 @@ Knows nothing of models or tensors. See `storage.base` for the contract and the 
 from storage.base import (
     CorruptObjectError,
     InvalidKeyError,
+    PendingRead,
     StorageError,
     Tier,
     TierFullError,
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidKeyError",
     "Manifest",
     "MemoryTier",
+    "PendingRead",
     "RedisTier",
     "StorageError",
     "Tier",

@@ -22,7 +22,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,16 +73,16 @@ def read_object(path: Path) -> bytes:
     return rest
 
 
-def map_object(path: Path) -> memoryview:
-    """The verified bytes of the object in `path` as a read-only view of a shared memory
-    map (Damaged when they fail); unmapped when the last reference to the view goes."""
+def open_object(path: Path) -> tuple[memoryview, Callable[[], None]]:
+    """The object in `path` as a read-only view of a shared memory map, before its bytes
+    are checked, and the check: a call that returns when they match their header, else
+    raises Damaged (files written before checksums: a check that passes)."""
     view = _map_file(path)
     head = bytes(view[:HEADER_BYTES])
     if not framed(head):
-        return view
+        return view, lambda: None
     payload = view[HEADER_BYTES:]
-    verified(head, payload)
-    return payload
+    return payload, lambda: verified(head, payload)
 
 
 def _map_file(path: Path) -> memoryview:

@@ -13,7 +13,9 @@ Errors::
 
 from __future__ import annotations
 
+import asyncio
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,199}$")
@@ -46,6 +48,30 @@ class CorruptObjectError(StorageError):
 
 class TierFullError(StorageError):
     """The tier cannot hold the object (larger than its capacity, or its disk is full)."""
+
+
+@dataclass(frozen=True)
+class PendingRead:
+    """An object handed out before its checksum has been checked, so that the caller's use
+    of it and the check run at the same time (`open_view`).
+
+    data: the bytes as stored, readable at once; nothing made from them may be served
+    before `settled` has ended with this very object.
+    settled: ends with the bytes to keep: `data` itself once it matched its checksum, or
+    (from a TieredStore) a good copy from another tier when it did not (the damaged copy
+    dropped and written back), or None when no tier holds the object intact. A single tier's
+    read raises CorruptObjectError instead (it has removed its copy).
+    """
+
+    data: bytes | memoryview
+    settled: asyncio.Future[bytes | memoryview | None]
+
+    @staticmethod
+    def of(data: bytes | memoryview) -> PendingRead:
+        """Bytes that are already verified (or need no check)."""
+        done: asyncio.Future[bytes | memoryview | None] = asyncio.get_running_loop().create_future()
+        done.set_result(data)
+        return PendingRead(data, done)
 
 
 def validate_key(key: str) -> str:

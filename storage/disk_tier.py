@@ -55,7 +55,7 @@ from storage._disk_files import (
     FileInfo,
     framed,
     header,
-    map_object,
+    open_object,
     read_object,
     scan,
     stale_leftovers,
@@ -63,7 +63,7 @@ from storage._disk_files import (
     write_atomic,
 )
 from storage._ttl import check_ttl
-from storage.base import CorruptObjectError, TierFullError, validate_key
+from storage.base import CorruptObjectError, PendingRead, TierFullError, validate_key
 
 __all__ = ["HEADER_BYTES", "DiskTier"]
 
@@ -120,8 +120,28 @@ class DiskTier:
         or expired (counted like `get`; CorruptObjectError when damaged). Nothing is copied:
         pages come from the page cache as they are hashed and read (the kernel is asked to
         read ahead the whole file)."""
+        pending = await self.open_view(key)
+        return None if pending is None else await pending.settled  # type: ignore[return-value]
+
+    async def open_view(self, key: str) -> PendingRead | None:
+        """`get_view` that returns the map at once, its checksum running in the background
+        (`settled`: the view once verified, else CorruptObjectError, the file removed)."""
         validate_key(key)
-        return self._count(await asyncio.to_thread(self._read_sync, key, map_object))
+        opened = self._count(await asyncio.to_thread(self._read_sync, key, open_object))
+        if opened is None:
+            return None
+        view, verify = opened
+        check = asyncio.to_thread(self._verify_sync, key, view, verify)
+        return PendingRead(view, asyncio.ensure_future(check))
+
+    def _verify_sync(
+        self, key: str, view: memoryview, verify: Callable[[], None]
+    ) -> memoryview:
+        try:
+            verify()
+        except Damaged as exc:
+            raise self._drop_damaged(key, str(exc)) from exc
+        return view
 
     async def head(self, key: str, size: int) -> tuple[bytes, int] | None:
         """The object's first `size` bytes and its whole length (past the checksum header

@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from storage._ttl import check_ttl
 from storage.base import (
     CorruptObjectError,
+    PendingRead,
     Tier,
     TierFullError,
     TierUnavailableError,
@@ -120,22 +121,39 @@ class TieredStore:
         a disk tier's file (no copy; promoted into the shared tiers before it that lack it,
         i.e. Redis), else `get` through the tiers. A damaged disk copy is dropped and, when
         another tier holds a good one, rewritten from it."""
+        pending = await self.open_view(key)
+        return None if pending is None else await pending.settled
+
+    async def open_view(self, key: str) -> PendingRead | None:
+        """`get_view` that hands a disk tier's map out before its checksum is known, so that
+        decoding it and checking it overlap (see PendingRead: use nothing made from `data`
+        unless `settled` ends with `data` itself). Promotion into the shared tiers waits
+        for the check."""
         validate_key(key)
         for index, tier in enumerate(self._tiers):
             if isinstance(tier, MemoryTier) and (data := await tier.get(key)) is not None:
-                return data
-            if not isinstance(tier, DiskTier):
+                return PendingRead.of(data)
+            if not isinstance(tier, DiskTier) or (pending := await tier.open_view(key)) is None:
                 continue
-            try:
-                view = await tier.get_view(key)
-            except CorruptObjectError as exc:
-                logger.error("storage tier %r dropped a damaged copy: %s", tier.name, exc)
-                return await self._restore(key, tier, exc.ttl_s)
-            if view is not None:
-                shared = [t for t in self._tiers[:index] if not isinstance(t, MemoryTier)]
-                self._promote_in_background(key, view, shared)
-                return view
-        return await self.get(key)
+            shared = [t for t in self._tiers[:index] if not isinstance(t, MemoryTier)]
+            settle = self._settle(key, tier, pending, shared)
+            return PendingRead(pending.data, asyncio.ensure_future(settle))
+        data = await self.get(key)
+        return None if data is None else PendingRead.of(data)
+
+    async def _settle(
+        self, key: str, tier: DiskTier, pending: PendingRead, shared: Sequence[Tier]
+    ) -> bytes | memoryview | None:
+        """The disk copy once verified (then copied into `shared` in the background), else
+        the good copy of another tier, written back into `tier`."""
+        try:
+            view = await pending.settled
+        except CorruptObjectError as exc:
+            logger.error("storage tier %r dropped a damaged copy: %s", tier.name, exc)
+            return await self._restore(key, tier, exc.ttl_s)
+        assert view is not None  # a disk tier's check ends with its view or raises
+        self._promote_in_background(key, view, shared)
+        return view
 
     def _promote_in_background(
         self, key: str, data: bytes | memoryview, shared: Sequence[Tier]

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
 from service import codec, telemetry
 from service.config import CompressionConfig, ServiceConfig
@@ -193,13 +194,26 @@ class Pipeline:
         return await asyncio.shield(loading)
 
     async def _read(self, cid: str) -> CompressedContext:
-        """Read and decode; a blob no tier holds intact, or one that does not parse, makes
-        the context lost (FAILED, see ContextRegistry.lost)."""
-        blob = await self.registry.blob_view(cid)
-        if blob is None:
+        """Read and decode, the decode running while the stored bytes' checksum is checked
+        (the result is kept only when they pass; a damaged copy is replaced by another
+        tier's and decoded again); a blob no tier holds intact, or one that does not parse,
+        makes the context lost (FAILED, see ContextRegistry.lost)."""
+        pending = await self.registry.open_blob(cid)
+        if pending is None:
             raise await self.registry.lost(cid, "no tier holds an intact copy any more")
+        decoding = asyncio.ensure_future(self._decoded(pending.data))
         try:
-            ctx = await self._decoded(blob)
+            blob = await pending.settled
+        except BaseException:
+            await _dropped(decoding)
+            raise
+        if blob is not pending.data:  # damaged: decoded again from the copy that replaced it
+            await _dropped(decoding)
+            if blob is None:
+                raise await self.registry.lost(cid, "no tier holds an intact copy any more")
+            decoding = asyncio.ensure_future(self._decoded(blob))
+        try:
+            ctx = await decoding
         except CorruptContextError as exc:
             raise await self.registry.lost(cid, f"the stored object does not parse: {exc}") from exc
         self.resident.put(cid, ctx)
@@ -354,3 +368,10 @@ def _observe_ingest(timings: IngestTimings, store_s: float, record: ContextRecor
     telemetry.CONTEXT_TOKENS.observe(record.context_tokens)
     if record.total_kv_pairs:
         telemetry.COMPRESSION_KEPT_RATIO.observe(record.kept_kv_pairs / record.total_kv_pairs)
+
+
+async def _dropped(task: asyncio.Future[Any]) -> None:
+    """Wait for `task` to end and drop what it gave, an exception included."""
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved, so never reported as lost

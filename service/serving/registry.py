@@ -56,7 +56,7 @@ from service.serving.records import (
     record_key,
 )
 from service.serving.validation import CheckedCreate
-from storage import DiskTier, MemoryTier, TieredStore, TierFullError
+from storage import DiskTier, MemoryTier, PendingRead, TieredStore, TierFullError
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,11 @@ class ContextRegistry:
             return None
         return record if await self.store.exists(blob_key(cid)) else None
 
-    async def blob_view(self, cid: str) -> bytes | memoryview | None:
-        """The stored object the fast way (see TieredStore.get_view): the memory tier's
-        bytes, else a read-only memory map of the disk tier's file, else through Redis."""
-        return await self.store.get_view(blob_key(cid))
+    async def open_blob(self, cid: str) -> PendingRead | None:
+        """The stored object the fast way (see TieredStore.open_view): the memory tier's
+        bytes, else a read-only memory map of the disk tier's file handed out while its
+        checksum runs, else through Redis; None when no tier holds it."""
+        return await self.store.open_view(blob_key(cid))
 
     async def commit(self, record: ContextRecord, blob: bytes, ttl_s: float | None = None) -> None:
         """Store the blob, then the record (the commit point), both expiring from the tiers

@@ -468,15 +468,17 @@ async def test_concurrent_loads_of_one_context_read_it_once(tiny_engine, tmp_pat
     svc.resident.drop(cid)
     await svc.store.tier("memory").delete(f"{cid}.safetensors")  # only the disk holds it
     reads = []
-    view = svc.registry.blob_view
+    opened = svc.registry.open_blob
 
     async def counted(key: str):
         reads.append(key)
         await asyncio.sleep(0.05)  # the read is in flight while the others ask
-        return await view(key)
+        return await opened(key)
 
-    svc.registry.blob_view = counted  # type: ignore[method-assign]
+    svc.registry.open_blob = counted  # type: ignore[method-assign]
     loaded = await asyncio.gather(*(svc.pipeline.load(cid) for _ in range(3)))
     assert reads == [cid] and loaded[0] is loaded[1] is loaded[2]
-    assert isinstance(await view(cid), memoryview)  # not in memory: a map of the disk file
+    pending = await opened(cid)
+    assert pending is not None and isinstance(pending.data, memoryview)  # a map of the file
+    assert await pending.settled is pending.data
     await svc.close()

@@ -347,3 +347,22 @@ async def test_retain_revives_an_object_whose_expiry_passed_unread(tmp_path: Pat
     await asyncio.sleep(0.3)
     assert await tier.retain("k", 60)  # the record was extended meanwhile
     assert await tier.get("k") == b"x"
+
+
+async def test_open_view_hands_the_map_out_while_its_checksum_runs(tmp_path: Path) -> None:
+    """open_view: the bytes at once, `settled` the same view once they match; a damaged
+    file's bytes are readable but `settled` raises, and the file is gone."""
+    tier = DiskTier(tmp_path)
+    data = os.urandom(3 * 4096 + 17)
+    await tier.put("good", data)
+    await tier.put("bad", data)
+    flip_4k_in_the_middle(tmp_path / "bad")
+    good = await tier.open_view("good")
+    assert good is not None and bytes(good.data) == data
+    assert await asyncio.wait_for(good.settled, 10) is good.data
+    bad = await tier.open_view("bad")
+    assert bad is not None and len(bad.data) == len(data) and bytes(bad.data) != data
+    with pytest.raises(CorruptObjectError, match="do not match their checksum"):
+        await asyncio.wait_for(bad.settled, 10)
+    assert not (tmp_path / "bad").exists() and tier.corruptions == 1
+    assert await tier.open_view("bad") is None

@@ -276,6 +276,35 @@ async def test_a_damaged_disk_copy_is_served_from_redis_and_written_back(
     assert 3500 < disk._expires_at("ctx.safetensors") - time.time() <= 3600
 
 
+@pytest.mark.redis
+async def test_open_view_replaces_a_damaged_disk_copy_once_its_check_fails(
+    tmp_path: Path, redis_env: RedisEnv
+) -> None:
+    """The disk map is handed out before its checksum; when that fails, `settled` gives
+    the Redis copy instead (not the map), written back to disk; nothing is promoted from
+    the damaged map."""
+    data = os.urandom(20_000)
+    store = build_store(0, tmp_path, redis_env.client, redis_prefix=redis_env.prefix)
+    await store.put("ctx.safetensors", data, ttl_s=3600)
+    flip_4k_in_the_middle(tmp_path / "ctx.safetensors")
+    pending = await store.open_view("ctx.safetensors")
+    assert pending is not None and isinstance(pending.data, memoryview)
+    assert bytes(pending.data) != data  # the damaged bytes, readable before the check
+    settled = await asyncio.wait_for(pending.settled, 10)
+    assert settled is not pending.data and settled == data
+    assert bytes(await store.tier("disk").get_view("ctx.safetensors") or b"") == data
+    await store.settle()
+    assert await store.tier("redis").get("ctx.safetensors") == data
+
+
+async def test_open_view_of_a_memory_hit_is_settled_at_once(tmp_path: Path) -> None:
+    store = TieredStore([MemoryTier(1 << 20), DiskTier(tmp_path)])
+    await store.put("k", b"bytes")
+    pending = await store.open_view("k")
+    assert pending is not None and pending.settled.done() and pending.settled.result() == b"bytes"
+    assert await store.open_view("missing") is None
+
+
 async def test_a_damaged_disk_copy_and_no_other_one_is_a_miss(tmp_path: Path) -> None:
     store = TieredStore([MemoryTier(0), DiskTier(tmp_path)])
     await store.put("ctx.safetensors", os.urandom(10_000))
