@@ -17,6 +17,41 @@ MAX_ROWS = 64
 
 
 @triton.jit
+def _attend(q, k_base, v_base, stride_k, lo, hi, limit, scale, BLOCK_R: tl.constexpr,
+            BLOCK_N: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """Online softmax of q (BLOCK_R, D) over keys/values [lo, hi) at k_base/v_base (row
+    stride `stride_k`), key j seen by row r only when j <= limit[r] -> out (BLOCK_R, D) fp32
+    and lse (BLOCK_R,) (-inf for a row that saw nothing)."""
+    cols = tl.arange(0, D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    n0 = lo
+    while n0 < hi:  # a while loop: dynamic bounds, also under TRITON_INTERPRET
+        offs = n0 + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        k = tl.load(
+            k_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
+        )
+        s = (tl.dot(q, tl.trans(k)).to(tl.float32) * scale).to(tl.float32)
+        ok = valid[None, :] & (offs[None, :] <= limit[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        s_sum = s_sum * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = m_new
+        n0 += BLOCK_N
+    safe = tl.where(s_sum > 0, s_sum, 1.0)
+    return acc / safe[:, None], tl.where(s_sum > 0, m + tl.log(safe), float("-inf"))
+
+
+@triton.jit
 def _partial_kernel(
     Q,
     K,
@@ -53,27 +88,9 @@ def _partial_kernel(
         mask=rows[:, None] < R,
         other=0.0,
     )
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
-    n0 = lo
-    while n0 < hi:  # a while loop: dynamic bounds, also under TRITON_INTERPRET
-        offs = n0 + tl.arange(0, BLOCK_N)
-        valid = offs < hi
-        k = tl.load(K + (start + offs)[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0)
-        s = (tl.dot(q, tl.trans(k)).to(tl.float32) * scale).to(tl.float32)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        v = tl.load(V + (start + offs)[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
-        n0 += BLOCK_N
-    safe = tl.where(s_sum > 0, s_sum, 1.0)
-    out = acc / safe[:, None]
-    lse = tl.where(s_sum > 0, m + tl.log(safe), float("-inf"))
+    limit = tl.full([BLOCK_R], 2147483647, tl.int32)
+    out, lse = _attend(q, K + start * D, V + start * D, D, lo, hi, limit, scale, BLOCK_R,
+                       BLOCK_N, D)  # fmt: skip
     o_ptr = PO + seq * stride_os + split * stride_op + rows[:, None] * stride_or + cols[None, :]
     tl.store(o_ptr, out, mask=rows[:, None] < R)
     tl.store(PL + seq * stride_ls + split * stride_lp + rows, lse, mask=rows < R)
@@ -172,9 +189,6 @@ def _fused_partial_kernel(
         mask=rows[:, None] < R,
         other=0.0,
     )
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
     is_ctx = split < N_SPLITS
     bounds = tl.load(CU + seq + tl.arange(0, 2))
     start = tl.min(bounds, axis=0)
@@ -191,30 +205,7 @@ def _fused_partial_kernel(
     row_t = rows % T_STEP
     tail_limit = tl.where(row_b == b, tail_hi - T_STEP + row_t, -1)
     limit = tl.where(is_ctx, 2147483647, tail_limit)
-    n0 = lo
-    while n0 < hi:
-        offs = n0 + tl.arange(0, BLOCK_N)
-        valid = offs < hi
-        k = tl.load(
-            k_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
-        )
-        s = (tl.dot(q, tl.trans(k)).to(tl.float32) * scale).to(tl.float32)
-        ok = valid[None, :] & (offs[None, :] <= limit[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
-        n0 += BLOCK_N
-    safe = tl.where(s_sum > 0, s_sum, 1.0)
-    out = acc / safe[:, None]
-    lse = tl.where(s_sum > 0, m + tl.log(safe), float("-inf"))
+    out, lse = _attend(q, k_base, v_base, stride_k, lo, hi, limit, scale, BLOCK_R, BLOCK_N, D)
     o_ptr = PO + seq * stride_os + split * stride_op + rows[:, None] * stride_or + cols[None, :]
     tl.store(o_ptr, out, mask=rows[:, None] < R)
     tl.store(PL + seq * stride_ls + split * stride_lp + rows, lse, mask=rows < R)
@@ -253,6 +244,28 @@ def _combine_kernel(
     total = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(OUT + seq * stride_outs + r * stride_outr + cols, out.to(OUT.dtype.element_ty))
+
+
+def combine(part_o: torch.Tensor, part_l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Partials (S, P, R, d) fp32 with their lse (S, P, R) -> (S, R, d) in `dtype`."""
+    s, parts, r, d = part_o.shape
+    out = torch.empty(s, r, d, dtype=dtype, device=part_o.device)
+    _combine_kernel[(s, r)](
+        part_o,
+        part_l,
+        out,
+        parts,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_l.stride(0),
+        part_l.stride(1),
+        out.stride(0),
+        out.stride(1),
+        D=d,
+        BLOCK_P=max(2, triton.next_power_of_2(parts)),
+    )
+    return out
 
 
 def fused_decode(
@@ -310,20 +323,5 @@ def fused_decode(
         N_SPLITS=n_splits,
         num_warps=4,
     )
-    out = torch.empty(h, r, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(h, r)](
-        part_o,
-        part_l,
-        out,
-        parts,
-        part_o.stride(0),
-        part_o.stride(1),
-        part_o.stride(2),
-        part_l.stride(0),
-        part_l.stride(1),
-        out.stride(0),
-        out.stride(1),
-        D=d,
-        BLOCK_P=max(2, triton.next_power_of_2(parts)),
-    )
+    out = combine(part_o, part_l, q.dtype)
     return out.view(h, g, b, t, d).permute(2, 0, 1, 3, 4).reshape(b, hq, t, d)

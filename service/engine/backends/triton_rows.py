@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from service.engine.backends.triton_ragged import _combine_kernel, n_splits_for
+from service.engine.backends.triton_ragged import _attend, combine, n_splits_for
 
 
 @triton.jit
@@ -82,32 +82,7 @@ def _rows_partial_kernel(
     v_base = tl.where(is_ctx, ctx_v + start * D, TV + b * stride_tb + h * stride_th)
     stride_k = tl.where(is_ctx, D, stride_tc)
     limit = tl.where(is_ctx, 2147483647, tail_hi - T_STEP + rows % T_STEP)
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
-    n0 = lo
-    while n0 < hi:  # dynamic bounds, also under TRITON_INTERPRET
-        offs = n0 + tl.arange(0, BLOCK_N)
-        valid = offs < hi
-        k = tl.load(
-            k_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
-        )
-        s = (tl.dot(q, tl.trans(k)).to(tl.float32) * scale).to(tl.float32)
-        s = tl.where(valid[None, :] & (offs[None, :] <= limit[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
-        n0 += BLOCK_N
-    safe = tl.where(s_sum > 0, s_sum, 1.0)
-    out = acc / safe[:, None]
-    lse = tl.where(s_sum > 0, m + tl.log(safe), float("-inf"))
+    out, lse = _attend(q, k_base, v_base, stride_k, lo, hi, limit, scale, BLOCK_R, BLOCK_N, D)
     o_ptr = PO + seq * stride_os + split * stride_op + rows[:, None] * stride_or + cols[None, :]
     tl.store(o_ptr, out, mask=rows[:, None] < R)
     tl.store(PL + seq * stride_ls + split * stride_lp + rows, lse, mask=rows < R)
@@ -190,20 +165,4 @@ def rows_decode(
         N_SPLITS=n_splits,
         num_warps=4,
     )
-    out = torch.empty(b * h, r, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(b * h, r)](
-        part_o,
-        part_l,
-        out,
-        parts,
-        part_o.stride(0),
-        part_o.stride(1),
-        part_o.stride(2),
-        part_l.stride(0),
-        part_l.stride(1),
-        out.stride(0),
-        out.stride(1),
-        D=d,
-        BLOCK_P=max(2, triton.next_power_of_2(parts)),
-    )
-    return out.view(b, hq, t, d)
+    return combine(part_o, part_l, q.dtype).view(b, hq, t, d)
