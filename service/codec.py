@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping
-from itertools import accumulate
 
 import torch
 
@@ -254,28 +253,29 @@ def _context_layers(
     front: list[RaggedLayer | None],
     meta: dict[str, str],
 ) -> tuple[RaggedLayer, ...]:
-    """Version 3 or 4 layers (`tensors` on the target device): every kept mask checked with
-    one device synchronisation, then each layer's context rows dequantized behind its
-    prefix rows without waiting for the device."""
+    """Version 3 or 4 layers (`tensors` on the target device): the kept masks of every
+    layer checked and the merged rows' positions, scores and offsets laid out for all
+    layers at once (shared_prefix.plan_merge, one device synchronisation), then per layer
+    one dequantization and the copies of its rows into place."""
     scheme, group_size = quantized
     centred = meta["format_version"] == CENTRED_FP8_VERSION
-    masks, lens = shared_prefix.unpack_layers(
+    kept, lens = shared_prefix.unpack_layers(
         [tensors[f"layers.{i}.kept"] for i in range(n_layers)], int(meta["context_len"])
     )
+    s = 0 if not lens or front[0] is None else front[0].keys.shape[0] // max(len(lens[0]), 1)
+    scores = [tensors[f"layers.{i}.scores"] for i in range(n_layers)]
+    plan = shared_prefix.plan_merge(kept, lens, s, scores)
     assert dtype is not None  # quantized: the dtype quantized from at the latest
     layers = []
-    for i, (kept, rows) in enumerate(zip(masks, lens, strict=True)):
+    for i in range(n_layers):
         if not centred and any(f"layers.{i}.{f}_mean" in tensors for f in ("keys", "values")):
             raise CorruptContextError(
                 f"stored context layer {i} holds means that format version 3 does not have"
             )
         stored = {n: tensors[f"layers.{i}.{n}"] for n in quantization.stored_names(scheme, centred)}
-        quantization.check_shapes(stored, [0, *accumulate(rows)], scheme, group_size, layer=i)
-        keys, values = quantization.dequantize(
-            stored, shared_prefix.context_cu_lens(kept), scheme, group_size, dtype
-        )
-        scores = tensors[f"layers.{i}.scores"]
-        layers.append(shared_prefix.merge(front[i], kept, keys, values, scores, rows))
+        quantization.check_shapes(stored, plan.context_bounds(i), scheme, group_size, layer=i)
+        keys, values = quantization.dequantize(stored, plan.ctx_cu[i], scheme, group_size, dtype)
+        layers.append(shared_prefix.merged_layer(plan, i, front[i], keys, values))
     return tuple(layers)
 
 

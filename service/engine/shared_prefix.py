@@ -15,6 +15,8 @@ positions follow from it, since a head's rows are in position order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -66,38 +68,133 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack_layers([packed], n)[0][0]
 
 
-def unpack_layers(
-    packed: Sequence[torch.Tensor], n: int
-) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Every layer's kept mask (`pack_bits` layout) -> (the masks (H, n) bool, per layer
-    the kept rows of each head as host ints), checked with one device synchronisation for
-    all layers (not one per layer). CorruptContextError for a wrong size or a set padding
-    bit."""
-    masks, counts = [], []
+def unpack_layers(packed: Sequence[torch.Tensor], n: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Every layer's kept mask (H, ceil(n / 8)) in `pack_bits`' layout -> (the masks
+    (L, H, n) bool, per layer the kept rows of each head as host ints), in a few launches
+    and one device synchronisation for all layers. CorruptContextError for a wrong size or
+    a set padding bit."""
     for bits in packed:
         if bits.dtype != torch.uint8 or bits.ndim != 2 or bits.shape[1] != -(-n // 8):
             raise CorruptContextError(
                 f"stored kept mask {tuple(bits.shape)} {bits.dtype} does not fit {n} tokens"
             )
-        mask = ((bits[..., None] >> _BITS.to(bits.device)) & 1).view(bits.shape[0], -1).bool()
-        masks.append(mask[:, :n])
-        counts.append(torch.cat([mask[:, :n].sum(1), mask[:, n:].sum().view(1)]))
-    flat = torch.cat(counts).tolist() if counts else []
-    lens, at = [], 0
-    for mask in masks:
-        h = mask.shape[0]
-        if flat[at + h]:
-            raise CorruptContextError("stored kept mask marks tokens past the context")
-        lens.append(flat[at : at + h])
-        at += h + 1
-    return masks, lens
+    if len({bits.shape for bits in packed}) > 1:
+        raise CorruptContextError("stored kept masks differ between layers in their heads")
+    if not packed:
+        return torch.zeros(0, 0, n, dtype=torch.bool), []
+    stacked = torch.stack(list(packed))  # (L, H, m)
+    bits = ((stacked[..., None] >> _BITS.to(stacked.device)) & 1).flatten(2).bool()
+    masks = bits[..., :n]
+    counts = torch.cat([masks.sum(2).flatten(), bits[..., n:].sum().view(1)]).tolist()
+    if counts[-1]:
+        raise CorruptContextError("stored kept mask marks tokens past the context")
+    h = stacked.shape[1]
+    return masks, [counts[i : i + h] for i in range(0, len(counts) - 1, h)]
 
 
-def context_cu_lens(kept: torch.Tensor) -> torch.Tensor:
-    """(H+1,) int32 row offsets of the context rows a kept mask (H, n) describes."""
-    cu = torch.zeros(kept.shape[0] + 1, dtype=torch.int32, device=kept.device)
-    cu[1:] = kept.sum(1).cumsum(0)
-    return cu
+@dataclass(frozen=True)
+class MergePlan:
+    """Where the rows of every layer of a version 3/4 object go once the prefix rows are put
+    back in front of each head's context rows (`plan_merge`); L layers of H heads, s prefix
+    rows per head, K context rows in all.
+
+    lens: per layer, each head's context rows (host ints); ctx_cu: (L, H+1) int32 their row
+    offsets in the stored (context-only) rows; cu: (L, H+1) int32 the merged offsets;
+    dest: (K,) int64 each stored row's merged row, within its layer; first: (L, H*s) int64
+    each prefix row's merged row; scores/positions: (R,) float32 / int32 of the merged rows of
+    all layers, layer after layer (`starts`: where each layer's begin, L+1 host ints).
+    """
+
+    lens: list[list[int]]
+    ctx_cu: torch.Tensor
+    cu: torch.Tensor
+    dest: torch.Tensor
+    first: torch.Tensor
+    scores: torch.Tensor
+    positions: torch.Tensor
+    starts: list[int]
+
+    def context_bounds(self, layer: int) -> list[int]:
+        """The stored row offsets of `layer` as host ints."""
+        return [0, *accumulate(self.lens[layer])]
+
+
+def plan_merge(
+    kept: torch.Tensor, lens: list[list[int]], s: int, scores: Sequence[torch.Tensor]
+) -> MergePlan:
+    """The MergePlan of layers with kept masks (L, H, n) bool, whose heads keep `lens`
+    (`unpack_layers`) context rows, behind s prefix rows each, and the stored scores (K_l,)
+    of each layer; nothing here waits for the device (every size is a host int)."""
+    n_layers, h, n = kept.shape
+    device = kept.device
+    rows = [sum(x) for x in lens]
+    for i, (got, want) in enumerate(zip(scores, rows, strict=True)):
+        if tuple(got.shape) != (want,):
+            raise CorruptContextError(
+                f"stored context layer {i}: scores {tuple(got.shape)} do not fit {want} kept rows"
+            )
+    starts = [0, *accumulate(r + h * s for r in rows)]
+    ctx_cu = [[0, *accumulate(x)] for x in lens]
+    cu = [[c + s * j for j, c in enumerate(row)] for row in ctx_cu]
+    ctx_start = [0, *accumulate(rows)]
+    pairs = [(i, j) for i in range(n_layers) for j in range(h)]
+    table = torch.tensor(
+        [
+            [lens[i][j] for i, j in pairs],
+            [s * (j + 1) - ctx_start[i] for i, j in pairs],  # stored row -> merged, in the layer
+            [starts[i] for i, j in pairs],
+            [cu[i][j] for i, j in pairs],  # a head's first merged row
+        ],
+        dtype=torch.int64,
+    ).to(device, non_blocking=True)
+    pair = torch.repeat_interleave(
+        torch.arange(len(pairs), device=device), table[0], output_size=ctx_start[-1]
+    )
+    dest = torch.arange(ctx_start[-1], device=device) + table[1][pair]
+    first = (table[3][:, None] + torch.arange(s, device=device)).view(n_layers, h * s)
+    merged = dest + table[2][pair]  # across layers
+    every_first = (first + table[2].view(n_layers, h)[:, :1]).flatten()
+    score = torch.full((starts[-1],), torch.inf, dtype=torch.float32, device=device)
+    if scores:
+        score.index_copy_(0, merged, torch.cat([x.to(device, torch.float32) for x in scores]))
+    positions = torch.empty(starts[-1], dtype=torch.int32, device=device)
+    prefix_positions = torch.arange(s, device=device, dtype=torch.int32).repeat(len(pairs))
+    positions.index_copy_(0, every_first, prefix_positions)
+    positions.index_copy_(0, merged, _kept_positions(kept, ctx_start[-1]) + s)
+    offsets = torch.tensor([ctx_cu, cu], dtype=torch.int32).view(2, n_layers, h + 1)
+    offsets = offsets.to(device, non_blocking=True)
+    return MergePlan(
+        lens,
+        offsets[0],
+        offsets[1],
+        dest,
+        first,
+        score,
+        positions,
+        starts,
+    )
+
+
+def merged_layer(
+    plan: MergePlan, i: int, prefix: RaggedLayer | None, keys: torch.Tensor, values: torch.Tensor
+) -> RaggedLayer:
+    """Layer i whole: per head, the prefix's rows (all kept; None when s = 0) then its kept
+    context rows (keys/values (K_i, d) in stored order, on the plan's device)."""
+    a, b = plan.starts[i], plan.starts[i + 1]
+    at = sum(map(sum, plan.lens[:i]))
+    where = plan.dest[at : at + keys.shape[0]]
+    s = plan.first.shape[1] // max(len(plan.lens[i]), 1)
+    if (prefix is None and s) or (
+        prefix is not None and prefix.keys.shape != (plan.first.shape[1], keys.shape[1])
+    ):
+        raise ValueError("the prefix does not have the layer's heads and channels")
+    out = []
+    for part, field in ((keys, "keys"), (values, "values")):
+        whole = part.new_empty(b - a, part.shape[1]).index_copy_(0, where, part)
+        if prefix is not None:
+            whole.index_copy_(0, plan.first[i], getattr(prefix, field).to(part.device, part.dtype))
+        out.append(whole)
+    return RaggedLayer(out[0], out[1], plan.cu[i], plan.scores[a:b], plan.positions[a:b])
 
 
 def merge(
@@ -106,48 +203,24 @@ def merge(
     keys: torch.Tensor,
     values: torch.Tensor,
     scores: torch.Tensor,
-    lens: Sequence[int] | None = None,
 ) -> RaggedLayer:
-    """The whole layer: per head, the prefix's rows (all kept; None: no prefix) then the
-    kept context rows (keys/values (N', d) head-major, scores (N',)), on `keys`' device.
-
-    kept: (H, n) bool; lens: its row sums as host ints (`unpack_layers`), which spares the
-    device synchronisation that finding them costs; every size then being known, nothing
-    here waits for the device.
-    """
-    h, device = kept.shape[0], keys.device
-    lens = kept.sum(1).tolist() if lens is None else lens
+    """One layer whole (`plan_merge` + `merged_layer`): per head, the prefix's rows (all
+    kept; None: no prefix) then the kept context rows (kept (H, n) bool; keys/values (N', d)
+    head-major, scores (N',)), on `keys`' device."""
+    h = kept.shape[0]
     s = 0 if prefix is None else prefix.keys.shape[0] // max(h, 1)
-    if prefix is not None and (prefix.n_heads != h or prefix.keys.shape != (h * s, keys.shape[1])):
+    if prefix is not None and prefix.n_heads != h:
         raise ValueError("the prefix does not have the layer's heads and channels")
-    kept = kept.to(device)
-    rows, total = sum(lens), sum(lens) + h * s
-    cu = torch.zeros(h + 1, dtype=torch.int64, device=device)
-    cu[1:] = kept.sum(1).cumsum(0) + s * torch.arange(1, h + 1, device=device)  # merged rows
-    heads = torch.arange(h, device=device)
-    context = torch.arange(rows, device=device) + s * (
-        torch.repeat_interleave(heads, kept.sum(1), output_size=rows) + 1
-    )  # (N',) where each context row goes
-    first = (cu[:-1, None] + torch.arange(s, device=device)).flatten()  # (H*s,) prefix rows
-    out = []
-    for part, field in ((keys, "keys"), (values, "values")):
-        whole = part.new_empty(total, part.shape[1]).index_copy_(0, context, part)
-        if prefix is not None:
-            whole.index_copy_(0, first, getattr(prefix, field).to(device, part.dtype))
-        out.append(whole)
-    score = torch.full((total,), torch.inf, dtype=torch.float32, device=device)
-    score.index_copy_(0, context, scores.to(device=device, dtype=torch.float32))
-    positions = torch.empty(total, dtype=torch.int32, device=device)
-    positions.index_copy_(0, first, torch.arange(s, device=device, dtype=torch.int32).repeat(h))
-    positions.index_copy_(0, context, _kept_positions(kept, rows) + s)
-    return RaggedLayer(out[0], out[1], cu.to(torch.int32), score, positions)
+    kept = kept.to(keys.device)
+    plan = plan_merge(kept[None], [kept.sum(1).tolist()], s, [scores])
+    return merged_layer(plan, 0, prefix, keys, values)
 
 
 def _kept_positions(kept: torch.Tensor, rows: int) -> torch.Tensor:
-    """(H, n) bool with `rows` set -> (rows,) int32 token index of each, head-major and
-    ascending (kept.nonzero()'s columns, without the synchronisation nonzero needs)."""
+    """(..., n) bool with `rows` set -> (rows,) int32 token index of each, in row-major
+    order (kept.nonzero()'s last column, without the synchronisation nonzero needs)."""
     flat = kept.flatten()
-    n = kept.shape[1]
+    n = kept.shape[-1]
     at = torch.where(flat, flat.cumsum(0) - 1, rows)  # the unkept all land in slot `rows`
     out = torch.empty(rows + 1, dtype=torch.int32, device=kept.device)
     token = torch.arange(flat.numel(), device=kept.device, dtype=torch.int32) % max(n, 1)

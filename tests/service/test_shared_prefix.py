@@ -92,42 +92,55 @@ def _random_kept(seed: int, heads: int = 4) -> list[list[int]]:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_merging_from_the_host_row_counts_gives_the_layer_back(seed: int) -> None:
-    """merge given each head's kept rows (as decode gives them, with no device sync) puts
-    every field back exactly, whatever the heads keep (none, all, some)."""
-    layer = _layer(_random_kept(seed), seed)
-    rest, packed = shared_prefix.split(layer, S, N)
-    (kept,), (lens,) = shared_prefix.unpack_layers([packed], N)
-    assert lens == [len(k) for k in _random_kept(seed)]
-    prefix = layer.keep(layer.positions < S)
-    back = shared_prefix.merge(prefix, kept, rest.keys, rest.values, rest.scores, lens)
-    for field in ("keys", "values", "cu_lens", "scores", "positions"):
-        assert torch.equal(getattr(back, field), getattr(layer, field)), field
+    """plan_merge + merged_layer (as decode uses them: every layer planned at once, with no
+    device sync) put every field of every layer back exactly, whatever the heads keep
+    (none, all, some)."""
+    layers = [_layer(_random_kept(seed + i), seed + i) for i in range(3)]
+    splits = [shared_prefix.split(layer, S, N) for layer in layers]
+    kept, lens = shared_prefix.unpack_layers([packed for _, packed in splits], N)
+    assert lens == [[len(k) for k in _random_kept(seed + i)] for i in range(3)]
+    plan = shared_prefix.plan_merge(kept, lens, S, [rest.scores for rest, _ in splits])
+    for i, (layer, (rest, _)) in enumerate(zip(layers, splits, strict=True)):
+        prefix = layer.keep(layer.positions < S)
+        back = shared_prefix.merged_layer(plan, i, prefix, rest.keys, rest.values)
+        for field in ("keys", "values", "cu_lens", "scores", "positions"):
+            assert torch.equal(getattr(back, field), getattr(layer, field)), (i, field)
 
 
 def test_all_layers_masks_are_checked_together() -> None:
     """unpack_layers: the masks and row counts of every layer; a padding bit set in any
-    layer is refused."""
+    layer, or layers of different shapes, are refused."""
     masks = [torch.rand(3, 12, generator=torch.Generator().manual_seed(i)) < 0.5 for i in range(3)]
     got, lens = shared_prefix.unpack_layers([shared_prefix.pack_bits(m) for m in masks], 12)
-    assert all(torch.equal(a, b) for a, b in zip(got, masks, strict=True))
+    assert torch.equal(got, torch.stack(masks))
     assert lens == [m.sum(1).tolist() for m in masks]
     bad = [shared_prefix.pack_bits(m) for m in masks]
     bad[1] = bad[1].clone()
     bad[1][2, 1] |= 1 << 5  # token 13 of a 12-token context
     with pytest.raises(CorruptContextError, match="past the context"):
         shared_prefix.unpack_layers(bad, 12)
-    assert shared_prefix.unpack_layers([], 12) == ([], [])
+    with pytest.raises(CorruptContextError, match="differ between layers"):
+        shared_prefix.unpack_layers([bad[0], bad[0][:2]], 12)
+    assert shared_prefix.unpack_layers([], 12)[1] == []
+
+
+def test_scores_that_do_not_fit_the_kept_rows_are_refused() -> None:
+    layer = _layer(KEPT)
+    rest, packed = shared_prefix.split(layer, S, N)
+    kept, lens = shared_prefix.unpack_layers([packed], N)
+    with pytest.raises(CorruptContextError, match="scores"):
+        shared_prefix.plan_merge(kept, lens, S, [rest.scores[:-1]])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_merging_on_the_gpu_matches_the_cpu() -> None:
-    layer = _layer(_random_kept(1))
-    rest, packed = shared_prefix.split(layer, S, N)
-    (kept,), (lens,) = shared_prefix.unpack_layers([packed.cuda()], N)
-    prefix = layer.keep(layer.positions < S)
-    back = shared_prefix.merge(
-        prefix, kept, rest.keys.cuda(), rest.values.cuda(), rest.scores.cuda(), lens
-    )
-    for field in ("keys", "values", "cu_lens", "scores", "positions"):
-        assert torch.equal(getattr(back, field).cpu(), getattr(layer, field)), field
+    layers = [_layer(_random_kept(i), i) for i in range(1, 4)]
+    splits = [shared_prefix.split(layer, S, N) for layer in layers]
+    kept, lens = shared_prefix.unpack_layers([p.cuda() for _, p in splits], N)
+    plan = shared_prefix.plan_merge(kept, lens, S, [rest.scores.cuda() for rest, _ in splits])
+    for i, (layer, (rest, _)) in enumerate(zip(layers, splits, strict=True)):
+        prefix = layer.keep(layer.positions < S)
+        back = shared_prefix.merged_layer(plan, i, prefix, rest.keys.cuda(), rest.values.cuda())
+        for field in ("keys", "values", "cu_lens", "scores", "positions"):
+            assert torch.equal(getattr(back, field).cpu(), getattr(layer, field)), field
