@@ -148,14 +148,15 @@ def _query_s(client: httpx.Client, cid: str, question: str, new_tokens: int = 1)
 
 def _query(
     client: httpx.Client, cid: str, question: str, new_tokens: int
-) -> tuple[float, int, float]:
-    """(seconds, tokens generated, the server's load_s) of one non-streamed query."""
+) -> tuple[float, int, dict[str, float]]:
+    """(seconds, tokens generated, the server's timings: load_s, ttft_s, decode_s) of one
+    non-streamed query."""
     t0 = time.perf_counter()
     body = {"question": question, "max_new_tokens": new_tokens}
     r = client.post(f"/contexts/{cid}/query", json=body)
     r.raise_for_status()
     seconds, body = time.perf_counter() - t0, r.json()
-    return seconds, int(body["usage"]["completion_tokens"]), float(body["timings"]["load_s"])
+    return seconds, int(body["usage"]["completion_tokens"]), body["timings"]
 
 
 def _measure_one(
@@ -172,9 +173,9 @@ def _measure_one(
     server_load: dict[str, list[float]] = {}  # the load_s the server reports, by tier
 
     def ask(tier: str) -> None:
-        seconds, _, load_s = _query(client, cid, question, 1)
+        seconds, _, timings = _query(client, cid, question, 1)
         runs.setdefault(tier, []).append(seconds)
-        server_load.setdefault(tier, []).append(load_s)
+        server_load.setdefault(tier, []).append(timings["load_s"])
 
     for _ in range(args.repeats):
         ask("resident")
@@ -221,10 +222,12 @@ def _measure_one(
 
 def decode_interleaved(
     client: httpx.Client, text: str, question: str, args: argparse.Namespace
-) -> dict[str, list[float]]:
+) -> dict[str, dict[str, list[float]]]:
     """ms per token of a 65-token answer from each stored form's resident copy, the forms
     registered side by side and asked in turn for `--decode-rounds` rounds, so drift over
-    the run falls on every form alike (the per-form rows above measure one after another)."""
+    the run falls on every form alike (the per-form rows above measure one after another):
+    `client` = the answer's latency less a 1-token answer's, `server` = the server's own
+    decode_s (first token to last, no HTTP), both over the 64 tokens after the first."""
     ids = {}
     for quantization in args.quantization:
         compression = {"method": args.method, "ratio": args.ratio, "quantization": quantization}
@@ -232,12 +235,14 @@ def decode_interleaved(
         r.raise_for_status()
         ids[quantization] = r.json()["id"]
         _query(client, ids[quantization], question, DECODE_TOKENS)  # warm-up, and resident
-    ms: dict[str, list[float]] = {q: [] for q in ids}
+    ms: dict[str, dict[str, list[float]]] = {"client": {}, "server": {}}
     for _ in range(args.decode_rounds):
         for quantization, cid in ids.items():
             ttft = _query_s(client, cid, question)
-            seconds, tokens, _ = _query(client, cid, question, DECODE_TOKENS)
-            ms[quantization].append((seconds - ttft) / max(tokens - 1, 1) * 1000)
+            seconds, tokens, timings = _query(client, cid, question, DECODE_TOKENS)
+            steps = max(tokens - 1, 1)
+            ms["client"].setdefault(quantization, []).append((seconds - ttft) / steps * 1000)
+            ms["server"].setdefault(quantization, []).append(timings["decode_s"] / steps * 1000)
     for cid in ids.values():
         client.delete(f"/contexts/{cid}")
     return ms
@@ -262,7 +267,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         app, service = build_app_and_service(args, engine, Path(data_dir), redis_url)
         timeout = httpx.Timeout(1800.0, connect=30.0)
         with serving(app) as url, httpx.Client(base_url=url, timeout=timeout) as client:
-            for quantization in args.quantization:
+            for quantization in args.quantization if args.rows else ():
                 row = _measure_one(
                     client, service, Path(data_dir), doc.text, doc.questions[0], args, quantization
                 )
@@ -299,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantization", nargs="+", default=["none", "fp8", "int4"])
     p.add_argument(
         "--decode-rounds", type=int, default=5, help="interleaved decode rounds (0: none)"
+    )
+    p.add_argument(
+        "--rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the TTFT rows of each stored form (--no-rows: only the interleaved decode)",
     )
     p.add_argument(
         "--redis",
