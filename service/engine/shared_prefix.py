@@ -96,13 +96,14 @@ def unpack_layers(packed: Sequence[torch.Tensor], n: int) -> tuple[torch.Tensor,
 class MergePlan:
     """Where the rows of every layer of a version 3/4 object go once the prefix rows are put
     back in front of each head's context rows (`plan_merge`); L layers of H heads, s prefix
-    rows per head, K context rows in all.
+    rows per head, K stored (context) rows in all, R merged rows in all.
 
     lens: per layer, each head's context rows (host ints); ctx_cu: (L, H+1) int32 their row
-    offsets in the stored (context-only) rows; cu: (L, H+1) int32 the merged offsets;
+    offsets among the layer's stored rows; cu: (L, H+1) int32 the merged offsets;
     dest: (K,) int64 each stored row's merged row, within its layer; first: (L, H*s) int64
-    each prefix row's merged row; scores/positions: (R,) float32 / int32 of the merged rows of
-    all layers, layer after layer (`starts`: where each layer's begin, L+1 host ints).
+    each prefix row's merged row; scores/positions: (R,) float32 / int32 of the merged rows
+    of all layers, layer after layer; starts / stored: where each layer's merged / stored
+    rows begin (L+1 host ints each).
     """
 
     lens: list[list[int]]
@@ -113,6 +114,7 @@ class MergePlan:
     scores: torch.Tensor
     positions: torch.Tensor
     starts: list[int]
+    stored: list[int]
 
     def context_bounds(self, layer: int) -> list[int]:
         """The stored row offsets of `layer` as host ints."""
@@ -125,8 +127,7 @@ def plan_merge(
     """The MergePlan of layers with kept masks (L, H, n) bool, whose heads keep `lens`
     (`unpack_layers`) context rows, behind s prefix rows each, and the stored scores (K_l,)
     of each layer; nothing here waits for the device (every size is a host int)."""
-    n_layers, h, n = kept.shape
-    device = kept.device
+    n_layers, h, _ = kept.shape
     rows = [sum(x) for x in lens]
     for i, (got, want) in enumerate(zip(scores, rows, strict=True)):
         if tuple(got.shape) != (want,):
@@ -134,45 +135,55 @@ def plan_merge(
                 f"stored context layer {i}: scores {tuple(got.shape)} do not fit {want} kept rows"
             )
     starts = [0, *accumulate(r + h * s for r in rows)]
+    stored = [0, *accumulate(rows)]
     ctx_cu = [[0, *accumulate(x)] for x in lens]
     cu = [[c + s * j for j, c in enumerate(row)] for row in ctx_cu]
-    ctx_start = [0, *accumulate(rows)]
-    pairs = [(i, j) for i in range(n_layers) for j in range(h)]
+    offsets = torch.tensor([ctx_cu, cu], dtype=torch.int32).view(2, n_layers, h + 1)
+    dest, first, where = _destinations(lens, s, starts, stored, cu, kept.device)
+    merged_scores = torch.full((starts[-1],), torch.inf, dtype=torch.float32, device=kept.device)
+    if scores:
+        merged_scores.index_copy_(
+            0, where[0], torch.cat([x.to(kept.device).float() for x in scores])
+        )
+    positions = torch.empty(starts[-1], dtype=torch.int32, device=kept.device)
+    in_prefix = torch.arange(s, device=kept.device, dtype=torch.int32).repeat(n_layers * h)
+    positions.index_copy_(0, where[1], in_prefix)
+    positions.index_copy_(0, where[0], _kept_positions(kept, stored[-1]) + s)
+    offsets = offsets.to(kept.device, non_blocking=True)
+    return MergePlan(
+        lens, offsets[0], offsets[1], dest, first, merged_scores, positions, starts, stored
+    )
+
+
+def _destinations(
+    lens: list[list[int]],
+    s: int,
+    starts: list[int],
+    stored: list[int],
+    cu: list[list[int]],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(dest (K,), first (L, H*s): merged rows within each layer, of the stored rows and the
+    prefix rows; the same two across all layers, (K,) and (L*H*s,)), from one small table per
+    (layer, head) copied to the device."""
+    pairs = [(i, j) for i in range(len(lens)) for j in range(len(lens[i]))]
     table = torch.tensor(
         [
-            [lens[i][j] for i, j in pairs],
-            [s * (j + 1) - ctx_start[i] for i, j in pairs],  # stored row -> merged, in the layer
-            [starts[i] for i, j in pairs],
-            [cu[i][j] for i, j in pairs],  # a head's first merged row
+            [lens[i][j] for i, j in pairs],  # the head's stored rows
+            [s * (j + 1) - stored[i] for i, j in pairs],  # stored row -> merged, in the layer
+            [starts[i] for i, j in pairs],  # the layer's first merged row among all
+            [cu[i][j] for i, j in pairs],  # the head's first merged row, in the layer
         ],
         dtype=torch.int64,
     ).to(device, non_blocking=True)
     pair = torch.repeat_interleave(
-        torch.arange(len(pairs), device=device), table[0], output_size=ctx_start[-1]
+        torch.arange(len(pairs), device=device), table[0], output_size=stored[-1]
     )
-    dest = torch.arange(ctx_start[-1], device=device) + table[1][pair]
-    first = (table[3][:, None] + torch.arange(s, device=device)).view(n_layers, h * s)
-    merged = dest + table[2][pair]  # across layers
-    every_first = (first + table[2].view(n_layers, h)[:, :1]).flatten()
-    score = torch.full((starts[-1],), torch.inf, dtype=torch.float32, device=device)
-    if scores:
-        score.index_copy_(0, merged, torch.cat([x.to(device, torch.float32) for x in scores]))
-    positions = torch.empty(starts[-1], dtype=torch.int32, device=device)
-    prefix_positions = torch.arange(s, device=device, dtype=torch.int32).repeat(len(pairs))
-    positions.index_copy_(0, every_first, prefix_positions)
-    positions.index_copy_(0, merged, _kept_positions(kept, ctx_start[-1]) + s)
-    offsets = torch.tensor([ctx_cu, cu], dtype=torch.int32).view(2, n_layers, h + 1)
-    offsets = offsets.to(device, non_blocking=True)
-    return MergePlan(
-        lens,
-        offsets[0],
-        offsets[1],
-        dest,
-        first,
-        score,
-        positions,
-        starts,
-    )
+    dest = torch.arange(stored[-1], device=device) + table[1][pair]
+    first = table[3][:, None] + torch.arange(s, device=device)  # (L*H, s)
+    every = (dest + table[2][pair], (first + table[2][:, None]).flatten())
+    heads = len(lens[0]) if lens else 0
+    return dest, first.view(len(lens), heads * s), every
 
 
 def merged_layer(
@@ -181,11 +192,10 @@ def merged_layer(
     """Layer i whole: per head, the prefix's rows (all kept; None when s = 0) then its kept
     context rows (keys/values (K_i, d) in stored order, on the plan's device)."""
     a, b = plan.starts[i], plan.starts[i + 1]
-    at = sum(map(sum, plan.lens[:i]))
-    where = plan.dest[at : at + keys.shape[0]]
-    s = plan.first.shape[1] // max(len(plan.lens[i]), 1)
-    if (prefix is None and s) or (
-        prefix is not None and prefix.keys.shape != (plan.first.shape[1], keys.shape[1])
+    where = plan.dest[plan.stored[i] : plan.stored[i + 1]]
+    prefix_rows = plan.first.shape[1]
+    if (prefix is None and prefix_rows) or (
+        prefix is not None and prefix.keys.shape != (prefix_rows, keys.shape[1])
     ):
         raise ValueError("the prefix does not have the layer's heads and channels")
     out = []
