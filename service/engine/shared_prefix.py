@@ -4,8 +4,9 @@ Every head of every layer of a context holds the prefix rows first (the chat tem
 before the document, positions 0..s-1, score +inf, always kept). They are the same for
 every context of one model and system prompt, and at ratio 0.3 of a 1.4K-token document
 they are 8% of the stored rows, so a version 3 object leaves them out: `split` drops them
-before quantization and `merge` puts back the engine's own, unquantized ones when loading
-(`KVzipEngine.prefix_context`, one short prefill per prefix and process).
+before quantization and `plan_merge` / `merged_layer` put back the engine's own,
+unquantized ones when loading (`KVzipEngine.prefix_context`, one short prefill per prefix
+and process).
 
 Which context tokens each head kept is a bit mask, 1 bit per (head, context token), in
 `pack_bits`' layout, instead of a position per kept row (2 or 4 bytes); cu_lens and
@@ -60,12 +61,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     padded[:, :n] = mask
     bits = padded.view(h, -1, 8) << _BITS.to(mask.device)
     return bits.sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """`pack_bits`' inverse: (H, n) bool; CorruptContextError for a wrong size or a set
-    padding bit."""
-    return unpack_layers([packed], n)[0][0]
 
 
 def unpack_layers(packed: Sequence[torch.Tensor], n: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -205,25 +200,6 @@ def merged_layer(
             whole.index_copy_(0, plan.first[i], getattr(prefix, field).to(part.device, part.dtype))
         out.append(whole)
     return RaggedLayer(out[0], out[1], plan.cu[i], plan.scores[a:b], plan.positions[a:b])
-
-
-def merge(
-    prefix: RaggedLayer | None,
-    kept: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scores: torch.Tensor,
-) -> RaggedLayer:
-    """One layer whole (`plan_merge` + `merged_layer`): per head, the prefix's rows (all
-    kept; None: no prefix) then the kept context rows (kept (H, n) bool; keys/values (N', d)
-    head-major, scores (N',)), on `keys`' device."""
-    h = kept.shape[0]
-    s = 0 if prefix is None else prefix.keys.shape[0] // max(h, 1)
-    if prefix is not None and prefix.n_heads != h:
-        raise ValueError("the prefix does not have the layer's heads and channels")
-    kept = kept.to(keys.device)
-    plan = plan_merge(kept[None], [kept.sum(1).tolist()], s, [scores])
-    return merged_layer(plan, 0, prefix, keys, values)
 
 
 def _kept_positions(kept: torch.Tensor, rows: int) -> torch.Tensor:

@@ -29,6 +29,25 @@ def _layer(kept: list[list[int]], seed: int = 0) -> RaggedLayer:
 KEPT = [[0, 3, 4, 18], [], list(range(N))]
 
 
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """One layer's mask through `unpack_layers`: (H, n) bool."""
+    return shared_prefix.unpack_layers([packed], n)[0][0]
+
+
+def merge(
+    prefix: RaggedLayer | None,
+    kept: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scores: torch.Tensor,
+) -> RaggedLayer:
+    """One layer whole through `plan_merge` + `merged_layer`, as decode does it."""
+    h = kept.shape[0]
+    s = 0 if prefix is None else prefix.keys.shape[0] // max(h, 1)
+    plan = shared_prefix.plan_merge(kept[None], [kept.sum(1).tolist()], s, [scores])
+    return shared_prefix.merged_layer(plan, 0, prefix, keys, values)
+
+
 def test_split_then_merge_gives_the_layer_back_exactly() -> None:
     layer = _layer(KEPT)
     rest, packed = shared_prefix.split(layer, S, N)
@@ -36,9 +55,9 @@ def test_split_then_merge_gives_the_layer_back_exactly() -> None:
     assert rest.keys.shape == (sum(map(len, KEPT)), D)
     assert bool((rest.positions >= S).all())
     prefix = layer.keep(layer.positions < S)
-    kept = shared_prefix.unpack_bits(packed, N)
+    kept = unpack_bits(packed, N)
     assert kept.sum(1).tolist() == [len(k) for k in KEPT]
-    back = shared_prefix.merge(prefix, kept, rest.keys, rest.values, rest.scores)
+    back = merge(prefix, kept, rest.keys, rest.values, rest.scores)
     for field in ("keys", "values", "cu_lens", "scores", "positions"):
         assert torch.equal(getattr(back, field), getattr(layer, field)), field
 
@@ -47,7 +66,7 @@ def test_without_a_prefix_the_context_rows_are_the_layer() -> None:
     kept = torch.zeros(2, 5, dtype=torch.bool)
     kept[0, [1, 4]] = kept[1, 2] = True
     keys, values = torch.randn(2, 3, D)
-    layer = shared_prefix.merge(None, kept, keys, values, torch.rand(3))
+    layer = merge(None, kept, keys, values, torch.rand(3))
     assert layer.cu_lens.tolist() == [0, 2, 3] and layer.positions.tolist() == [1, 4, 2]
     assert torch.equal(layer.keys, keys)
 
@@ -57,7 +76,7 @@ def test_bits_round_trip(n: int) -> None:
     mask = torch.rand(3, n, generator=torch.Generator().manual_seed(n)) < 0.4
     packed = shared_prefix.pack_bits(mask)
     assert packed.shape == (3, -(-n // 8))
-    assert torch.equal(shared_prefix.unpack_bits(packed, n), mask)
+    assert torch.equal(unpack_bits(packed, n), mask)
 
 
 def test_a_layer_without_the_whole_prefix_or_out_of_order_is_refused() -> None:
@@ -77,11 +96,11 @@ def test_a_layer_without_the_whole_prefix_or_out_of_order_is_refused() -> None:
 
 def test_a_mask_of_another_width_is_refused() -> None:
     packed = shared_prefix.pack_bits(torch.ones(2, 12, dtype=torch.bool))
-    assert shared_prefix.unpack_bits(packed, 12).all()
+    assert unpack_bits(packed, 12).all()
     with pytest.raises(CorruptContextError, match="does not fit"):
-        shared_prefix.unpack_bits(packed, 17)
+        unpack_bits(packed, 17)
     with pytest.raises(CorruptContextError, match="past the context"):
-        shared_prefix.unpack_bits(packed, 10)
+        unpack_bits(packed, 10)
 
 
 def _random_kept(seed: int, heads: int = 4) -> list[list[int]]:
